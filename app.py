@@ -1,0 +1,125 @@
+"""changefeed: save a page, and every open tab learns of the new version.
+
+    POST /save       upsert a page; its version goes up by exactly 1
+    GET  /changes    anything newer than version `since`? then here it is
+    GET  /           the two-pane demo (editor and viewer)
+
+Run it with `python migrate.py && flask run`, or in production with
+`gunicorn -c gunicorn.conf.py 'app:create_app()'`.
+"""
+
+import json
+
+from flask import Flask, Response, render_template, request
+
+import errors
+import settings
+from errors import ApiError
+from marshmallow import ValidationError
+
+from schemas import (ChangesQuerySchema, PageQuerySchema, SaveFormSchema, SaveSchema,
+                     reject_constant)
+from store import SQLiteStore
+
+JSON_TYPES = {list: "an array", str: "a string", int: "a number", float: "a number",
+              bool: "true or false", type(None): "null"}
+FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
+
+# Browsers and proxies may keep a /changes answer but must ask again (with
+# If-None-Match) before each reuse, so nobody is served a stale version.
+CHANGES_CACHE_CONTROL = "no-cache"
+
+# The page itself runs only its own scripts; saved html lives in a sandboxed
+# srcdoc iframe, which inherits this policy and may show images and styles.
+PAGE_CSP = ("default-src 'self'; img-src * data: blob:; style-src 'self' 'unsafe-inline'; "
+            "font-src * data:; frame-ancestors 'none'; base-uri 'none'; form-action 'none'")
+
+
+def create_app(test_config=None):
+    """Build the app from the environment's settings, overridden by `test_config`."""
+    app = Flask(__name__, instance_relative_config=True)
+    app.config.from_mapping(settings.from_environ())
+    app.config.from_mapping(test_config or {})
+    app.config["MAX_CONTENT_LENGTH"] = app.config["CHANGEFEED_MAX_BODY_BYTES"]
+    app.json.sort_keys = False
+
+    store = app.extensions["changefeed.store"] = SQLiteStore(
+        app.config["CHANGEFEED_DB"],
+        synchronous=app.config["CHANGEFEED_SQLITE_SYNCHRONOUS"],
+        busy_timeout_ms=app.config["CHANGEFEED_BUSY_TIMEOUT_MS"],
+    )
+    limits = dict(max_html_bytes=app.config["CHANGEFEED_MAX_HTML_BYTES"],
+                  max_data_bytes=app.config["CHANGEFEED_MAX_DATA_BYTES"])
+    save_schema, save_form_schema = SaveSchema(**limits), SaveFormSchema(**limits)
+    changes_schema, page_schema = ChangesQuerySchema(), PageQuerySchema()
+    errors.register(app)
+
+    @app.post("/save")
+    def save():
+        """Store a new version of a page and answer {slug, version, updated_at}."""
+        if request.mimetype == "application/json":
+            item = save_schema.load(json_body())
+        elif request.mimetype in FORM_TYPES:
+            item = save_form_schema.load(request.form.to_dict())
+        else:
+            raise ApiError(
+                415, "unsupported media type",
+                f"Send the body as application/json or as form fields "
+                f"(application/x-www-form-urlencoded, multipart/form-data), "
+                f"not {request.mimetype or 'without a Content-Type'}.",
+            )
+        saved = store.save(item["slug"], item["html"], item["data"], item["base_version"])
+        return {"slug": saved.slug, "version": saved.version, "updated_at": saved.updated_at}
+
+    @app.get("/changes")
+    def changes():
+        """Answer whether the page is newer than `since`, and if so with its content."""
+        query = changes_schema.load(request.args)
+        change = store.changes(query["slug"], query["since"])
+        etag = f'"{change.version}.{int(change.changed)}.{change.updated_at or ""}"'
+        headers = {"ETag": etag, "Cache-Control": CHANGES_CACHE_CONTROL}
+        if request.if_none_match.contains(etag):
+            return Response(status=304, headers=headers)
+        if not change.changed:
+            return {"changed": False, "version": change.version}, headers
+        return {
+            "changed": True,
+            "version": change.version,
+            "html": change.html,
+            "data": json.loads(change.data),
+            "updated_at": change.updated_at,
+        }, headers
+
+    @app.get("/")
+    def page():
+        """Serve the demo: an editor and a viewer of one slug."""
+        query = page_schema.load(request.args)
+        return render_template("index.html", slug=query["slug"])
+
+    @app.after_request
+    def security_headers(response):
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        response.headers.setdefault("Referrer-Policy", "same-origin")
+        if response.mimetype == "text/html":
+            response.headers.setdefault("Content-Security-Policy", PAGE_CSP)
+        return response
+
+    return app
+
+
+def json_body():
+    """Parse the request body as a JSON object, or raise a 400 that says why not."""
+    raw = request.get_data(cache=False)
+    if not raw.strip():
+        raise ApiError(400, "empty body", "The body is empty; send a JSON object "
+                       'such as {"slug": "home", "html": "<h1>Hi</h1>", "data": {}}.')
+    try:
+        body = json.loads(raw, parse_constant=reject_constant)
+    except (ValueError, RecursionError) as exc:
+        raise ApiError(400, "malformed json", f"The body is not valid JSON: {exc}.") from None
+    if not isinstance(body, dict):
+        raise ValidationError({"_schema": [
+            f"The body must be a JSON object with slug, html and data, not {JSON_TYPES[type(body)]}."
+        ]})
+    return body
+

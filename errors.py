@@ -1,0 +1,80 @@
+"""One JSON error shape for every failure: {"error", "message", ...details}.
+
+`error` is a short stable phrase a program can test; `message` tells a person
+what went wrong and what to do. Every 4xx and 5xx the service sends, including
+werkzeug's own 404/405/413 and unexpected exceptions, goes through `envelope`.
+"""
+
+from flask import current_app, jsonify, request
+from marshmallow import ValidationError
+from werkzeug.exceptions import HTTPException
+
+from store import Busy, Conflict
+
+
+class ApiError(Exception):
+    """An error a view raises to answer with the envelope."""
+
+    def __init__(self, status, error, message, **details):
+        super().__init__(message)
+        self.status, self.error, self.message, self.details = status, error, message, details
+
+
+def envelope(status, error, message, headers=None, **details):
+    """Build the JSON error response every failure uses."""
+    response = jsonify({"error": error, "message": message, **details})
+    response.status_code = status
+    response.headers.update(headers or {})
+    return response
+
+
+def _http_message(exc):
+    """Say in plain words what a werkzeug HTTP error means for this API."""
+    if exc.code == 404:
+        return (f"No such endpoint: {request.method} {request.path}. The API is "
+                "POST /save and GET /changes?slug=...&since=...")
+    if exc.code == 405:
+        allowed = ", ".join(sorted(m for m in exc.valid_methods or () if m not in ("HEAD", "OPTIONS")))
+        return f"{request.method} is not allowed on {request.path}; use {allowed}."
+    if exc.code == 413:
+        return f"The request body is larger than {current_app.config['MAX_CONTENT_LENGTH']} bytes."
+    return exc.description
+
+
+def register(app):
+    """Route every error the app can meet to the envelope."""
+
+    @app.errorhandler(ApiError)
+    def api_error(exc):
+        return envelope(exc.status, exc.error, exc.message, **exc.details)
+
+    @app.errorhandler(ValidationError)
+    def invalid(exc):
+        return envelope(422, "invalid request",
+                        "Fix the fields listed in `fields` and send the request again.",
+                        fields=exc.messages)
+
+    @app.errorhandler(Conflict)
+    def conflict(exc):
+        return envelope(
+            409, "conflict",
+            f"This page was saved by someone else: it is now at version {exc.version}. "
+            f"Load that version, or save again with base_version {exc.version} to overwrite it.",
+            version=exc.version,
+        )
+
+    @app.errorhandler(Busy)
+    def busy(exc):
+        return envelope(503, "busy", "The database is busy with other saves; retry in a moment.",
+                        headers={"Retry-After": "1"})
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc):
+        headers = {"Allow": ", ".join(exc.valid_methods)} if exc.code == 405 else None
+        return envelope(exc.code, exc.name.lower(), _http_message(exc), headers=headers)
+
+    @app.errorhandler(Exception)
+    def unexpected(exc):
+        app.logger.exception("unexpected error on %s %s", request.method, request.path)
+        return envelope(500, "internal error",
+                        "The server failed to answer this request; the error is logged. Try again.")

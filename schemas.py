@@ -1,0 +1,124 @@
+"""What the API accepts: one marshmallow schema per input.
+
+Every rule about an input lives here, so a bad request is refused by the
+schema with a message naming the field, before any view or store sees it.
+"""
+
+import json
+import re
+
+from marshmallow import EXCLUDE, Schema, ValidationError, fields, post_load, pre_load
+
+MAX_INTEGER = 2**63 - 1  # SQLite's and PostgreSQL's largest INTEGER/BIGINT
+SLUG = re.compile(r"[A-Za-z0-9-]{1,120}")
+
+
+def validate_slug(value):
+    """Refuse anything but 1 to 120 ASCII letters, digits and hyphens."""
+    if len(value) > 120:
+        raise ValidationError(f"Must be at most 120 characters long (got {len(value)}).")
+    if not SLUG.fullmatch(value):
+        raise ValidationError(
+            "Must be 1 to 120 characters, each an ASCII letter, digit or hyphen (a-z, 0-9, -)."
+        )
+
+
+def utf8_size(value, field):
+    """Return the UTF-8 size of `value`, refusing text that cannot be stored."""
+    try:
+        return len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise ValidationError({field: ["Contains an unpaired surrogate; send valid Unicode text."]})
+
+
+class Slug(fields.String):
+    """A page name: letters, digits and hyphens, folded to lower case so Home is home."""
+
+    def __init__(self, **kwargs):
+        super().__init__(validate=validate_slug, **kwargs)
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        return super()._deserialize(value, attr, data, **kwargs).lower()
+
+
+class Count(fields.Field):
+    """A non-negative whole number: a JSON integer, or decimal digits in a form or query."""
+
+    default_error_messages = {
+        "invalid": f"Must be a whole number from 0 to {MAX_INTEGER}.",
+    }
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if isinstance(value, str) and value.isascii() and value.isdigit():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_INTEGER:
+            raise self.make_error("invalid")
+        return value
+
+
+class SaveSchema(Schema):
+    """The body of POST /save: {slug, html, data?, base_version?}; unknown fields are refused."""
+
+    slug = Slug(required=True)
+    html = fields.String(required=True)
+    data = fields.Raw(load_default=None, allow_none=True)
+    base_version = Count(load_default=None, allow_none=True)
+
+    def __init__(self, max_html_bytes, max_data_bytes, **kwargs):
+        super().__init__(**kwargs)
+        self.max_html_bytes = max_html_bytes
+        self.max_data_bytes = max_data_bytes
+
+    @post_load
+    def check_sizes(self, item, **kwargs):
+        """Enforce the size limits and serialize `data` once, as it will be stored."""
+        size = utf8_size(item["html"], "html")
+        if size > self.max_html_bytes:
+            raise ValidationError(
+                {"html": [f"Must be at most {self.max_html_bytes} bytes of UTF-8 (got {size})."]}
+            )
+        item["data"] = json.dumps(item["data"], ensure_ascii=False, separators=(",", ":"))
+        size = utf8_size(item["data"], "data")
+        if size > self.max_data_bytes:
+            raise ValidationError(
+                {"data": [f"Must be at most {self.max_data_bytes} bytes as compact JSON (got {size})."]}
+            )
+        return item
+
+
+class SaveFormSchema(SaveSchema):
+    """POST /save sent as form fields (curl -d): `data`, when given, is JSON text."""
+
+    @pre_load
+    def parse_data(self, form, **kwargs):
+        text = form.get("data")
+        if text is None:
+            return form
+        try:
+            return {**form, "data": json.loads(text, parse_constant=reject_constant)}
+        except ValueError as exc:
+            raise ValidationError({"data": [f"Must be JSON text in a form body: {exc}."]}) from None
+
+
+class ChangesQuerySchema(Schema):
+    """The query of GET /changes: ?slug=S&since=N; unknown parameters are ignored."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+    slug = Slug(required=True)
+    since = Count(load_default=0)
+
+
+class PageQuerySchema(Schema):
+    """The query of the demo page: ?slug=S, `demo` when absent."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+    slug = Slug(load_default="demo")
+
+
+def reject_constant(name):
+    """Refuse NaN and Infinity, which Python reads but JSON does not allow."""
+    raise ValueError(f"{name} is not valid JSON")

@@ -1,0 +1,46 @@
+"""Every setting of the service in one place: name, default, and a line of help.
+
+Each setting is read from the environment variable of the same name, so the
+same code runs under `flask run`, gunicorn and the tests; the README lists
+them all, and a test keeps that list honest.
+"""
+
+import os
+
+KiB = 1024
+MiB = 1024 * KiB
+
+# (environment variable, default, help)
+SETTINGS = [
+    ("CHANGEFEED_DB", "instance/changefeed.sqlite3",
+     "Path of the SQLite database file (created by `python migrate.py`)."),
+    ("CHANGEFEED_SQLITE_SYNCHRONOUS", "FULL",
+     "SQLite `synchronous` setting: FULL survives power loss, NORMAL only a crash of the process."),
+    ("CHANGEFEED_BUSY_TIMEOUT_MS", 10_000,
+     "How long a save waits for another writer before answering 503 (milliseconds)."),
+    ("CHANGEFEED_MAX_HTML_BYTES", 1 * MiB,
+     "Largest `html` a save accepts, in UTF-8 bytes."),
+    ("CHANGEFEED_MAX_DATA_BYTES", 256 * KiB,
+     "Largest `data` a save accepts, serialized as compact JSON, in UTF-8 bytes."),
+    ("CHANGEFEED_MAX_BODY_BYTES", 8 * MiB,
+     "Largest request body; anything bigger is refused with 413 before it is read."),
+]
+
+DEFAULTS = {name: default for name, default, _ in SETTINGS}
+
+
+def from_environ(environ=os.environ):
+    """Return the settings, each from its environment variable or its default."""
+    values = {}
+    for name, default, _ in SETTINGS:
+        raw = environ.get(name)
+        if raw is None or raw == "":
+            values[name] = default
+        elif isinstance(default, int):
+            try:
+                values[name] = int(raw)
+            except ValueError:
+                raise SystemExit(f"{name} must be an integer, got {raw!r}") from None
+        else:
+            values[name] = raw
+    return values

@@ -1,0 +1,158 @@
+"""Where pages live: the store contract and its SQLite implementation.
+
+Views talk to a store through two calls, `save` and `changes`, and never build
+SQL; a PostgreSQL store is a second implementation of the same contract.
+"""
+
+import sqlite3
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import migrate
+
+
+@dataclass(frozen=True)
+class Saved:
+    """What a save answers: the version it created and when."""
+
+    slug: str
+    version: int
+    updated_at: str
+
+
+@dataclass(frozen=True)
+class Change:
+    """The state of a page as seen by a client that knows version `since`.
+
+    `html` and `data` are filled only when `version > since`, so an unchanged
+    poll never reads the page body.
+    """
+
+    version: int
+    updated_at: str | None = None
+    html: str | None = None
+    data: str | None = None  # JSON text, as saved
+
+    @property
+    def changed(self):
+        return self.html is not None
+
+
+class Conflict(Exception):
+    """A save named a base version that is no longer the stored one."""
+
+    def __init__(self, version):
+        super().__init__(f"stored version is {version}")
+        self.version = version
+
+
+class Busy(Exception):
+    """Another writer held the database longer than the busy timeout."""
+
+
+class SchemaOutOfDate(RuntimeError):
+    """The database file is missing or older than this code."""
+
+
+def utc_now():
+    """Return the current time as ISO 8601 UTC with milliseconds, e.g. 2026-11-23T21:24:37.444Z."""
+    now = datetime.now(timezone.utc)
+    return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
+
+
+class SQLiteStore:
+    """Pages in one SQLite file, shared safely by many threads and processes.
+
+    Every save is one `BEGIN IMMEDIATE` transaction: SQLite lets one writer at
+    a time take it, so concurrent saves queue for the write lock (up to the
+    busy timeout) instead of reading the same version and losing an update.
+    Reads run in autocommit mode on WAL, so they never wait for a writer.
+    """
+
+    def __init__(self, path, synchronous="FULL", busy_timeout_ms=10_000):
+        self.path = path
+        self._synchronous = synchronous
+        self._busy_timeout = busy_timeout_ms / 1000
+        self._idle = []  # connections not in use; list.pop/append are atomic
+        with self._connection() as conn:
+            found = migrate.schema_version(conn)
+        if found < migrate.LATEST:
+            raise SchemaOutOfDate(
+                f"database {path} is at schema version {found}, this code needs "
+                f"{migrate.LATEST}: run `python migrate.py` (with the same CHANGEFEED_DB)"
+            )
+
+    def _connect(self):
+        if not self.path.startswith("file:"):
+            uri = f"file:{self.path}?mode=rw"  # never create a file migrate.py has not set up
+        else:
+            uri = self.path
+        try:
+            conn = sqlite3.connect(uri, uri=True, timeout=self._busy_timeout,
+                                   isolation_level=None, check_same_thread=False)
+        except sqlite3.OperationalError as exc:
+            raise SchemaOutOfDate(
+                f"cannot open database {self.path} ({exc}): run `python migrate.py` "
+                "(with the same CHANGEFEED_DB)"
+            ) from None
+        conn.execute(f"PRAGMA synchronous={self._synchronous}")
+        return conn
+
+    @contextmanager
+    def _connection(self):
+        """Lend a pooled connection for one `with` block."""
+        try:
+            conn = self._idle.pop()
+        except IndexError:
+            conn = self._connect()
+        try:
+            yield conn
+        finally:
+            self._idle.append(conn)
+
+    def save(self, slug, html, data, base_version=None):
+        """Store a new version of `slug`, one more than the last; raise Conflict on a stale base."""
+        with self._connection() as conn:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                raise Busy(str(exc)) from None
+            try:
+                if base_version is not None:
+                    row = conn.execute(
+                        "SELECT version FROM page_versions WHERE slug = ?", (slug,)
+                    ).fetchone()
+                    current = row[0] if row else 0
+                    if current != base_version:
+                        raise Conflict(current)
+                updated_at = utc_now()
+                (version,) = conn.execute(
+                    "INSERT INTO page_versions (slug, html, data, version, updated_at)"
+                    " VALUES (?, ?, ?, 1, ?)"
+                    " ON CONFLICT (slug) DO UPDATE SET html = excluded.html,"
+                    " data = excluded.data, version = page_versions.version + 1,"
+                    " updated_at = excluded.updated_at"
+                    " RETURNING version",
+                    (slug, html, data, updated_at),
+                ).fetchone()
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        return Saved(slug, version, updated_at)
+
+    def changes(self, slug, since):
+        """Return the page's state for a client at version `since`."""
+        with self._connection() as conn:
+            row = conn.execute(
+                "SELECT version, updated_at,"
+                " CASE WHEN version > ?1 THEN html END,"
+                " CASE WHEN version > ?1 THEN data END"
+                " FROM page_versions WHERE slug = ?2",
+                (since, slug),
+            ).fetchone()
+        if row is None:
+            return Change(version=0)
+        return Change(*row)
