@@ -76,8 +76,8 @@ def create_app(test_config=None):
         """Answer whether the page is newer than `since`, and if so with its content."""
         query = changes_schema.load(request.args)
         change = store.changes(query["slug"], query["since"])
-        etag = f'"{change.version}.{int(change.changed)}.{change.updated_at or ""}"'
-        headers = {"ETag": etag, "Cache-Control": CHANGES_CACHE_CONTROL}
+        etag = f"{change.version}.{int(change.changed)}.{change.updated_at or ''}"
+        headers = {"ETag": f'"{etag}"', "Cache-Control": CHANGES_CACHE_CONTROL}
         if request.if_none_match.contains(etag):
             return Response(status=304, headers=headers)
         if not change.changed:

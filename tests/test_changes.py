@@ -1,0 +1,76 @@
+"""GET /changes: is anything newer than `since`, and if so, here it is."""
+
+
+def test_unknown_slug_is_version_0_unchanged(client):
+    response = client.get("/changes?slug=nobody&since=0")
+    assert response.status_code == 200
+    assert response.get_json() == {"changed": False, "version": 0}
+
+
+def test_since_defaults_to_0(client, save):
+    save()
+    assert client.get("/changes?slug=home").get_json()["changed"] is True
+
+
+def test_version_at_or_below_since_is_unchanged(client, save):
+    save(), save()
+    assert client.get("/changes?slug=home&since=2").get_json() == {"changed": False, "version": 2}
+    assert client.get("/changes?slug=home&since=7").get_json() == {"changed": False, "version": 2}
+
+
+def test_newer_version_returns_the_whole_page(client, save):
+    saved = save(html="<p>one</p>", data={"k": 1}).get_json()
+    save(html="<p>two</p>", data={"k": 2})
+    body = client.get("/changes?slug=home&since=0").get_json()
+    assert list(body) == ["changed", "version", "html", "data", "updated_at"]
+    assert body["changed"] is True and body["version"] == 2
+    assert (body["html"], body["data"]) == ("<p>two</p>", {"k": 2})
+    assert body["updated_at"] >= saved["updated_at"]
+
+
+def test_slug_in_query_is_case_folded(client, save):
+    save(slug="about")
+    assert client.get("/changes?slug=About").get_json()["version"] == 1
+
+
+def test_unknown_query_parameters_are_ignored(client):
+    assert client.get("/changes?slug=x&cachebust=123").status_code == 200
+
+
+def test_answers_must_be_revalidated_by_caches(client, save):
+    save()
+    for since in (0, 1):
+        response = client.get(f"/changes?slug=home&since={since}")
+        assert response.headers["Cache-Control"] == "no-cache"
+        assert response.headers["ETag"].startswith('"')
+
+
+def test_matching_if_none_match_is_304_with_no_body(client, save):
+    save()
+    etag = client.get("/changes?slug=home&since=0").headers["ETag"]
+    response = client.get("/changes?slug=home&since=0", headers={"If-None-Match": etag})
+    assert response.status_code == 304
+    assert response.data == b""
+    assert response.headers["ETag"] == etag
+
+
+def test_etag_changes_whenever_the_answer_does(client, save):
+    def etag(since):
+        return client.get(f"/changes?slug=home&since={since}").headers["ETag"]
+
+    seen = {etag(0)}  # unknown slug
+    save()
+    seen |= {etag(0), etag(1)}  # changed / unchanged at version 1
+    save()
+    seen |= {etag(0), etag(2)}
+    assert len(seen) == 5
+    assert etag(0) == etag(1)  # both are "version 2, changed": one answer, one tag
+
+
+def test_stale_etag_gets_the_new_answer(client, save):
+    save()
+    old = client.get("/changes?slug=home&since=1").headers["ETag"]
+    save(html="new")
+    response = client.get("/changes?slug=home&since=1", headers={"If-None-Match": old})
+    assert response.status_code == 200
+    assert response.get_json()["html"] == "new"

@@ -1,0 +1,45 @@
+"""Concurrent saves from separate processes never lose or duplicate a version."""
+
+import multiprocessing
+
+import requests
+
+from store import SQLiteStore
+
+PROCESSES, SAVES = 8, 25
+
+
+def save_over_http(url, worker, saves):
+    session = requests.Session()
+    versions = []
+    for n in range(saves):
+        response = session.post(f"{url}/save", json={"slug": "race", "html": f"{worker}:{n}"}, timeout=30)
+        assert response.status_code == 200, response.text
+        versions.append(response.json()["version"])
+    return versions
+
+
+def save_in_store(db_path, worker, saves):
+    store = SQLiteStore(db_path)
+    return [store.save("race", f"{worker}:{n}", "null").version for n in range(saves)]
+
+
+def run_in_processes(target, first_arg):
+    context = multiprocessing.get_context("spawn")  # fresh interpreters, nothing shared
+    with context.Pool(PROCESSES) as pool:
+        results = pool.starmap(target, [(first_arg, worker, SAVES) for worker in range(PROCESSES)])
+    return [version for versions in results for version in versions]
+
+
+def test_concurrent_saves_through_gunicorn_never_lose_or_duplicate_a_version(make_server):
+    server = make_server(workers=4)
+    versions = run_in_processes(save_over_http, server.url)
+    assert sorted(versions) == list(range(1, PROCESSES * SAVES + 1))
+    final = requests.get(f"{server.url}/changes?slug=race", timeout=10).json()
+    assert final["version"] == PROCESSES * SAVES
+
+
+def test_concurrent_saves_from_processes_sharing_the_file_are_serialized(db_path):
+    versions = run_in_processes(save_in_store, db_path)
+    assert sorted(versions) == list(range(1, PROCESSES * SAVES + 1))
+    assert SQLiteStore(db_path).changes("race", 0).version == PROCESSES * SAVES

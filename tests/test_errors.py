@@ -1,0 +1,129 @@
+"""Every bad input gets one JSON error shape naming the field and the reason; nothing is written."""
+
+import sqlite3
+
+import pytest
+import requests
+
+MiB = 1024 * 1024
+JSON = "application/json"
+
+
+def body(text, content_type=JSON):
+    return {"data": text, "content_type": content_type}
+
+
+def page(**fields):
+    return {"json": {"slug": "home", "html": "<p>x</p>", "data": None, **fields}}
+
+
+# (id, method, path, request keyword arguments, status, error, field named in `fields`)
+BAD_REQUESTS = [
+    ("malformed json", "POST", "/save", body('{"slug": "a",'), 400, "malformed json", None),
+    ("json NaN", "POST", "/save", body('{"slug": "a", "html": "x", "data": NaN}'), 400, "malformed json", None),
+    ("invalid utf-8", "POST", "/save", body(b'{"slug": "a", "html": "\xff"}'), 400, "malformed json", None),
+    ("json array", "POST", "/save", body("[1, 2]"), 422, "invalid request", "_schema"),
+    ("json string", "POST", "/save", body('"home"'), 422, "invalid request", "_schema"),
+    ("empty body", "POST", "/save", body(""), 400, "empty body", None),
+    ("missing slug", "POST", "/save", {"json": {"html": "x"}}, 422, "invalid request", "slug"),
+    ("slug not a string", "POST", "/save", page(slug=123), 422, "invalid request", "slug"),
+    ("slug null", "POST", "/save", page(slug=None), 422, "invalid request", "slug"),
+    ("slug with slash", "POST", "/save", page(slug="a/b"), 422, "invalid request", "slug"),
+    ("slug dot dot", "POST", "/save", page(slug=".."), 422, "invalid request", "slug"),
+    ("slug with space", "POST", "/save", page(slug="my page"), 422, "invalid request", "slug"),
+    ("slug non-ascii", "POST", "/save", page(slug="caf\u00e9"), 422, "invalid request", "slug"),
+    ("slug arabic digit", "POST", "/save", page(slug="\u0665"), 422, "invalid request", "slug"),
+    ("slug NUL byte", "POST", "/save", page(slug="a\x00b"), 422, "invalid request", "slug"),
+    ("slug trailing newline", "POST", "/save", page(slug="a\n"), 422, "invalid request", "slug"),
+    ("slug empty", "POST", "/save", page(slug=""), 422, "invalid request", "slug"),
+    ("slug 121 chars", "POST", "/save", page(slug="a" * 121), 422, "invalid request", "slug"),
+    ("missing html", "POST", "/save", {"json": {"slug": "a"}}, 422, "invalid request", "html"),
+    ("html not a string", "POST", "/save", page(html=["x"]), 422, "invalid request", "html"),
+    ("html unpaired surrogate", "POST", "/save", body('{"slug": "a", "html": "\\ud800"}'), 422,
+     "invalid request", "html"),
+    ("html over 1 MiB", "POST", "/save", page(html="x" * (MiB + 1)), 422, "invalid request", "html"),
+    ("data over 256 KiB", "POST", "/save", page(data="x" * (256 * 1024)), 422, "invalid request", "data"),
+    ("unknown field", "POST", "/save", page(title="x"), 422, "invalid request", "title"),
+    ("base_version text", "POST", "/save", page(base_version="one"), 422, "invalid request", "base_version"),
+    ("base_version float", "POST", "/save", page(base_version=1.5), 422, "invalid request", "base_version"),
+    ("base_version bool", "POST", "/save", page(base_version=True), 422, "invalid request", "base_version"),
+    ("base_version negative", "POST", "/save", page(base_version=-1), 422, "invalid request", "base_version"),
+    ("base_version huge", "POST", "/save", page(base_version=10**30), 422, "invalid request", "base_version"),
+    ("form data not json", "POST", "/save", {"data": {"slug": "a", "html": "x", "data": "{oops"}}, 422,
+     "invalid request", "data"),
+    ("form base_version text", "POST", "/save", {"data": {"slug": "a", "html": "x", "base_version": "1.5"}},
+     422, "invalid request", "base_version"),
+    ("body over the limit", "POST", "/save", body("x" * (8 * MiB + 1)), 413, "request entity too large", None),
+    ("text/plain body", "POST", "/save", body("slug=a", "text/plain"), 415, "unsupported media type", None),
+    ("no content type", "POST", "/save", {"data": b"slug=a"}, 415, "unsupported media type", None),
+    ("since -1", "GET", "/changes?slug=a&since=-1", {}, 422, "invalid request", "since"),
+    ("since abc", "GET", "/changes?slug=a&since=abc", {}, 422, "invalid request", "since"),
+    ("since 1.5", "GET", "/changes?slug=a&since=1.5", {}, 422, "invalid request", "since"),
+    ("since 10**30", "GET", f"/changes?slug=a&since={10**30}", {}, 422, "invalid request", "since"),
+    ("since empty", "GET", "/changes?slug=a&since=", {}, 422, "invalid request", "since"),
+    ("changes without slug", "GET", "/changes?since=1", {}, 422, "invalid request", "slug"),
+    ("changes bad slug", "GET", "/changes?slug=..%2Fetc", {}, 422, "invalid request", "slug"),
+    ("page bad slug", "GET", "/?slug=a%20b", {}, 422, "invalid request", "slug"),
+    ("unknown route", "GET", "/nope", {}, 404, "not found", None),
+    ("GET /save", "GET", "/save", {}, 405, "method not allowed", None),
+    ("DELETE /changes", "DELETE", "/changes?slug=a", {}, 405, "method not allowed", None),
+]
+
+
+def assert_error_shape(status, headers, payload, expected_status, error, field):
+    """Check one error answer against the envelope every error uses."""
+    assert status == expected_status, payload
+    assert headers["Content-Type"] == "application/json"
+    assert payload["error"] == error
+    assert isinstance(payload["message"], str) and payload["message"]
+    if field is not None:
+        assert field in payload["fields"], payload
+        assert all(isinstance(m, str) and m for m in payload["fields"][field])
+
+
+def page_count(db_path):
+    return sqlite3.connect(db_path).execute("SELECT count(*) FROM page_versions").fetchone()[0]
+
+
+@pytest.mark.parametrize("name, method, path, kwargs, status, error, field", BAD_REQUESTS,
+                         ids=[case[0] for case in BAD_REQUESTS])
+def test_bad_request_gets_json_error_and_writes_nothing(client, db_path, name, method, path, kwargs,
+                                                        status, error, field):
+    response = client.open(path, method=method, **kwargs)
+    assert_error_shape(response.status_code, response.headers, response.get_json(), status, error, field)
+    assert page_count(db_path) == 0
+
+
+def test_over_size_error_says_the_limit(client):
+    response = client.post("/save", data="x" * (8 * MiB + 1), content_type=JSON)
+    assert str(8 * MiB) in response.get_json()["message"]
+
+
+def test_wrong_method_lists_the_allowed_ones(client):
+    response = client.get("/save")
+    assert response.headers["Allow"] and "POST" in response.get_json()["message"]
+
+
+def test_limits_are_configurable(db_path):
+    from app import create_app
+
+    client = create_app({"CHANGEFEED_DB": db_path, "CHANGEFEED_MAX_HTML_BYTES": 10,
+                         "CHANGEFEED_MAX_DATA_BYTES": 10}).test_client()
+    assert client.post("/save", json={"slug": "a", "html": "x" * 10, "data": [1]}).status_code == 200
+    for field, value in [("html", "x" * 11), ("data", "x" * 9)]:
+        response = client.post("/save", json={"slug": "a", "html": "x", field: value})
+        assert response.status_code == 422 and field in response.get_json()["fields"]
+
+
+def test_real_server_answers_every_bad_request_and_keeps_serving(server, db_path):
+    """The same bad requests against gunicorn: JSON errors, nothing written, still answering."""
+    session = requests.Session()
+    for name, method, path, kwargs, status, error, field in BAD_REQUESTS:
+        kwargs = dict(kwargs)
+        if "content_type" in kwargs:
+            kwargs["headers"] = {"Content-Type": kwargs.pop("content_type")}
+        response = session.request(method, server.url + path, timeout=10, **kwargs)
+        assert_error_shape(response.status_code, response.headers, response.json(), status, error, field)
+    assert page_count(db_path) == 0
+    saved = session.post(server.url + "/save", json={"slug": "still-up", "html": "ok"}, timeout=10)
+    assert saved.status_code == 200 and saved.json()["version"] == 1

@@ -1,0 +1,68 @@
+"""python migrate.py: creates the database, records its schema version, and is idempotent."""
+
+import os
+import sqlite3
+import subprocess
+import sys
+
+import pytest
+
+import migrate
+from app import create_app
+from conftest import ROOT
+from store import SchemaOutOfDate
+
+
+def run_migrate(db):
+    env = {**os.environ, "CHANGEFEED_DB": db}
+    return subprocess.run([sys.executable, "migrate.py"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, check=True).stdout
+
+
+def dump(db):
+    conn = sqlite3.connect(db)
+    return (list(conn.iterdump()), conn.execute("PRAGMA user_version").fetchone()[0])
+
+
+def test_migrate_creates_the_table_wal_and_schema_version(tmp_path):
+    db = str(tmp_path / "sub" / "new.sqlite3")
+    out = run_migrate(db)
+    assert "applied migration(s) 1" in out
+    conn = sqlite3.connect(db)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == migrate.LATEST
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    columns = [row[1] for row in conn.execute("PRAGMA table_info(page_versions)")]
+    assert columns == ["slug", "html", "data", "version", "updated_at"]
+
+
+def test_second_run_changes_nothing_and_says_so(tmp_path, save, db_path):
+    save(), save(slug="other")
+    before = dump(db_path)
+    out = run_migrate(db_path)
+    assert "nothing to do" in out
+    assert dump(db_path) == before
+
+
+def test_failing_migration_rolls_back_and_stays_pending(tmp_path, monkeypatch, db_path):
+    monkeypatch.setattr(migrate, "MIGRATIONS", migrate.MIGRATIONS + [
+        (99, "CREATE TABLE half_done (x); INSERT INTO no_such_table VALUES (1);"),
+    ])
+    with pytest.raises(sqlite3.OperationalError):
+        migrate.migrate(db_path)
+    conn = sqlite3.connect(db_path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == migrate.LATEST
+    assert conn.execute("SELECT name FROM sqlite_master WHERE name = 'half_done'").fetchone() is None
+
+
+def test_app_refuses_a_missing_database_and_says_to_migrate(tmp_path):
+    missing = str(tmp_path / "missing.sqlite3")
+    with pytest.raises(SchemaOutOfDate, match="python migrate.py"):
+        create_app({"CHANGEFEED_DB": missing})
+    assert not os.path.exists(missing)
+
+
+def test_app_refuses_an_unmigrated_database_and_says_to_migrate(tmp_path):
+    empty = str(tmp_path / "empty.sqlite3")
+    sqlite3.connect(empty).close()
+    with pytest.raises(SchemaOutOfDate, match="schema version 0.*python migrate.py"):
+        create_app({"CHANGEFEED_DB": empty})
