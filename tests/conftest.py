@@ -1,6 +1,7 @@
 """Shared fixtures: a fresh migrated SQLite file per test, the app, and real servers."""
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -115,3 +116,44 @@ def make_server(db_path, tmp_path):
 def server(make_server):
     """One running gunicorn server with two workers."""
     return make_server()
+
+
+CHROMIUM_ARGS = [
+    "--no-sandbox",  # CI runs as root, where Chromium's own sandbox cannot start
+    "--disable-gpu", "--no-first-run", "--disable-sync", "--disable-component-update",
+    # The machines reach no network but the package registries: keep Chromium off it.
+    "--disable-background-networking",
+]
+
+
+def find_chromium():
+    """Return the path of a Chromium to drive, or None."""
+    candidates = [os.environ.get("CHANGEFEED_CHROMIUM"), shutil.which("chromium"),
+                  shutil.which("chromium-browser"), shutil.which("google-chrome")]
+    return next((path for path in candidates if path), None)
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Real headless Chromium, driven by Playwright; skipped (or failed, in CI) when missing."""
+    path = find_chromium()
+    if path is None:
+        reason = ("browser tests need Chromium: install it (apt-get install chromium) "
+                  "or set CHANGEFEED_CHROMIUM=/path/to/chromium")
+        if os.environ.get("CHANGEFEED_REQUIRE_BROWSER") == "1":
+            pytest.fail(f"{reason}; CHANGEFEED_REQUIRE_BROWSER=1 makes this a failure", pytrace=False)
+        pytest.skip(reason)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=path, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def context(browser):
+    """One browser profile, so pages opened in it are tabs of the same browser."""
+    context = browser.new_context(viewport={"width": 760, "height": 900})
+    yield context
+    context.close()

@@ -1,0 +1,228 @@
+"""The two-tab demo in real headless Chromium, the way a person tries it.
+
+Each test starts gunicorn (two workers, free loopback port, fresh database)
+and opens two tabs of one browser on the same slug.
+"""
+
+import base64
+import re
+import time
+from urllib.parse import urlsplit
+
+import pytest
+import requests
+from playwright.sync_api import expect
+
+from conftest import ROOT
+from store import SQLiteStore
+
+POLL_S = 2
+ARTIFACTS = ROOT / "test-artifacts"
+XSS = '<script>window.top.__pwned=1</script><img src=x onerror="window.top.__pwned=1"><p>still shown</p>'
+
+
+class Tab:
+    """One browser tab on the demo page, with the moves a person makes."""
+
+    def __init__(self, context, url, slug):
+        self.page = context.new_page()
+        self.console_errors, self.page_errors, self.requests = [], [], []
+        self.page.on("console", lambda m: m.type == "error" and self.console_errors.append(m.text))
+        self.page.on("pageerror", lambda e: self.page_errors.append(str(e)))
+        self.page.on("request", lambda r: self.requests.append((r.method, r.url)))
+        self.page.goto(f"{url}/?slug={slug}")
+        self.expect_state("live")
+
+    def edit(self, html, data=None):
+        self.page.fill("#html", html)
+        if data is not None:
+            self.page.fill("#data", data)
+
+    def save(self):
+        self.page.click("#save")
+
+    def expect_viewer(self, text, timeout_s):
+        expect(self.page.frame_locator("#frame").locator("body")).to_contain_text(text, timeout=timeout_s * 1000)
+
+    def expect_version(self, version, timeout_s=5):
+        expect(self.page.locator("#version")).to_have_text(str(version), timeout=timeout_s * 1000)
+
+    def expect_state(self, *states, timeout_s=10):
+        expect(self.page.locator("#badge")).to_have_attribute(
+            "data-state", re.compile("|".join(states)), timeout=timeout_s * 1000)
+
+    def wait(self, seconds):
+        """Let time pass while Playwright keeps recording what the page does."""
+        self.page.wait_for_timeout(seconds * 1000)
+
+    def mark(self):
+        """Return a bookmark in the page's request log, after what is already under way."""
+        self.wait(0)
+        return len(self.requests)
+
+    def requests_to(self, path, method="GET", after=0):
+        return [url for m, url in self.requests[after:] if m == method and urlsplit(url).path == path]
+
+    def set_hidden(self, hidden):
+        """Make the page believe it is hidden or shown, as a background tab does."""
+        self.page.evaluate(
+            """hidden => {
+                Object.defineProperty(document, "visibilityState", {configurable: true, get: () => hidden ? "hidden" : "visible"});
+                Object.defineProperty(document, "hidden", {configurable: true, get: () => hidden});
+                document.dispatchEvent(new Event("visibilitychange"));
+            }""",
+            hidden,
+        )
+
+
+@pytest.fixture
+def tabs(server, context):
+    return Tab(context, server.url, "shared"), Tab(context, server.url, "shared")
+
+
+def remote_save(server, html, **fields):
+    response = requests.post(f"{server.url}/save", json={"slug": "shared", "html": html, **fields}, timeout=10)
+    assert response.status_code == 200, response.text
+    return response.json()["version"]
+
+
+def side_by_side(a, b, context, path):
+    """Save one PNG of two tabs next to each other, for a person to look at."""
+    shots = [base64.b64encode(tab.page.screenshot()).decode() for tab in (a, b)]
+    sheet = context.new_page()
+    sheet.set_viewport_size({"width": 1560, "height": 920})
+    sheet.set_content(
+        "<body style='margin:0;display:flex;gap:20px;background:#888;padding:10px'>"
+        + "".join(f"<img src='data:image/png;base64,{s}' width=760>" for s in shots) + "</body>")
+    path.parent.mkdir(exist_ok=True)
+    sheet.screenshot(path=str(path))
+    sheet.close()
+
+
+def test_save_in_one_tab_shows_in_the_other_within_a_poll(tabs, context):
+    a, b = tabs
+    a.edit("<h1>Hello from tab A</h1>", '{"from": "A"}')
+    started = time.monotonic()
+    a.save()
+    b.expect_viewer("Hello from tab A", timeout_s=POLL_S + 1)
+    assert time.monotonic() - started < POLL_S + 1
+    a.expect_version(1), b.expect_version(1)
+    expect(b.page.locator("#viewer-data")).to_contain_text('"from": "A"')
+    side_by_side(a, b, context, ARTIFACTS / "two-tabs.png")
+
+
+def test_ctrl_s_saves(tabs):
+    a, b = tabs
+    a.edit("<p>saved with the keyboard</p>")
+    a.page.press("#html", "Control+s")
+    b.expect_viewer("saved with the keyboard", timeout_s=POLL_S + 1)
+    a.expect_version(1), b.expect_version(1)
+
+
+def test_save_from_outside_the_browser_shows_in_both_tabs(tabs, server):
+    a, b = tabs
+    remote_save(server, "<h2>from curl</h2>", data={"n": 1})
+    for tab in (a, b):
+        tab.expect_viewer("from curl", timeout_s=POLL_S + 1)
+        tab.expect_version(1)
+    expect(a.page.locator("#html")).to_have_value("<h2>from curl</h2>")  # a clean editor follows
+
+
+def test_conflict_is_reported_and_loses_nothing(tabs, server):
+    a, b = tabs
+    remote_save(server, "<p>version one</p>")
+    a.expect_version(1), b.expect_version(1)
+
+    b.edit("<p>B's work</p>")
+    a.edit("<p>A's work</p>")
+    b.save()
+    b.expect_version(2)
+    a.save()  # A still edits version 1
+    expect(a.page.locator("#conflict")).to_be_visible()
+    expect(a.page.locator("#conflict-text")).to_contain_text("version 2")
+    stored = requests.get(f"{server.url}/changes?slug=shared", timeout=10).json()
+    assert (stored["version"], stored["html"]) == (2, "<p>B's work</p>")
+
+    a.page.click("#load-theirs")
+    expect(a.page.locator("#html")).to_have_value("<p>B's work</p>")
+    expect(a.page.locator("#conflict")).to_be_hidden()
+
+    a.edit("<p>A insists</p>")
+    remote_save(server, "<p>someone else again</p>")  # version 3, A edits version 2
+    a.save()
+    expect(a.page.locator("#conflict")).to_be_visible()
+    a.page.click("#overwrite")
+    a.expect_version(4)
+    stored = requests.get(f"{server.url}/changes?slug=shared", timeout=10).json()
+    assert (stored["version"], stored["html"]) == (4, "<p>A insists</p>")
+    b.expect_viewer("A insists", timeout_s=POLL_S + 1)
+
+
+def test_saved_scripts_never_run(tabs):
+    a, b = tabs
+    a.edit(XSS)
+    a.save()
+    for tab in (a, b):
+        tab.expect_viewer("still shown", timeout_s=POLL_S + 1)
+        frame = tab.page.frame_locator("#frame")
+        expect(frame.locator("img")).to_have_count(1)
+        expect(frame.locator("script")).to_have_count(1)
+    a.wait(0.5)  # give a handler every chance to fire
+    for tab in (a, b):
+        assert tab.page.evaluate("window.__pwned") is None
+        assert tab.page_errors == []
+        # The only console errors allowed are the sandbox refusing the script
+        # and the broken image `x` failing to load: proof of the block, not faults.
+        unexpected = [e for e in tab.console_errors
+                      if "Blocked script execution" not in e and "Failed to load resource" not in e]
+        assert unexpected == []
+    assert any("Blocked script execution" in e for e in a.console_errors + b.console_errors)
+
+
+def test_badge_shows_retrying_when_the_server_stops_and_catches_up_after(tabs, server, db_path):
+    a, b = tabs
+    remote_save(server, "<p>before</p>")
+    a.expect_version(1)
+    server.stop()
+    for tab in (a, b):
+        tab.expect_state("retrying", "offline", timeout_s=POLL_S + 3)
+    SQLiteStore(db_path).save("shared", "<p>saved while down</p>", "null")  # e.g. by another server
+    server.start()
+    for tab in (a, b):
+        tab.expect_state("live", timeout_s=35)  # the longest backoff is 30 s
+        tab.expect_viewer("saved while down", timeout_s=POLL_S + 1)
+        tab.expect_version(2)
+
+
+def test_hidden_tab_stops_polling_and_catches_up_when_shown(tabs, server):
+    a, b = tabs
+    b.set_hidden(True)
+    b.wait(0.2)  # let a request already in flight finish
+    hidden_a, hidden_b = a.mark(), b.mark()
+    remote_save(server, "<p>saved while hidden</p>")
+    b.wait(3 * POLL_S)
+    assert b.requests_to("/changes", after=hidden_b) == []
+    assert len(a.requests_to("/changes", after=hidden_a)) >= 2  # the visible tab kept polling
+    expect(b.page.locator("#version")).to_have_text("–")
+
+    shown = b.mark()
+    b.set_hidden(False)
+    b.expect_viewer("saved while hidden", timeout_s=1)
+    assert b.requests_to("/changes", after=shown)
+
+
+def test_bad_data_json_is_refused_in_the_page_before_any_request(tabs):
+    a, _ = tabs
+    a.edit("<p>x</p>", '{"unclosed": ')
+    before = a.mark()
+    a.save()
+    expect(a.page.locator("#message")).to_contain_text("not valid JSON")
+    expect(a.page.locator("#message")).to_have_attribute("data-kind", "error")
+    a.wait(0.3)
+    assert a.requests_to("/save", method="POST", after=before) == []
+    expect(a.page.locator("#version")).to_have_text("–")
+
+    a.edit("<p>x</p>", '{"closed": true}')
+    a.save()
+    a.expect_version(1)
+    assert len(a.requests_to("/save", method="POST", after=before)) == 1
