@@ -127,22 +127,27 @@ CHROMIUM_ARGS = [
 
 
 def find_chromium():
-    """Return the path of a Chromium to drive, or None."""
+    """Return the path of a Chromium to drive; skip (or fail, in CI) when there is none.
+
+    Called once at the top of a browser test module, so a machine without
+    Chromium sees one line saying why and how to enable those tests.
+    """
     candidates = [os.environ.get("CHANGEFEED_CHROMIUM"), shutil.which("chromium"),
                   shutil.which("chromium-browser"), shutil.which("google-chrome")]
-    return next((path for path in candidates if path), None)
-
-
-@pytest.fixture(scope="session")
-def browser():
-    """Real headless Chromium, driven by Playwright; skipped (or failed, in CI) when missing."""
-    path = find_chromium()
+    path = next((path for path in candidates if path), None)
     if path is None:
         reason = ("browser tests need Chromium: install it (apt-get install chromium) "
                   "or set CHANGEFEED_CHROMIUM=/path/to/chromium")
         if os.environ.get("CHANGEFEED_REQUIRE_BROWSER") == "1":
             pytest.fail(f"{reason}; CHANGEFEED_REQUIRE_BROWSER=1 makes this a failure", pytrace=False)
-        pytest.skip(reason)
+        pytest.skip(reason, allow_module_level=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Real headless Chromium, driven by Playwright."""
+    path = find_chromium()
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:

@@ -13,8 +13,10 @@ import pytest
 import requests
 from playwright.sync_api import expect
 
-from conftest import ROOT
+from conftest import ROOT, find_chromium
 from store import SQLiteStore
+
+find_chromium()  # one skip line for the module when there is no browser
 
 POLL_S = 2
 ARTIFACTS = ROOT / "test-artifacts"
