@@ -2,6 +2,8 @@
 
     POST /save       upsert a page; its version goes up by exactly 1
     GET  /changes    anything newer than version `since`? then here it is
+                     (with `wait`, held until there is: long-poll)
+    GET  /events     the same, pushed as Server-Sent Events
     GET  /           the two-pane demo (editor and viewer)
 
 Run it with `python migrate.py && flask run`, or in production with
@@ -11,14 +13,15 @@ Run it with `python migrate.py && flask run`, or in production with
 import json
 
 from flask import Flask, Response, render_template, request
+from marshmallow import ValidationError
 
 import errors
 import settings
 from errors import ApiError
-from marshmallow import ValidationError
-
-from schemas import (ChangesQuerySchema, PageQuerySchema, SaveFormSchema, SaveSchema,
-                     reject_constant)
+from feeds import event_stream, long_poll
+from notify import SQLiteNotifier
+from schemas import (ChangesQuerySchema, EventsQuerySchema, LastEventIdSchema, PageQuerySchema,
+                     SaveFormSchema, SaveSchema, reject_constant)
 from store import SQLiteStore
 
 JSON_TYPES = {list: "an array", str: "a string", int: "a number", float: "a number",
@@ -28,6 +31,9 @@ FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
 # Browsers and proxies may keep a /changes answer but must ask again (with
 # If-None-Match) before each reuse, so nobody is served a stale version.
 CHANGES_CACHE_CONTROL = "no-cache"
+
+# An event stream is never cached, and nginx must pass each event on at once.
+EVENTS_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 # The page itself runs only its own scripts; saved html lives in a sandboxed
 # srcdoc iframe, which inherits this policy and may show images and styles.
@@ -48,10 +54,13 @@ def create_app(test_config=None):
         synchronous=app.config["CHANGEFEED_SQLITE_SYNCHRONOUS"],
         busy_timeout_ms=app.config["CHANGEFEED_BUSY_TIMEOUT_MS"],
     )
+    notifier = app.extensions["changefeed.notifier"] = SQLiteNotifier(
+        store, interval_s=app.config["CHANGEFEED_WATCH_INTERVAL_MS"] / 1000)
     limits = dict(max_html_bytes=app.config["CHANGEFEED_MAX_HTML_BYTES"],
                   max_data_bytes=app.config["CHANGEFEED_MAX_DATA_BYTES"])
     save_schema, save_form_schema = SaveSchema(**limits), SaveFormSchema(**limits)
     changes_schema, page_schema = ChangesQuerySchema(), PageQuerySchema()
+    events_schema, last_event_id_schema = EventsQuerySchema(), LastEventIdSchema()
     errors.register(app)
 
     @app.post("/save")
@@ -75,26 +84,37 @@ def create_app(test_config=None):
     def changes():
         """Answer whether the page is newer than `since`, and if so with its content."""
         query = changes_schema.load(request.args)
-        change = store.changes(query["slug"], query["since"])
-        etag = f"{change.version}.{int(change.changed)}.{change.updated_at or ''}"
+        since = query["since"]
+        change = long_poll(store, notifier, query["slug"], since, query["wait"])
+        changed = change.version > since
+        etag = f"{change.version}.{int(changed)}.{change.updated_at or ''}"
         headers = {"ETag": f'"{etag}"', "Cache-Control": CHANGES_CACHE_CONTROL}
         if request.if_none_match.contains(etag):
             return Response(status=304, headers=headers)
-        if not change.changed:
-            return {"changed": False, "version": change.version}, headers
-        return {
-            "changed": True,
-            "version": change.version,
-            "html": change.html,
-            "data": json.loads(change.data),
-            "updated_at": change.updated_at,
-        }, headers
+        if changed:
+            body = change.answer
+        else:
+            body = f'{{"changed":false,"version":{change.version}}}'
+        return Response(body, mimetype="application/json", headers=headers)
+
+    @app.get("/events")
+    def events():
+        """Stream each new version of a page as a Server-Sent Event, from `since` on."""
+        query = events_schema.load(request.args)
+        since = query["since"]
+        if "Last-Event-ID" in request.headers:  # a reconnecting EventSource resumes where it was
+            since = last_event_id_schema.load({"Last-Event-ID": request.headers["Last-Event-ID"]})[
+                "last_event_id"]
+        stream = event_stream(store, notifier, query["slug"], since,
+                              heartbeat_s=app.config["CHANGEFEED_SSE_HEARTBEAT_MS"] / 1000,
+                              retry_ms=app.config["CHANGEFEED_SSE_RETRY_MS"])
+        return Response(stream, mimetype="text/event-stream", headers=EVENTS_HEADERS)
 
     @app.get("/")
     def page():
         """Serve the demo: an editor and a viewer of one slug."""
         query = page_schema.load(request.args)
-        return render_template("index.html", slug=query["slug"])
+        return render_template("index.html", slug=query["slug"], transport=query["transport"])
 
     @app.after_request
     def security_headers(response):

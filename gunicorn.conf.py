@@ -6,17 +6,29 @@ the variables read below) without editing this file.
 
 import multiprocessing
 import os
+import signal
 
 # Loopback by default; put nginx in front (see README) or set CHANGEFEED_BIND.
 bind = os.environ.get("CHANGEFEED_BIND", "127.0.0.1:8000")
 
-# Worker processes: every worker serves every slug, and SQLite keeps their saves in order.
-workers = int(os.environ.get("CHANGEFEED_WORKERS", multiprocessing.cpu_count() * 2))
+# One process per core: gevent serves thousands of connections in each, so
+# more processes would only add context switches. Every process serves every
+# slug; SQLite keeps their saves in order and each process's watcher wakes its
+# own subscribers.
+workers = int(os.environ.get("CHANGEFEED_WORKERS", multiprocessing.cpu_count()))
 
-# Kill a worker stuck for this long; above any request this service serves.
+# gevent holds each long-poll and event stream as a cheap greenlet instead of
+# a blocked process or thread. Raise the open-files limit (ulimit -n) above
+# worker_connections for that many clients.
+worker_class = "gevent"
+worker_connections = int(os.environ.get("CHANGEFEED_WORKER_CONNECTIONS", 20_000))
+
+# With gevent this is the worker's heartbeat to the master, not a request
+# limit: long-polls (up to 60 s) and streams are not cut by it.
 timeout = 30
 
-# Give in-flight requests this long to finish on SIGTERM.
+# On SIGTERM, open streams and long-polls end at once (see post_worker_init);
+# other requests get this long to finish.
 graceful_timeout = 10
 
 # Reuse connections from nginx or pollers for a few seconds.
@@ -24,3 +36,19 @@ keepalive = 5
 
 # Access log to stdout; request bodies (page contents) are never logged.
 accesslog = "-"
+
+# No runtime control socket: nothing here uses it, and several servers on one
+# machine (tests, benchmarks) would contend for its single default path.
+control_socket_disable = True
+
+
+def post_worker_init(worker):
+    """On SIGTERM, end every stream and long-poll of this worker so clients reconnect elsewhere."""
+    notifier = worker.wsgi.extensions["changefeed.notifier"]
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def close_then_exit(signum, frame):
+        notifier.close()
+        previous(signum, frame)
+
+    signal.signal(signal.SIGTERM, close_then_exit)

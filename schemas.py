@@ -7,9 +7,11 @@ schema with a message naming the field, before any view or store sees it.
 import json
 import re
 
-from marshmallow import EXCLUDE, Schema, ValidationError, fields, post_load, pre_load
+from marshmallow import EXCLUDE, Schema, ValidationError, fields, post_load, pre_load, validate
 
 MAX_INTEGER = 2**63 - 1  # SQLite's and PostgreSQL's largest INTEGER/BIGINT
+MAX_WAIT_S = 60
+TRANSPORTS = ("poll", "longpoll", "sse")
 SLUG = re.compile(r"[A-Za-z0-9-]{1,120}")
 
 
@@ -101,7 +103,19 @@ class SaveFormSchema(SaveSchema):
 
 
 class ChangesQuerySchema(Schema):
-    """The query of GET /changes: ?slug=S&since=N; unknown parameters are ignored."""
+    """The query of GET /changes: ?slug=S&since=N&wait=W; unknown parameters are ignored."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+    slug = Slug(required=True)
+    since = Count(load_default=0)
+    wait = Count(load_default=0, validate=validate.Range(
+        max=MAX_WAIT_S, error=f"Must be a whole number of seconds from 0 to {MAX_WAIT_S}."))
+
+
+class EventsQuerySchema(Schema):
+    """The query of GET /events: ?slug=S&since=N; unknown parameters are ignored."""
 
     class Meta:
         unknown = EXCLUDE
@@ -110,13 +124,21 @@ class ChangesQuerySchema(Schema):
     since = Count(load_default=0)
 
 
+class LastEventIdSchema(Schema):
+    """The Last-Event-ID header a reconnecting EventSource sends: the last version it got."""
+
+    last_event_id = Count(data_key="Last-Event-ID", load_default=None)
+
+
 class PageQuerySchema(Schema):
-    """The query of the demo page: ?slug=S, `demo` when absent."""
+    """The query of the demo page: ?slug=S (`demo` when absent) and ?transport=."""
 
     class Meta:
         unknown = EXCLUDE
 
     slug = Slug(load_default="demo")
+    transport = fields.String(load_default="poll", validate=validate.OneOf(
+        TRANSPORTS, error=f"Must be one of {', '.join(TRANSPORTS)}."))
 
 
 def reject_constant(name):

@@ -24,6 +24,12 @@ SETTINGS = [
      "Largest `data` a save accepts, serialized as compact JSON, in UTF-8 bytes."),
     ("CHANGEFEED_MAX_BODY_BYTES", 8 * MiB,
      "Largest request body; anything bigger is refused with 413 before it is read."),
+    ("CHANGEFEED_WATCH_INTERVAL_MS", 10,
+     "How often each server process looks for saves made by the others (milliseconds)."),
+    ("CHANGEFEED_SSE_HEARTBEAT_MS", 15_000,
+     "Idle time after which an event stream sends a comment, so proxies keep it open (milliseconds)."),
+    ("CHANGEFEED_SSE_RETRY_MS", 2_000,
+     "Reconnection delay an event stream suggests to EventSource (milliseconds)."),
 ]
 
 DEFAULTS = {name: default for name, default, _ in SETTINGS}

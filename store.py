@@ -4,9 +4,11 @@ Views talk to a store through two calls, `save` and `changes`, and never build
 SQL; a PostgreSQL store is a second implementation of the same contract.
 """
 
+import json
 import sqlite3
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from datetime import datetime, timezone
 
 import migrate
@@ -34,9 +36,14 @@ class Change:
     html: str | None = None
     data: str | None = None  # JSON text, as saved
 
-    @property
-    def changed(self):
-        return self.html is not None
+    @cached_property
+    def answer(self):
+        """The JSON text of a changed answer, built once however many clients it goes to.
+
+        `data` is already compact JSON as stored, so it goes in as it is.
+        """
+        return (f'{{"changed":true,"version":{self.version},"html":{json.dumps(self.html)},'
+                f'"data":{self.data},"updated_at":"{self.updated_at}"}}')
 
 
 class Conflict(Exception):
@@ -128,11 +135,11 @@ class SQLiteStore:
                         raise Conflict(current)
                 updated_at = utc_now()
                 (version,) = conn.execute(
-                    "INSERT INTO page_versions (slug, html, data, version, updated_at)"
-                    " VALUES (?, ?, ?, 1, ?)"
+                    "INSERT INTO page_versions (slug, html, data, version, updated_at, seq)"
+                    " VALUES (?, ?, ?, 1, ?, (SELECT coalesce(max(seq), 0) + 1 FROM page_versions))"
                     " ON CONFLICT (slug) DO UPDATE SET html = excluded.html,"
                     " data = excluded.data, version = page_versions.version + 1,"
-                    " updated_at = excluded.updated_at"
+                    " updated_at = excluded.updated_at, seq = excluded.seq"
                     " RETURNING version",
                     (slug, html, data, updated_at),
                 ).fetchone()
@@ -156,3 +163,40 @@ class SQLiteStore:
         if row is None:
             return Change(version=0)
         return Change(*row)
+
+    def watch(self):
+        """Open a cursor over saves, for the one watcher each server process runs."""
+        return SaveCursor(self._connect())
+
+
+class SaveCursor:
+    """Which pages were saved since the last look, by any process.
+
+    `PRAGMA data_version` changes only when another connection commits, and
+    reading it touches no table: an idle tick costs one cheap statement
+    whatever the number of pages or subscribers.
+    """
+
+    def __init__(self, conn):
+        self._conn = conn
+        self._data_version = self._read_data_version()
+        (self._seq,) = conn.execute("SELECT coalesce(max(seq), 0) FROM page_versions").fetchone()
+
+    def _read_data_version(self):
+        return self._conn.execute("PRAGMA data_version").fetchone()[0]
+
+    def saved(self):
+        """Return [(slug, version)] for the pages saved since the last call, oldest first."""
+        data_version = self._read_data_version()
+        if data_version == self._data_version:
+            return []
+        self._data_version = data_version
+        rows = self._conn.execute(
+            "SELECT slug, version, seq FROM page_versions WHERE seq > ? ORDER BY seq", (self._seq,)
+        ).fetchall()
+        if rows:
+            self._seq = rows[-1][2]
+        return [(slug, version) for slug, version, _ in rows]
+
+    def close(self):
+        self._conn.close()

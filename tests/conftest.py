@@ -1,13 +1,18 @@
 """Shared fixtures: a fresh migrated SQLite file per test, the app, and real servers."""
 
+import http.client
+import json
 import os
+import queue
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import requests
@@ -56,8 +61,8 @@ def free_port():
 class Server:
     """The service under gunicorn, as production runs it, on a free loopback port."""
 
-    def __init__(self, db_path, log_path, workers=2, env=None):
-        self.db_path, self.log_path, self.workers = db_path, log_path, workers
+    def __init__(self, db_path, log_path, workers=2, env=None, args=()):
+        self.db_path, self.log_path, self.workers, self.args = db_path, log_path, workers, list(args)
         self.env = {**os.environ, "CHANGEFEED_DB": db_path, **(env or {})}
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -69,7 +74,7 @@ class Server:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py",
              "--bind", f"127.0.0.1:{self.port}", "--workers", str(self.workers),
-             "app:create_app()"],
+             *self.args, "app:create_app()"],
             cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group, so kill() reaches every worker
         )
@@ -77,18 +82,26 @@ class Server:
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"gunicorn exited: {Path(self.log_path).read_text()[-2000:]}")
+                raise RuntimeError(f"gunicorn exited: {self.log()[-2000:]}")
             try:
                 requests.get(f"{self.url}/changes?slug=ready", timeout=1)
                 return self
             except requests.ConnectionError:
                 time.sleep(0.05)
-        raise RuntimeError(f"gunicorn did not answer in 20 s: {Path(self.log_path).read_text()[-2000:]}")
+        raise RuntimeError(f"gunicorn did not answer in 20 s: {self.log()[-2000:]}")
+
+    def log(self):
+        """Return what gunicorn wrote so far."""
+        return Path(self.log_path).read_text()
+
+    def send_signal(self, sig):
+        """Send `sig` to gunicorn and all its workers, as `kill` from a shell would."""
+        os.killpg(self.process.pid, sig)
 
     def stop(self, sig=signal.SIGTERM):
         """Send `sig` to gunicorn and all its workers, and wait for them to end."""
         if self.process and self.process.poll() is None:
-            os.killpg(self.process.pid, sig)
+            self.send_signal(sig)
             self.process.wait(timeout=30)
         self.process = None
 
@@ -102,8 +115,8 @@ def make_server(db_path, tmp_path):
     """Start real gunicorn servers on the test's database; stop them afterwards."""
     servers = []
 
-    def make_server(workers=2, env=None):
-        server = Server(db_path, str(tmp_path / f"gunicorn-{len(servers)}.log"), workers, env)
+    def make_server(workers=2, env=None, args=()):
+        server = Server(db_path, str(tmp_path / f"gunicorn-{len(servers)}.log"), workers, env, args)
         servers.append(server)
         return server.start()
 
@@ -116,6 +129,68 @@ def make_server(db_path, tmp_path):
 def server(make_server):
     """One running gunicorn server with two workers."""
     return make_server()
+
+
+class EventStream:
+    """A Server-Sent Events client: reads the stream in a thread, one parsed event at a time."""
+
+    def __init__(self, url, headers=None):
+        parts = urlsplit(url)
+        self.connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+        self.connection.request("GET", f"{parts.path}?{parts.query}", headers=headers or {})
+        self.response = self.connection.getresponse()
+        self.events = queue.Queue()
+        self.ended = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        """Parse the stream into dicts: {"id", "event", "data"}, {"retry"} or {"comment"}."""
+        event = {}
+        try:
+            for raw in iter(self.response.readline, b""):
+                line = raw.decode().rstrip("\n")
+                if line.startswith(":"):
+                    self.events.put({"comment": line[1:].strip()})
+                elif line:
+                    field, _, value = line.partition(":")
+                    event[field] = value.removeprefix(" ")
+                elif event:
+                    if "data" in event:
+                        event["data"] = json.loads(event["data"])
+                    self.events.put(event)
+                    event = {}
+        except (OSError, ValueError, AttributeError):
+            pass  # closed by us (http.client drops its file) or by the server
+        finally:
+            self.ended.set()
+
+    def next(self, timeout=5, skip_comments=True):
+        """Return the next event (or comment), or raise queue.Empty after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            item = self.events.get(timeout=max(0.0, deadline - time.monotonic()))
+            if not (skip_comments and "comment" in item):
+                return item
+
+    def close(self):
+        if self.connection.sock is not None:
+            self.connection.sock.shutdown(socket.SHUT_RDWR)
+        self.connection.close()
+
+
+@pytest.fixture
+def open_stream():
+    """Open event streams that are closed after the test."""
+    streams = []
+
+    def open_stream(url, headers=None):
+        stream = EventStream(url, headers)
+        streams.append(stream)
+        return stream
+
+    yield open_stream
+    for stream in streams:
+        stream.close()
 
 
 CHROMIUM_ARGS = [

@@ -27,12 +27,12 @@ def dump(db):
 def test_migrate_creates_the_table_wal_and_schema_version(tmp_path):
     db = str(tmp_path / "sub" / "new.sqlite3")
     out = run_migrate(db)
-    assert "applied migration(s) 1" in out
+    assert f"created at schema version {migrate.LATEST}" in out
     conn = sqlite3.connect(db)
     assert conn.execute("PRAGMA user_version").fetchone()[0] == migrate.LATEST
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     columns = [row[1] for row in conn.execute("PRAGMA table_info(page_versions)")]
-    assert columns == ["slug", "html", "data", "version", "updated_at"]
+    assert columns == ["slug", "html", "data", "version", "updated_at", "seq"]
 
 
 def test_second_run_changes_nothing_and_says_so(tmp_path, save, db_path):
@@ -44,7 +44,7 @@ def test_second_run_changes_nothing_and_says_so(tmp_path, save, db_path):
 
 
 def test_failing_migration_rolls_back_and_stays_pending(tmp_path, monkeypatch, db_path):
-    monkeypatch.setattr(migrate, "MIGRATIONS", migrate.MIGRATIONS + [
+    monkeypatch.setattr(migrate, "UPGRADES", migrate.UPGRADES + [
         (99, "CREATE TABLE half_done (x); INSERT INTO no_such_table VALUES (1);"),
     ])
     with pytest.raises(sqlite3.OperationalError):
@@ -66,3 +66,36 @@ def test_app_refuses_an_unmigrated_database_and_says_to_migrate(tmp_path):
     sqlite3.connect(empty).close()
     with pytest.raises(SchemaOutOfDate, match="schema version 0.*python migrate.py"):
         create_app({"CHANGEFEED_DB": empty})
+
+
+V1_SCHEMA = """
+CREATE TABLE page_versions (
+    slug TEXT PRIMARY KEY NOT NULL, html TEXT NOT NULL, data TEXT NOT NULL,
+    version INTEGER NOT NULL CHECK (version >= 1), updated_at TEXT NOT NULL
+);
+PRAGMA user_version = 1;
+"""
+
+
+def shape(db):
+    """Columns and indexes of page_versions: what a fresh and an upgraded database must share."""
+    conn = sqlite3.connect(db)
+    columns = [row[1:] for row in conn.execute("PRAGMA table_info(page_versions)")]
+    indexes = sorted((row[1], row[2]) for row in conn.execute("PRAGMA index_list(page_versions)"))
+    return columns, indexes
+
+
+def test_upgrade_from_version_1_matches_a_fresh_database_and_keeps_pages(tmp_path):
+    old, fresh = str(tmp_path / "old.sqlite3"), str(tmp_path / "fresh.sqlite3")
+    conn = sqlite3.connect(old)
+    conn.executescript(V1_SCHEMA)
+    conn.executemany("INSERT INTO page_versions VALUES (?, '<p>', 'null', ?, '2026-01-01T00:00:00.000Z')",
+                     [("a", 3), ("b", 1)])
+    conn.commit()
+    conn.close()
+    assert "upgraded from schema version 1 to 2" in run_migrate(old)
+    migrate.migrate(fresh)
+    assert shape(old) == shape(fresh)
+    rows = sqlite3.connect(old).execute("SELECT slug, version, seq FROM page_versions ORDER BY slug").fetchall()
+    assert [(slug, version) for slug, version, _ in rows] == [("a", 3), ("b", 1)]
+    assert len({seq for _, _, seq in rows}) == 2  # each page has its own place in the save order
