@@ -21,7 +21,7 @@ from errors import ApiError
 from feeds import event_stream, long_poll
 from notify import SQLiteNotifier
 from schemas import (ChangesQuerySchema, EventsQuerySchema, LastEventIdSchema, PageQuerySchema,
-                     SaveFormSchema, SaveSchema, reject_constant)
+                     SaveFormSchema, SaveSchema, TRANSPORTS, reject_constant)
 from store import SQLiteStore
 
 JSON_TYPES = {list: "an array", str: "a string", int: "a number", float: "a number",
@@ -114,7 +114,8 @@ def create_app(test_config=None):
     def page():
         """Serve the demo: an editor and a viewer of one slug."""
         query = page_schema.load(request.args)
-        return render_template("index.html", slug=query["slug"], transport=query["transport"])
+        return render_template("index.html", slug=query["slug"], transport=query["transport"],
+                               transports=TRANSPORTS)
 
     @app.after_request
     def security_headers(response):

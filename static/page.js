@@ -8,6 +8,7 @@ import {subscribe} from "./changefeed.js";
 
 const $ = (id) => document.getElementById(id);
 const slug = document.body.dataset.slug;
+const transport = document.body.dataset.transport;
 
 const editor = {html: $("html"), data: $("data")};
 let shown = null;        // the newest version shown in the viewer: {version, html, data, updated_at}
@@ -56,9 +57,10 @@ function renderAge() {
   $("updated").title = shown.updated_at;
 }
 
-function showStatus({state, retryInMs}) {
+function showStatus({state, retryInMs, transport: active, shared, leader}) {
   $("badge").dataset.state = state;
-  $("state").textContent = retryInMs ? `${state} in ${Math.round(retryInMs / 1000)} s` : state;
+  $("state").textContent = state === "retrying" ? `retrying in ${Math.ceil(retryInMs / 1000)} s` : state;
+  $("transport").textContent = active + (shared && !leader ? " via another tab" : "");
 }
 
 /** Read the editor, or say what is wrong with it and return null. */
@@ -140,4 +142,4 @@ document.addEventListener("keydown", (event) => {
 });
 setInterval(renderAge, 1000);
 setBase(0);
-subscribe(slug, {since: 0, onChange: show, onStatus: showStatus});
+subscribe(slug, {since: 0, onChange: show, onStatus: showStatus, transport});

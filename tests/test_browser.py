@@ -26,13 +26,13 @@ XSS = '<script>window.top.__pwned=1</script><img src=x onerror="window.top.__pwn
 class Tab:
     """One browser tab on the demo page, with the moves a person makes."""
 
-    def __init__(self, context, url, slug):
+    def __init__(self, context, url, slug, transport="poll"):
         self.page = context.new_page()
         self.console_errors, self.page_errors, self.requests = [], [], []
         self.page.on("console", lambda m: m.type == "error" and self.console_errors.append(m.text))
         self.page.on("pageerror", lambda e: self.page_errors.append(str(e)))
         self.page.on("request", lambda r: self.requests.append((r.method, r.url)))
-        self.page.goto(f"{url}/?slug={slug}")
+        self.page.goto(f"{url}/?slug={slug}&transport={transport}")
         self.expect_state("live")
 
     def edit(self, html, data=None):
@@ -78,8 +78,18 @@ class Tab:
 
 
 @pytest.fixture
-def tabs(server, context):
-    return Tab(context, server.url, "shared"), Tab(context, server.url, "shared")
+def open_tab(server, context):
+    """Open the demo on the shared slug in a new tab of the one browser."""
+
+    def open_tab(transport="poll"):
+        return Tab(context, server.url, "shared", transport)
+
+    return open_tab
+
+
+@pytest.fixture
+def tabs(open_tab):
+    return open_tab(), open_tab()
 
 
 def remote_save(server, html, **fields):
@@ -111,6 +121,46 @@ def test_save_in_one_tab_shows_in_the_other_within_a_poll(tabs, context):
     a.expect_version(1), b.expect_version(1)
     expect(b.page.locator("#viewer-data")).to_contain_text('"from": "A"')
     side_by_side(a, b, context, ARTIFACTS / "two-tabs.png")
+
+
+@pytest.mark.parametrize("transport", ["longpoll", "sse"])
+def test_push_transports_show_a_save_in_the_other_tab_at_once(open_tab, transport, context):
+    a, b = open_tab(transport), open_tab(transport)
+    for tab in (a, b):
+        expect(tab.page.locator("#transport")).to_contain_text(transport)
+    for n in range(1, 4):
+        a.edit(f"<h1>push {n}</h1>")
+        a.save()
+        b.expect_viewer(f"push {n}", timeout_s=1)  # no poll interval to wait for
+        a.expect_version(n), b.expect_version(n)
+    side_by_side(a, b, context, ARTIFACTS / f"two-tabs-{transport}.png")
+
+
+def test_sse_tabs_share_one_stream_and_a_new_leader_takes_over(open_tab, server):
+    a = open_tab("sse")
+    b = open_tab("sse")
+    c = open_tab("sse")
+    expect(b.page.locator("#transport")).to_have_text("sse via another tab")
+    remote_save(server, "<p>one stream</p>")
+    for tab in (a, b, c):
+        tab.expect_viewer("one stream", timeout_s=1)
+    streams = [url for tab in (a, b, c) for url in tab.requests_to("/events")]
+    assert len(streams) == 1, streams  # the leader's; the others hear it over BroadcastChannel
+
+    a.page.close()  # the leader goes; one of the others takes the lock and opens its stream
+    remote_save(server, "<p>after the leader left</p>")
+    for tab in (b, c):
+        tab.expect_viewer("after the leader left", timeout_s=3)
+        tab.expect_version(2)
+    assert len([url for tab in (b, c) for url in tab.requests_to("/events")]) == 1
+
+
+def test_sse_falls_back_to_long_poll_when_the_stream_is_refused(open_tab, context, server):
+    context.route("**/events?*", lambda route: route.fulfill(status=503, body="no streams here"))
+    a = open_tab("sse")
+    expect(a.page.locator("#transport")).to_have_text("longpoll")
+    remote_save(server, "<p>through the fallback</p>")
+    a.expect_viewer("through the fallback", timeout_s=1)
 
 
 def test_ctrl_s_saves(tabs):
