@@ -38,7 +38,9 @@ def test_scripts_are_plain_modules_served_as_javascript(client):
             assert response.mimetype in ("text/javascript", "application/javascript")
     with client.get("/static/changefeed.js") as response:
         source = response.get_data(as_text=True)
-    assert "export function subscribe(slug, {since = 0, onChange, onStatus" in source
+    assert "export function subscribe(slug, options = {})" in source
+    for option in ("since", "onChange", "onStatus", "transport"):
+        assert option in source
 
 
 def test_slug_is_escaped_into_the_page(client):
