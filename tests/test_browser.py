@@ -6,7 +6,6 @@ and opens two tabs of one browser on the same slug.
 
 import base64
 import re
-import time
 from urllib.parse import urlsplit
 
 import pytest
@@ -69,7 +68,8 @@ class Tab:
         """Make the page believe it is hidden or shown, as a background tab does."""
         self.page.evaluate(
             """hidden => {
-                Object.defineProperty(document, "visibilityState", {configurable: true, get: () => hidden ? "hidden" : "visible"});
+                const state = hidden ? "hidden" : "visible";
+                Object.defineProperty(document, "visibilityState", {configurable: true, get: () => state});
                 Object.defineProperty(document, "hidden", {configurable: true, get: () => hidden});
                 document.dispatchEvent(new Event("visibilitychange"));
             }""",
