@@ -11,6 +11,7 @@ Run it with `python migrate.py && flask run`, or in production with
 """
 
 import json
+from functools import lru_cache
 
 from flask import Flask, Response, render_template, request
 from marshmallow import ValidationError
@@ -30,15 +31,21 @@ FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
 
 # Browsers and proxies may keep a /changes answer but must ask again (with
 # If-None-Match) before each reuse, so nobody is served a stale version.
-CHANGES_CACHE_CONTROL = "no-cache"
+CHANGES_HEADERS = [("Cache-Control", "no-cache"), ("X-Content-Type-Options", "nosniff")]
 
 # An event stream is never cached, and nginx must pass each event on at once.
-EVENTS_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+EVENTS_HEADERS = [("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no"),
+                  ("X-Content-Type-Options", "nosniff")]
 
 # The page itself runs only its own scripts; saved html lives in a sandboxed
 # srcdoc iframe, which inherits this policy and may show images and styles.
-PAGE_CSP = ("default-src 'self'; img-src * data: blob:; style-src 'self' 'unsafe-inline'; "
-            "font-src * data:; frame-ancestors 'none'; base-uri 'none'; form-action 'none'")
+PAGE_HEADERS = [
+    ("Content-Security-Policy",
+     "default-src 'self'; img-src * data: blob:; style-src 'self' 'unsafe-inline'; "
+     "font-src * data:; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"),
+    ("X-Content-Type-Options", "nosniff"),
+    ("Referrer-Policy", "same-origin"),
+]
 
 
 def create_app(test_config=None):
@@ -53,6 +60,7 @@ def create_app(test_config=None):
         app.config["CHANGEFEED_DB"],
         synchronous=app.config["CHANGEFEED_SQLITE_SYNCHRONOUS"],
         busy_timeout_ms=app.config["CHANGEFEED_BUSY_TIMEOUT_MS"],
+        run_write=writer_thread(),
     )
     notifier = app.extensions["changefeed.notifier"] = SQLiteNotifier(
         store, interval_s=app.config["CHANGEFEED_WATCH_INTERVAL_MS"] / 1000)
@@ -61,6 +69,17 @@ def create_app(test_config=None):
     save_schema, save_form_schema = SaveSchema(**limits), SaveFormSchema(**limits)
     changes_schema, page_schema = ChangesQuerySchema(), PageQuerySchema()
     events_schema, last_event_id_schema = EventsQuerySchema(), LastEventIdSchema()
+
+    @lru_cache(maxsize=10_000)
+    def load_changes_query(query_string):
+        """Validate the query of /changes once per distinct query string.
+
+        Pollers repeat the same URL every few seconds until a save changes
+        their `since`; validation is a pure function of the query string, so
+        its answer is kept (a refusal is not: it raises, and is not cached).
+        The view only reads the answer.
+        """
+        return changes_schema.load(request.args)
     errors.register(app)
 
     @app.post("/save")
@@ -83,13 +102,13 @@ def create_app(test_config=None):
     @app.get("/changes")
     def changes():
         """Answer whether the page is newer than `since`, and if so with its content."""
-        query = changes_schema.load(request.args)
+        query = load_changes_query(request.query_string)
         since = query["since"]
         change = long_poll(store, notifier, query["slug"], since, query["wait"])
         changed = change.version > since
         etag = f"{change.version}.{int(changed)}.{change.updated_at or ''}"
-        headers = {"ETag": f'"{etag}"', "Cache-Control": CHANGES_CACHE_CONTROL}
-        if request.if_none_match.contains(etag):
+        headers = [("ETag", f'"{etag}"'), *CHANGES_HEADERS]
+        if "If-None-Match" in request.headers and request.if_none_match.contains(etag):
             return Response(status=304, headers=headers)
         if changed:
             body = change.answer
@@ -114,18 +133,31 @@ def create_app(test_config=None):
     def page():
         """Serve the demo: an editor and a viewer of one slug."""
         query = page_schema.load(request.args)
-        return render_template("index.html", slug=query["slug"], transport=query["transport"],
+        html = render_template("index.html", slug=query["slug"], transport=query["transport"],
                                transports=TRANSPORTS)
-
-    @app.after_request
-    def security_headers(response):
-        response.headers.setdefault("X-Content-Type-Options", "nosniff")
-        response.headers.setdefault("Referrer-Policy", "same-origin")
-        if response.mimetype == "text/html":
-            response.headers.setdefault("Content-Security-Policy", PAGE_CSP)
-        return response
+        return html, PAGE_HEADERS
 
     return app
+
+
+def writer_thread():
+    """Under gevent, return a runner that makes saves in one native thread per process.
+
+    A save waits for SQLite's write lock and for its fsync; in a greenlet
+    either would stall every other request of the worker, since SQLite blocks
+    in C. One thread per process also queues this process's saves for the
+    lock in turn, instead of all of them polling it. Without gevent (flask
+    run, tests) saves run in the request's own thread: None.
+    """
+    try:
+        from gevent import monkey
+    except ImportError:
+        return None
+    if not monkey.is_module_patched("threading"):
+        return None
+    from gevent.threadpool import ThreadPool
+
+    return ThreadPool(1).apply
 
 
 def json_body():

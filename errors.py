@@ -24,6 +24,7 @@ def envelope(status, error, message, headers=None, **details):
     """Build the JSON error response every failure uses."""
     response = jsonify({"error": error, "message": message, **details})
     response.status_code = status
+    response.headers["X-Content-Type-Options"] = "nosniff"
     response.headers.update(headers or {})
     return response
 

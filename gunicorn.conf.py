@@ -18,9 +18,11 @@ bind = os.environ.get("CHANGEFEED_BIND", "127.0.0.1:8000")
 workers = int(os.environ.get("CHANGEFEED_WORKERS", multiprocessing.cpu_count()))
 
 # gevent holds each long-poll and event stream as a cheap greenlet instead of
-# a blocked process or thread. Raise the open-files limit (ulimit -n) above
-# worker_connections for that many clients.
-worker_class = "gevent"
+# a blocked process or thread; its own WSGI server (gevent_pywsgi) also parses
+# HTTP faster than gunicorn's plain "gevent" worker (see bench/README.md).
+# Raise the open-files limit (ulimit -n) above worker_connections for that
+# many clients.
+worker_class = "gevent_pywsgi"
 worker_connections = int(os.environ.get("CHANGEFEED_WORKER_CONNECTIONS", 20_000))
 
 # With gevent this is the worker's heartbeat to the master, not a request
@@ -44,7 +46,9 @@ control_socket_disable = True
 
 def post_worker_init(worker):
     """On SIGTERM, end every stream and long-poll of this worker so clients reconnect elsewhere."""
-    notifier = worker.wsgi.extensions["changefeed.notifier"]
+    notifier = getattr(worker.wsgi, "extensions", {}).get("changefeed.notifier")
+    if notifier is None:  # another app served with this file, such as the bench's baseline
+        return
     previous = signal.getsignal(signal.SIGTERM)
 
     def close_then_exit(signum, frame):

@@ -4,11 +4,14 @@ Views talk to a store through two calls, `save` and `changes`, and never build
 SQL; a PostgreSQL store is a second implementation of the same contract.
 """
 
+import fcntl
 import json
+import os
 import sqlite3
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
+from urllib.parse import quote
 from datetime import datetime, timezone
 
 import migrate
@@ -75,13 +78,22 @@ class SQLiteStore:
     a time take it, so concurrent saves queue for the write lock (up to the
     busy timeout) instead of reading the same version and losing an update.
     Reads run in autocommit mode on WAL, so they never wait for a writer.
+
+    Before that, the processes of one server take turns with an flock on
+    `<database>.write-turn`: SQLite's own busy wait sleeps 1, 2, 5 ms... and
+    retries, while a process blocked in flock is woken the moment the lock is
+    free (bench/README.md: 2x the saves/s and a 10x shorter p99). Correctness
+    never depends on it: any writer that skips it still meets SQLite's lock.
     """
 
-    def __init__(self, path, synchronous="FULL", busy_timeout_ms=10_000):
+    def __init__(self, path, synchronous="FULL", busy_timeout_ms=10_000, run_write=None):
         self.path = path
         self._synchronous = synchronous
         self._busy_timeout = busy_timeout_ms / 1000
         self._idle = []  # connections not in use; list.pop/append are atomic
+        # How a save runs: in the caller by default; under gevent, in one native
+        # writer thread per process (see app.writer_thread).
+        self._run_write = run_write or (lambda function, args: function(*args))
         with self._connection() as conn:
             found = migrate.schema_version(conn)
         if found < migrate.LATEST:
@@ -89,12 +101,10 @@ class SQLiteStore:
                 f"database {path} is at schema version {found}, this code needs "
                 f"{migrate.LATEST}: run `python migrate.py` (with the same CHANGEFEED_DB)"
             )
+        self._turn_fd = os.open(f"{path}.write-turn", os.O_RDWR | os.O_CREAT, 0o600)
 
     def _connect(self):
-        if not self.path.startswith("file:"):
-            uri = f"file:{self.path}?mode=rw"  # never create a file migrate.py has not set up
-        else:
-            uri = self.path
+        uri = f"file:{quote(self.path)}?mode=rw"  # never create a file migrate.py has not set up
         try:
             conn = sqlite3.connect(uri, uri=True, timeout=self._busy_timeout,
                                    isolation_level=None, check_same_thread=False)
@@ -105,6 +115,15 @@ class SQLiteStore:
             ) from None
         conn.execute(f"PRAGMA synchronous={self._synchronous}")
         return conn
+
+    @contextmanager
+    def _write_turn(self):
+        """Wait for this process's turn to write, woken at once when the last writer is done."""
+        fcntl.flock(self._turn_fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._turn_fd, fcntl.LOCK_UN)
 
     @contextmanager
     def _connection(self):
@@ -120,7 +139,10 @@ class SQLiteStore:
 
     def save(self, slug, html, data, base_version=None):
         """Store a new version of `slug`, one more than the last; raise Conflict on a stale base."""
-        with self._connection() as conn:
+        return self._run_write(self._save, (slug, html, data, base_version))
+
+    def _save(self, slug, html, data, base_version):
+        with self._connection() as conn, self._write_turn():
             try:
                 conn.execute("BEGIN IMMEDIATE")
             except sqlite3.OperationalError as exc:
