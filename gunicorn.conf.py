@@ -36,8 +36,11 @@ graceful_timeout = 10
 # Reuse connections from nginx or pollers for a few seconds.
 keepalive = 5
 
-# Access log to stdout; request bodies (page contents) are never logged.
-accesslog = "-"
+# No access log, as gunicorn's own default: nginx in front logs requests, and
+# a log line per poll costs a third of the throughput (bench/README.md). For
+# one, run with GUNICORN_CMD_ARGS="--access-logfile -". Request bodies (page
+# contents) are never logged.
+accesslog = None
 
 # No runtime control socket: nothing here uses it, and several servers on one
 # machine (tests, benchmarks) would contend for its single default path.

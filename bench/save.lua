@@ -1,10 +1,11 @@
--- wrk script: POST /save as JSON; SLUGS=1 saves one slug, more spreads saves over that many.
+-- wrk script: POST /save as JSON, spread over SLUGS slugs named PREFIX-0, PREFIX-1, ...
 local slugs = tonumber(os.getenv("SLUGS") or "1")
+local prefix = os.getenv("PREFIX") or "bench"
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
 local counter = 0
 request = function()
   counter = counter + 1
-  local slug = "bench-" .. (counter % slugs)
+  local slug = prefix .. "-" .. (counter % slugs)
   return wrk.format(nil, "/save", nil, '{"slug":"' .. slug .. '","html":"<p>bench</p>","data":{"n":' .. counter .. '}}')
 end

@@ -157,7 +157,7 @@ def test_event_stream_survives_a_bad_save_elsewhere(server, open_stream):
 
 
 def test_every_subscriber_on_every_worker_sees_every_save(make_server, open_stream):
-    server = make_server(workers=2, args=["--access-logformat", "%(p)s %(r)s"])
+    server = make_server(workers=2, args=["--access-logfile", "-", "--access-logformat", "%(p)s %(r)s"])
     streams = [open_stream(f"{server.url}/events?slug=fan") for _ in range(24)]
     for stream in streams:
         stream.next()  # retry: the stream is open and subscribed

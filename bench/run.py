@@ -1,0 +1,446 @@
+"""changefeed benchmarks: `make bench` (full, for people) or `make bench QUICK=1` (seconds, for CI).
+
+Starts the service exactly as production does (gunicorn -c gunicorn.conf.py
+'app:create_app()', default config) on loopback against a temporary
+database, drives it with wrk and an asyncio client, stops everything it
+started, prints one table, and writes a JSON file of every run and a PNG
+chart of propagation delays to bench/results/.
+
+Every figure is the median over the runs; ratios are taken within one run,
+so a noisy shared machine moves both sides together.
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+import urllib.request
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import servers  # noqa: E402
+import subscribers as subs  # noqa: E402
+import wrk  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+POLL_PATH = "/changes?slug=bench&since=1"
+
+FULL = dict(runs=3, wrk_s=10, subscribers=1000, saves_per_s=10, propagate_s=30, idle_s=5,
+            capacity=10_000, many_slugs=10_000, many_saves_per_s=100, many_s=10)
+QUICK = dict(runs=1, wrk_s=1, subscribers=20, saves_per_s=10, propagate_s=1, idle_s=0.5,
+             capacity=100, many_slugs=100, many_saves_per_s=20, many_s=1)
+
+TARGETS = {
+    "unchanged_rps": ("unchanged poll, requests/s", ">=", 4200),
+    "unchanged_vs_baseline": ("unchanged poll / do-nothing Flask", ">=", 0.80),
+    "unchanged_304_vs_200": ("304 / unchanged 200, requests/s", ">=", 1.0),
+    "saves_one_slug_rps": ("saves/s, 64 clients, one slug", ">=", 1200),
+    "sse_p99_ms": ("SSE propagation p99, ms", "<", 50),
+    "longpoll_p99_ms": ("long-poll propagation p99, ms", "<", 50),
+    "capacity_p99_ms": ("10,000 streams: one save reaches all, p99 ms", "<", 1000),
+    "capacity_kib_per_stream": ("server memory per open stream, KiB", "<", 30),
+    "many_slugs_cost_ratio": ("CPU per save, 10,000 vs 100 subscribed slugs", "<=", 1.5),
+}
+
+
+def percentile(values, p):
+    return float(numpy.percentile(values, p)) if len(values) else float("nan")
+
+
+def http(method, url, body=None):
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return response.read(), dict(response.headers)
+
+
+# --- scenario 1 --------------------------------------------------------------------------------
+
+def unchanged_poll(cfg, tmp, log):
+    """Unchanged polls at 64 connections: ours, ours with If-None-Match, the baseline, nginx-static."""
+    db = servers.migrated_db(tmp)
+    runs = []
+    with servers.gunicorn("app:create_app()", db, log) as service, \
+            servers.gunicorn("baseline:create_app()", db, log, pythonpath="bench") as baseline:
+        http("POST", service.url + "/save", {"slug": "bench", "html": "<p>bench</p>"})
+        body, headers = http("GET", service.url + POLL_PATH)
+        assert body == http("GET", baseline.url + POLL_PATH)[0], "the baseline must answer the same bytes"
+        nginx = servers.nginx_static(body)
+        if nginx is None:
+            print("  nginx is not installed (apt-get install nginx): no static-file ceiling this time")
+        with nginx if nginx else _nothing():
+            for _ in range(cfg["runs"]):
+                run = {
+                    "ours": wrk.run(service.url + POLL_PATH, cfg["wrk_s"]),
+                    "ours_304": wrk.run(service.url + POLL_PATH, cfg["wrk_s"],
+                                        headers=[f"If-None-Match: {headers['ETag']}"]),
+                    "baseline": wrk.run(baseline.url + POLL_PATH, cfg["wrk_s"]),
+                }
+                if nginx:
+                    run["nginx_static"] = wrk.run(nginx.url + "/changes", cfg["wrk_s"])
+                runs.append(run)
+    rps = lambda run, key: run[key]["requests_per_s"]  # noqa: E731
+    summary = {
+        "unchanged_rps": median(rps(r, "ours") for r in runs),
+        "unchanged_p50_ms": median(r["ours"]["p50_ms"] for r in runs),
+        "unchanged_p99_ms": median(r["ours"]["p99_ms"] for r in runs),
+        "unchanged_304_rps": median(rps(r, "ours_304") for r in runs),
+        "baseline_rps": median(rps(r, "baseline") for r in runs),
+        "unchanged_vs_baseline": median(rps(r, "ours") / rps(r, "baseline") for r in runs),
+        "unchanged_304_vs_200": median(rps(r, "ours_304") / rps(r, "ours") for r in runs),
+        "unchanged_errors": sum(r["ours"]["non_2xx"] + r["ours"]["socket_errors"] for r in runs),
+        "loadgen_cpu_s_per_s": median(r["ours"]["loadgen_cpu_s"] / cfg["wrk_s"] for r in runs),
+    }
+    if all("nginx_static" in r for r in runs):
+        summary["nginx_static_rps"] = median(rps(r, "nginx_static") for r in runs)
+        summary["unchanged_vs_nginx_static"] = median(rps(r, "ours") / rps(r, "nginx_static") for r in runs)
+    return runs, summary
+
+
+# --- scenario 2 --------------------------------------------------------------------------------
+
+def saves(cfg, tmp, log):
+    """Concurrent saves on one slug and on 1,000; then an exact check that no version was lost."""
+    db = servers.migrated_db(tmp)
+    runs = []
+    with servers.gunicorn("app:create_app()", db, log) as service:
+        for n in range(cfg["runs"]):
+            run = {}
+            for name, slugs in (("one_slug", 1), ("many_slugs", 1000)):
+                prefix = f"r{n}-{name.replace('_', '-')}"
+                env = {**os.environ, "SLUGS": str(slugs), "PREFIX": prefix}
+                result = wrk.run(service.url, cfg["wrk_s"], script="save.lua", env=env)
+                stored = sum(json.loads(http("GET", f"{service.url}/changes?slug={prefix}-{i}")[0])["version"]
+                             for i in range(slugs))
+                # wrk stops mid-flight: up to 64 saves may land without their answer being counted.
+                result["stored_minus_answered"] = stored - result["requests"]
+                run[name] = result
+            run["exact"] = asyncio.run(_exact_versions(service.url, f"r{n}-exact", 64, 2000 if cfg is FULL else 200))
+            runs.append(run)
+    return runs, {
+        "saves_one_slug_rps": median(r["one_slug"]["requests_per_s"] for r in runs),
+        "saves_one_slug_p99_ms": median(r["one_slug"]["p99_ms"] for r in runs),
+        "saves_many_slugs_rps": median(r["many_slugs"]["requests_per_s"] for r in runs),
+        "saves_many_slugs_p99_ms": median(r["many_slugs"]["p99_ms"] for r in runs),
+        "saves_failed": sum(r[k]["non_2xx"] + r[k]["socket_errors"] for r in runs for k in ("one_slug", "many_slugs")),
+        "saves_unaccounted": sum(not 0 <= r[k]["stored_minus_answered"] <= 64
+                                 for r in runs for k in ("one_slug", "many_slugs")),
+        "saves_exact": all(r["exact"] for r in runs),
+    }
+
+
+async def _exact_versions(url, slug, concurrency, total):
+    """`total` saves of one slug from `concurrency` clients: the versions must be exactly 1..total."""
+    async with subs.session(concurrency) as http_:
+        queue = list(range(total))
+        versions = []
+
+        async def client():
+            while queue:
+                versions.append((await subs.save(http_, url, slug, queue.pop()))[0])
+
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+    return sorted(versions) == list(range(1, total + 1))
+
+
+# --- scenario 3 --------------------------------------------------------------------------------
+
+def propagation(cfg, tmp, log):
+    """1,000 subscribers on one slug per transport, 10 saves/s: delay from each save's answer to each subscriber."""
+    db = servers.migrated_db(tmp)
+    runs, delays = [], {}
+    with servers.gunicorn("app:create_app()", db, log) as service:
+        for n in range(cfg["runs"]):
+            run = {}
+            for transport in ("sse", "longpoll", "poll"):
+                result, run_delays = asyncio.run(_propagate(service, transport, f"prop-{transport}-{n}", cfg))
+                run[transport] = result
+                delays.setdefault(transport, []).extend(run_delays)
+            runs.append(run)
+    summary = {}
+    for transport in ("sse", "longpoll", "poll"):
+        for key in ("p50_ms", "p99_ms", "max_ms", "missed", "failed", "idle_server_cpu_pct", "idle_rps",
+                    "load_server_cpu_pct", "load_rps", "loadgen_cpu_pct"):
+            summary[f"{transport}_{key}"] = median(r[transport][key] for r in runs)
+        summary[f"{transport}_spread"] = runs[-1][transport]["spread"]
+    return runs, summary, delays
+
+
+async def _propagate(service, transport, slug, cfg):
+    url = service.url
+    async with subs.session(cfg["subscribers"]) as http_:
+        await subs.save(http_, url, slug, 0)  # version 1: subscribers start from it
+        counter = {"requests": 0}
+        seens, tasks = await subs.subscribe_all(http_, url, transport, [slug] * cfg["subscribers"], 1, counter)
+        spread = service.sockets_per_worker()
+        idle = await _measure(service, counter, asyncio.sleep(cfg["idle_s"]))
+        load = await _measure(service, counter, subs.save_steadily(http_, url, [slug], cfg["saves_per_s"],
+                                                                   cfg["propagate_s"]))
+        await asyncio.sleep(subs.POLL_INTERVAL_S + 0.5 if transport == "poll" else 0.5)
+        delays, missed = subs.delays_ms({slug: seens}, load["result"])
+        await subs.cancel(tasks)
+    return {
+        "p50_ms": percentile(delays, 50), "p99_ms": percentile(delays, 99), "max_ms": max(delays, default=0),
+        "missed": missed, "failed": sum(s.failed is not None for s in seens), "spread": spread,
+        "idle_server_cpu_pct": idle["server_cpu_pct"], "idle_rps": idle["rps"],
+        "load_server_cpu_pct": load["server_cpu_pct"], "load_rps": load["rps"],
+        "loadgen_cpu_pct": load["loadgen_cpu_pct"],
+    }, delays
+
+
+async def _measure(service, counter, work):
+    """Run `work`; return the server's CPU %, the requests/s it served us, and the load generator's CPU %."""
+    cpu, requests, own, started = service.cpu_seconds(), counter["requests"], time.process_time(), time.monotonic()
+    result = await work
+    wall = time.monotonic() - started
+    return {
+        "result": result,
+        "server_cpu_pct": (service.cpu_seconds() - cpu) / wall * 100,
+        "rps": (counter["requests"] - requests) / wall,
+        "loadgen_cpu_pct": (time.process_time() - own) / wall * 100,
+    }
+
+
+# --- scenario 4 --------------------------------------------------------------------------------
+
+def capacity(cfg, tmp, log):
+    """Open SSE streams up to 10,000, then one save: how long until every stream has it, and memory per stream."""
+    db = servers.migrated_db(tmp)
+    runs = []
+    with servers.gunicorn("app:create_app()", db, log) as service:
+        for n in range(cfg["runs"]):
+            runs.append(asyncio.run(_capacity(service, f"cap-{n}", cfg["capacity"])))
+    return runs, {
+        "capacity_streams": cfg["capacity"],
+        "capacity_p50_ms": median(r["p50_ms"] for r in runs),
+        "capacity_p99_ms": median(r["p99_ms"] for r in runs),
+        "capacity_max_ms": median(r["max_ms"] for r in runs),
+        "capacity_kib_per_stream": median(r["kib_per_stream"] for r in runs),
+        "capacity_dropped": max(r["dropped"] for r in runs),
+        "capacity_open_s": median(r["open_s"] for r in runs),
+        "capacity_spread": runs[-1]["spread"],
+    }
+
+
+async def _capacity(service, slug, streams):
+    url = service.url
+    async with subs.session(streams) as http_:
+        await subs.save(http_, url, slug, 0)
+        rss = service.worker_rss()
+        started = time.monotonic()
+        counter = {"requests": 0}
+        seens, tasks = await subs.subscribe_all(http_, url, "sse", [slug] * streams, 1, counter)
+        open_s = time.monotonic() - started
+        await asyncio.sleep(1)
+        grown = service.worker_rss() - rss
+        spread = service.sockets_per_worker()
+        version, answered = await subs.save(http_, url, slug, 1)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(s.version < version and s.failed is None for s in seens):
+            await asyncio.sleep(0.01)
+        delays = [(s.at[version] - answered) * 1000 for s in seens if version in s.at]
+        await subs.cancel(tasks)
+    return {"p50_ms": percentile(delays, 50), "p99_ms": percentile(delays, 99), "max_ms": max(delays, default=0),
+            "kib_per_stream": grown / streams / 1024, "dropped": streams - len(delays), "open_s": open_s,
+            "spread": spread}
+
+
+# --- scenario 5 --------------------------------------------------------------------------------
+
+def many_slugs(cfg, tmp, log):
+    """One subscriber on each of 100, then 10,000 slugs, saves spread over them: CPU per save must not grow."""
+    db = servers.migrated_db(tmp)
+    runs = []
+    with servers.gunicorn("app:create_app()", db, log) as service:
+        for n in range(cfg["runs"]):
+            few = asyncio.run(_many(service, f"few{n}", 100, cfg))
+            many = asyncio.run(_many(service, f"many{n}", cfg["many_slugs"], cfg))
+            runs.append({"few": few, "many": many, "cost_ratio": many["cpu_ms_per_save"] / few["cpu_ms_per_save"]})
+    return runs, {
+        "many_slugs_cpu_ms_per_save_100": median(r["few"]["cpu_ms_per_save"] for r in runs),
+        "many_slugs_cpu_ms_per_save_n": median(r["many"]["cpu_ms_per_save"] for r in runs),
+        "many_slugs_cost_ratio": median(r["cost_ratio"] for r in runs),
+        "many_slugs_p99_ms_100": median(r["few"]["p99_ms"] for r in runs),
+        "many_slugs_p99_ms_n": median(r["many"]["p99_ms"] for r in runs),
+    }
+
+
+async def _many(service, prefix, count, cfg):
+    url = service.url
+    slugs = [f"{prefix}-{i}" for i in range(count)]
+    async with subs.session(count) as http_:
+        counter = {"requests": 0}
+        seens, tasks = await subs.subscribe_all(http_, url, "sse", slugs, 0, counter)
+        idle = await _measure(service, counter, asyncio.sleep(cfg["many_s"]))
+        load = await _measure(service, counter, subs.save_steadily(
+            http_, url, slugs, cfg["many_saves_per_s"], cfg["many_s"]))
+        await asyncio.sleep(0.5)
+        delays, _ = subs.delays_ms({slug: [seen] for slug, seen in zip(slugs, seens)}, load["result"])
+        await subs.cancel(tasks)
+    saved = len(load["result"])
+    # What the saves cost on top of holding the idle streams (heartbeats, watcher ticks).
+    extra_cpu_s = (load["server_cpu_pct"] - idle["server_cpu_pct"]) / 100 * cfg["many_s"]
+    return {"cpu_ms_per_save": max(extra_cpu_s, 0) / saved * 1000, "p99_ms": percentile(delays, 99),
+            "p50_ms": percentile(delays, 50), "saves": saved}
+
+
+# --- report ------------------------------------------------------------------------------------
+
+def median(values):
+    values = list(values)
+    return statistics.median(values) if values else float("nan")
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def machine():
+    memory = psutil.virtual_memory().total / 2**30
+    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+                 platform.processor())
+    return {"cores": os.cpu_count(), "memory_gib": round(memory, 1), "cpu": model, "python": platform.python_version()}
+
+
+def verdict(key, value):
+    _, op, target = TARGETS[key]
+    ok = {">=": value >= target, "<": value < target, "<=": value <= target}[op]
+    return f"{op} {target:g}", "met" if ok else "MISSED"
+
+
+def print_table(summary):
+    rows = [
+        ("unchanged poll", "requests/s", "unchanged_rps"), ("", "p50 / p99 ms", ("unchanged_p50_ms", "unchanged_p99_ms")),
+        ("", "errors", "unchanged_errors"), ("", "load generator (wrk) CPU s per s", "loadgen_cpu_s_per_s"),
+        ("", "304 requests/s", "unchanged_304_rps"), ("", "304 / 200", "unchanged_304_vs_200"),
+        ("", "do-nothing Flask requests/s", "baseline_rps"), ("", "ours / do-nothing", "unchanged_vs_baseline"),
+        ("", "nginx static requests/s", "nginx_static_rps"), ("", "ours / nginx static", "unchanged_vs_nginx_static"),
+        ("saves", "one slug saves/s", "saves_one_slug_rps"), ("", "one slug p99 ms", "saves_one_slug_p99_ms"),
+        ("", "1,000 slugs saves/s", "saves_many_slugs_rps"), ("", "1,000 slugs p99 ms", "saves_many_slugs_p99_ms"),
+        ("", "failed / unaccounted", ("saves_failed", "saves_unaccounted")),
+        ("", "versions exactly 1..N", "saves_exact"),
+    ]
+    for t in ("sse", "longpoll", "poll"):
+        rows += [(f"propagation {t}", "p50 / p99 / max ms", (f"{t}_p50_ms", f"{t}_p99_ms", f"{t}_max_ms")),
+                 ("", "missed / failed subscribers", (f"{t}_missed", f"{t}_failed")),
+                 ("", "server CPU % idle / load", (f"{t}_idle_server_cpu_pct", f"{t}_load_server_cpu_pct")),
+                 ("", "server requests/s idle / load", (f"{t}_idle_rps", f"{t}_load_rps")),
+                 ("", "load generator CPU %", f"{t}_loadgen_cpu_pct")]
+    rows += [("capacity (SSE)", "streams", "capacity_streams"),
+             ("", "one save reaches all: p50 / p99 / max ms", ("capacity_p50_ms", "capacity_p99_ms", "capacity_max_ms")),
+             ("", "server KiB per open stream", "capacity_kib_per_stream"),
+             ("", "dropped streams", "capacity_dropped"),
+             ("many slugs", "CPU ms per save, 100 slugs / 10,000", ("many_slugs_cpu_ms_per_save_100",
+                                                                    "many_slugs_cpu_ms_per_save_n")),
+             ("", "ratio", "many_slugs_cost_ratio"),
+             ("", "p99 ms, 100 slugs / 10,000", ("many_slugs_p99_ms_100", "many_slugs_p99_ms_n"))]
+    print(f"\n{'scenario':<18} {'measure':<42} {'median':>22}  target")
+    for scenario, label, keys in rows:
+        keys = keys if isinstance(keys, tuple) else (keys,)
+        if not all(k in summary for k in keys):
+            continue
+        value = " / ".join(_fmt(summary[k]) for k in keys)
+        target = ""
+        if len(keys) == 1 and keys[0] in TARGETS:
+            target = "  ".join(verdict(keys[0], summary[keys[0]]))
+        elif keys[0] in ("sse_p50_ms", "longpoll_p50_ms"):
+            target = "  ".join(verdict(keys[0].replace("p50", "p99"), summary[keys[1]]))
+        elif keys[0] == "capacity_p50_ms":
+            target = "  ".join(verdict("capacity_p99_ms", summary[keys[1]]))
+        print(f"{scenario:<18} {label:<42} {value:>22}  {target}")
+
+
+def _fmt(value):
+    if isinstance(value, bool):
+        return "yes" if value else "NO"
+    if isinstance(value, list):
+        return "+".join(map(str, value))
+    if isinstance(value, int):
+        return f"{value:,}"
+    if value >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.2f}"
+
+
+def chart(delays, path):
+    """Cumulative distribution of propagation delay per transport, on a log scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+    for transport, values in delays.items():
+        values = numpy.sort(numpy.maximum(numpy.asarray(values), 0.1))
+        if len(values):
+            ax.plot(values, numpy.linspace(0, 100, len(values)), label=transport)
+    ax.set_xscale("log")
+    ax.set_xlabel("delay from the save's answer to the subscriber having it (ms, log scale)")
+    ax.set_ylabel("% of (subscriber, save) pairs")
+    ax.set_title("changefeed propagation: 1,000 subscribers on one slug, 10 saves/s")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+SCENARIOS = {"poll": unchanged_poll, "saves": saves, "propagation": propagation,
+             "capacity": capacity, "many": many_slugs}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a few seconds with tiny numbers, to keep the harness working")
+    parser.add_argument("--only", nargs="*", choices=SCENARIOS, help="run only these scenarios")
+    args = parser.parse_args()
+    cfg = QUICK if args.quick else FULL
+    if not wrk.available():
+        sys.exit(wrk.INSTALL_HINT)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # the servers started below inherit it
+    if hard < 2 * cfg["capacity"]:
+        print(f"  open-files limit is {hard}: {cfg['capacity']:,} streams may not fit (raise `ulimit -Hn`)")
+    RESULTS.mkdir(exist_ok=True)
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H-%M-%SZ")
+    report = {"date": stamp, "machine": machine(), "mode": "quick" if args.quick else "full", "config": cfg,
+              "command": "make bench" + (" QUICK=1" if args.quick else ""), "runs": {}, "summary": {}}
+    print(f"changefeed bench ({report['mode']}) on {report['machine']}")
+    with tempfile.TemporaryDirectory(prefix="changefeed-bench-") as tmp:
+        log = str(Path(tmp) / "servers.log")
+        for name, scenario in SCENARIOS.items():
+            if args.only and name not in args.only:
+                continue
+            print(f"- {name} ...", flush=True)
+            started = time.monotonic()
+            runs, summary, *extra = scenario(cfg, tmp, log)
+            report["runs"][name], report["summary"] = runs, {**report["summary"], **summary}
+            if extra:
+                chart(extra[0], RESULTS / "propagation.png")
+                report["propagation_delays_ms"] = {k: [round(v, 3) for v in vs] for k, vs in extra[0].items()}
+            print(f"  done in {time.monotonic() - started:.0f} s", flush=True)
+    print_table(report["summary"])
+    out = RESULTS / f"bench-{stamp}.json"
+    out.write_text(json.dumps(report, indent=1))
+    (RESULTS / "latest.json").write_text(json.dumps(report, indent=1))
+    print(f"\nresults: {out}" + ("\nchart: bench/results/propagation.png" if "propagation_delays_ms" in report else ""))
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""What the bench runs and watches: the service, the baseline, nginx, and their CPU and memory."""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Process:
+    """A server process tree started by the bench; stopped (all of it) on exit."""
+
+    def __init__(self, argv, ready_path, env=None, cwd=ROOT, log=None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.argv = [a.replace("{port}", str(self.port)) for a in argv]
+        self.env = {**os.environ, **(env or {})}
+        self.env = {k: v.replace("{port}", str(self.port)) for k, v in self.env.items()}
+        self.ready_path, self.cwd, self.log = ready_path, cwd, log
+        self.process = None
+        self.remove_after = []  # folders to delete when the process is gone
+
+    def __enter__(self):
+        out = open(self.log, "ab") if self.log else subprocess.DEVNULL
+        self.process = subprocess.Popen(self.argv, cwd=self.cwd, env=self.env, stdout=out,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+        if self.log:
+            out.close()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.argv[0]} exited at start; see {self.log}")
+            try:
+                urllib.request.urlopen(self.url + self.ready_path, timeout=1).read()
+                time.sleep(0.5)  # let every worker finish booting
+                return self
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"{self.argv} did not answer in 30 s")
+
+    def __exit__(self, *exc):
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        for folder in self.remove_after:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def tree(self):
+        """The master and its workers, as psutil processes."""
+        master = psutil.Process(self.process.pid)
+        return [master, *master.children(recursive=True)]
+
+    def workers(self):
+        return psutil.Process(self.process.pid).children(recursive=True)
+
+    def cpu_seconds(self):
+        """CPU time (user + system) used so far by the whole tree."""
+        total = 0.0
+        for proc in self.tree():
+            try:
+                times = proc.cpu_times()
+                total += times.user + times.system
+            except psutil.NoSuchProcess:
+                pass
+        return total
+
+    def worker_rss(self):
+        """Resident memory of the workers, in bytes."""
+        return sum(proc.memory_info().rss for proc in self.workers())
+
+    def sockets_per_worker(self):
+        """How many TCP connections each worker holds: shows clients are spread over them."""
+        return [len(proc.net_connections(kind="tcp")) for proc in self.workers()]
+
+
+def gunicorn(app, db_path, log, pythonpath=None, env=None):
+    """The production way to serve `app`: gunicorn with the default gunicorn.conf.py."""
+    argv = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"]
+    if pythonpath:
+        argv += ["--pythonpath", pythonpath]
+    env = {"CHANGEFEED_BIND": "127.0.0.1:{port}", "CHANGEFEED_DB": db_path, **(env or {})}
+    return Process([*argv, app], "/changes?slug=ready", env=env, log=log)
+
+
+def migrated_db(folder):
+    """A fresh database in `folder`, made by migrate.py as a user would."""
+    path = str(Path(folder) / "bench.sqlite3")
+    subprocess.run([sys.executable, "migrate.py"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL,
+                   env={**os.environ, "CHANGEFEED_DB": path})
+    return path
+
+
+def nginx_static(body):
+    """nginx serving `body` as a static file: the ceiling for a tiny HTTP answer here. None without nginx."""
+    binary = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
+    if binary is None:
+        return None
+    # A folder of its own that nginx's unprivileged workers can read, when started as root.
+    root = Path(tempfile.mkdtemp(prefix="changefeed-nginx-"))
+    root.chmod(0o755)
+    (root / "changes").write_bytes(body)
+    (root / "changes").chmod(0o644)
+    conf = root / "nginx.conf"
+    conf.write_text(f"""
+worker_processes auto;
+daemon off;
+pid {root}/nginx.pid;
+error_log {root}/error.log;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {root}/body; proxy_temp_path {root}/proxy;
+    fastcgi_temp_path {root}/fastcgi; uwsgi_temp_path {root}/uwsgi; scgi_temp_path {root}/scgi;
+    default_type application/json;
+    server {{
+        listen 127.0.0.1:{{port}};
+        root {root};
+        location / {{ add_header Cache-Control no-cache; }}
+    }}
+}}
+""")
+    process = Process([binary, "-c", str(conf)], "/changes")
+    process.remove_after.append(root)
+    conf.write_text(conf.read_text().replace("{port}", str(process.port)))
+    return process

@@ -1,0 +1,155 @@
+"""Asyncio load: subscribers that hold connections open, and a saver at a steady rate.
+
+One event loop drives thousands of connections, so the load generator is not
+the limit; it reports its own CPU so a reader can check.
+"""
+
+import asyncio
+import json
+import time
+
+import aiohttp
+
+LONG_POLL_WAIT_S = 25
+POLL_INTERVAL_S = 2.0
+
+
+class Seen:
+    """When this subscriber first had each version (or a newer one)."""
+
+    def __init__(self, since):
+        self.version = since
+        self.at = {}  # version -> monotonic time it was first covered
+        self.failed = None  # why the subscription ended early, if it did
+        self.opened = asyncio.Event()
+
+    def record(self, version):
+        now = time.monotonic()
+        for v in range(self.version + 1, version + 1):
+            self.at.setdefault(v, now)
+        self.version = max(self.version, version)
+
+
+def session(connections):
+    connector = aiohttp.TCPConnector(limit=0, force_close=False)
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=None)
+    return aiohttp.ClientSession(connector=connector, timeout=timeout)
+
+
+async def sse(http, url, slug, seen, counter):
+    """Read /events, recording each version as its event arrives."""
+    try:
+        async with http.get(f"{url}/events?slug={slug}&since={seen.version}") as response:
+            response.raise_for_status()
+            counter["requests"] += 1
+            async for line in response.content:
+                if line.startswith(b"retry:"):
+                    seen.opened.set()
+                elif line.startswith(b"id: "):
+                    seen.record(int(line[4:]))
+    except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as exc:
+        seen.failed = repr(exc)
+    finally:
+        seen.opened.set()
+
+
+async def long_poll(http, url, slug, seen, counter):
+    """Ask with wait=25 and ask again as soon as an answer comes."""
+    wait = 0
+    try:
+        while True:
+            async with http.get(f"{url}/changes?slug={slug}&since={seen.version}&wait={wait}") as response:
+                body = await response.json()
+            counter["requests"] += 1
+            seen.opened.set()
+            if body["changed"]:
+                seen.record(body["version"])
+            wait = LONG_POLL_WAIT_S
+    except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as exc:
+        seen.failed = repr(exc)
+        seen.opened.set()
+
+
+async def poll(http, url, slug, seen, counter, offset):
+    """Ask every 2 s, starting at `offset` into the interval, as a crowd of tabs does."""
+    await asyncio.sleep(offset)
+    try:
+        while True:
+            started = time.monotonic()
+            async with http.get(f"{url}/changes?slug={slug}&since={seen.version}") as response:
+                body = await response.json()
+            counter["requests"] += 1
+            seen.opened.set()
+            if body["changed"]:
+                seen.record(body["version"])
+            await asyncio.sleep(max(0.0, POLL_INTERVAL_S - (time.monotonic() - started)))
+    except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as exc:
+        seen.failed = repr(exc)
+        seen.opened.set()
+
+
+async def subscribe_all(http, url, transport, slugs, since, counter, batch=500):
+    """Start one subscriber per slug in `slugs` (repeat a slug for more); wait until all are open."""
+    seens, tasks = [], []
+    for start in range(0, len(slugs), batch):
+        for i, slug in enumerate(slugs[start:start + batch], start):
+            seen = Seen(since)
+            if transport == "sse":
+                job = sse(http, url, slug, seen, counter)
+            elif transport == "longpoll":
+                job = long_poll(http, url, slug, seen, counter)
+            else:
+                spread = min(len(slugs), 1000)
+                job = poll(http, url, slug, seen, counter, offset=(i % spread) / spread * POLL_INTERVAL_S)
+            seens.append(seen)
+            tasks.append(asyncio.create_task(job))
+        await asyncio.gather(*(s.opened.wait() for s in seens[start:start + batch]))
+    return seens, tasks
+
+
+async def save(http, url, slug, n):
+    """POST one save; return (version, monotonic time of its answer)."""
+    body = json.dumps({"slug": slug, "html": f"<p>save {n}</p>", "data": {"n": n}})
+    async with http.post(f"{url}/save", data=body, headers={"Content-Type": "application/json"}) as response:
+        answer = await response.json()
+        if response.status != 200:
+            raise RuntimeError(f"save failed: {response.status} {answer}")
+    return answer["version"], time.monotonic()
+
+
+async def save_steadily(http, url, slugs, per_second, seconds):
+    """Save at a steady rate, cycling over `slugs`; return [(slug, version, answered_at, took_s)]."""
+    results, pending = [], []
+    interval = 1 / per_second
+    start = time.monotonic()
+    for n in range(int(per_second * seconds)):
+        await asyncio.sleep(max(0.0, start + n * interval - time.monotonic()))
+        slug = slugs[n % len(slugs)]
+
+        async def one(slug=slug, n=n):
+            sent = time.monotonic()
+            version, answered = await save(http, url, slug, n)
+            results.append((slug, version, answered, answered - sent))
+
+        pending.append(asyncio.create_task(one()))
+    await asyncio.gather(*pending)
+    return results
+
+
+def delays_ms(seens_by_slug, saves):
+    """For every (subscriber, save) pair: ms from the save's answer to the subscriber having it."""
+    delays, missed = [], 0
+    for slug, version, answered, _ in saves:
+        for seen in seens_by_slug.get(slug, ()):
+            at = seen.at.get(version)
+            if at is None:
+                missed += 1
+            else:
+                delays.append((at - answered) * 1000)
+    return delays, missed
+
+
+async def cancel(tasks):
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
