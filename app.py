@@ -108,7 +108,8 @@ def create_app(test_config=None):
         changed = change.version > since
         etag = f"{change.version}.{int(changed)}.{change.updated_at or ''}"
         headers = [("ETag", f'"{etag}"'), *CHANGES_HEADERS]
-        if "If-None-Match" in request.headers and request.if_none_match.contains(etag):
+        if_none_match = request.headers.get("If-None-Match")
+        if if_none_match and (if_none_match == headers[0][1] or request.if_none_match.contains(etag)):
             return Response(status=304, headers=headers)
         if changed:
             body = change.answer

@@ -9,6 +9,8 @@ holds and wakes it).
 
 import time
 
+HEARTBEAT = b": heartbeat\n\n"
+
 
 def long_poll(store, notifier, slug, since, wait_s):
     """Return the page's state for `since`, waiting up to `wait_s` for a newer version."""
@@ -29,14 +31,14 @@ def long_poll(store, notifier, slug, since, wait_s):
 
 def event_stream(store, notifier, slug, since, heartbeat_s, retry_ms):
     """Yield the text/event-stream of `slug`: each newer version as one `change` event."""
-    yield f"retry: {retry_ms}\n\n"
+    yield f"retry: {retry_ms}\n\n".encode()
     with notifier.subscribe(slug) as subscription:
         change = store.changes(slug, since)
         sent = since
         while not notifier.closed:
             if change is not None and change.version > sent:
-                yield f"id: {change.version}\nevent: change\ndata: {change.answer}\n\n"
+                yield change.event
                 sent = change.version
             if not subscription.wait(heartbeat_s):
-                yield ": heartbeat\n\n"  # keeps proxies from closing an idle stream
+                yield HEARTBEAT  # keeps proxies from closing an idle stream
             change = subscription.latest

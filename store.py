@@ -48,6 +48,11 @@ class Change:
         return (f'{{"changed":true,"version":{self.version},"html":{json.dumps(self.html)},'
                 f'"data":{self.data},"updated_at":"{self.updated_at}"}}')
 
+    @cached_property
+    def event(self):
+        """This version as one Server-Sent Event, encoded once for every stream it goes to."""
+        return f"id: {self.version}\nevent: change\ndata: {self.answer}\n\n".encode()
+
 
 class Conflict(Exception):
     """A save named a base version that is no longer the stored one."""

@@ -408,7 +408,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a few seconds with tiny numbers, to keep the harness working")
     parser.add_argument("--only", nargs="*", choices=SCENARIOS, help="run only these scenarios")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where to write the JSON and the chart")
     args = parser.parse_args()
+    results = args.results
     cfg = QUICK if args.quick else FULL
     if not wrk.available():
         sys.exit(wrk.INSTALL_HINT)
@@ -416,7 +418,7 @@ def main():
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # the servers started below inherit it
     if hard < 2 * cfg["capacity"]:
         print(f"  open-files limit is {hard}: {cfg['capacity']:,} streams may not fit (raise `ulimit -Hn`)")
-    RESULTS.mkdir(exist_ok=True)
+    results.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H-%M-%SZ")
     report = {"date": stamp, "machine": machine(), "mode": "quick" if args.quick else "full", "config": cfg,
               "command": "make bench" + (" QUICK=1" if args.quick else ""), "runs": {}, "summary": {}}
@@ -431,14 +433,14 @@ def main():
             runs, summary, *extra = scenario(cfg, tmp, log)
             report["runs"][name], report["summary"] = runs, {**report["summary"], **summary}
             if extra:
-                chart(extra[0], RESULTS / "propagation.png")
+                chart(extra[0], results / "propagation.png")
                 report["propagation_delays_ms"] = {k: [round(v, 3) for v in vs] for k, vs in extra[0].items()}
             print(f"  done in {time.monotonic() - started:.0f} s", flush=True)
     print_table(report["summary"])
-    out = RESULTS / f"bench-{stamp}.json"
+    out = results / f"bench-{stamp}.json"
     out.write_text(json.dumps(report, indent=1))
-    (RESULTS / "latest.json").write_text(json.dumps(report, indent=1))
-    print(f"\nresults: {out}" + ("\nchart: bench/results/propagation.png" if "propagation_delays_ms" in report else ""))
+    (results / "latest.json").write_text(json.dumps(report, indent=1))
+    print(f"\nresults: {out}" + (f"\nchart: {results / 'propagation.png'}" if "propagation_delays_ms" in report else ""))
     return report
 
 

@@ -1,0 +1,41 @@
+"""`make bench QUICK=1` runs every scenario end to end, so the harness never rots.
+
+It asserts what the bench proves about correctness (no failed or lost save,
+every subscriber reached), never a speed: speed is the full bench's job.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+
+def require_bench_tools():
+    if shutil.which("wrk"):
+        return
+    reason = "the quick bench needs wrk: apt-get install wrk (and nginx for the ceiling)"
+    if os.environ.get("CHANGEFEED_REQUIRE_BENCH_TOOLS") == "1":
+        pytest.fail(f"{reason}; CHANGEFEED_REQUIRE_BENCH_TOOLS=1 makes this a failure", pytrace=False)
+    pytest.skip(reason)
+
+
+def test_quick_bench_runs_every_scenario(tmp_path):
+    require_bench_tools()
+    result = subprocess.run([sys.executable, "bench/run.py", "--quick", "--results", str(tmp_path)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads((tmp_path / "latest.json").read_text())
+    summary = report["summary"]
+    assert set(report["runs"]) == {"poll", "saves", "propagation", "capacity", "many"}
+    assert summary["unchanged_rps"] > 0 and summary["unchanged_errors"] == 0
+    assert summary["saves_failed"] == 0 and summary["saves_unaccounted"] == 0 and summary["saves_exact"] is True
+    for transport in ("sse", "longpoll", "poll"):
+        assert summary[f"{transport}_missed"] == 0 and summary[f"{transport}_failed"] == 0
+    assert summary["capacity_dropped"] == 0
+    assert (tmp_path / "propagation.png").stat().st_size > 10_000
+    assert "scenario" in result.stdout and "median" in result.stdout  # the table was printed
