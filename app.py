@@ -18,6 +18,7 @@ from marshmallow import ValidationError
 
 import errors
 import settings
+import writers
 from errors import ApiError
 from feeds import event_stream, long_poll
 from notify import SQLiteNotifier
@@ -60,7 +61,7 @@ def create_app(test_config=None):
         app.config["CHANGEFEED_DB"],
         synchronous=app.config["CHANGEFEED_SQLITE_SYNCHRONOUS"],
         busy_timeout_ms=app.config["CHANGEFEED_BUSY_TIMEOUT_MS"],
-        run_write=writer_thread(),
+        writer=writers.for_this_process(),
     )
     notifier = app.extensions["changefeed.notifier"] = SQLiteNotifier(
         store, interval_s=app.config["CHANGEFEED_WATCH_INTERVAL_MS"] / 1000)
@@ -139,26 +140,6 @@ def create_app(test_config=None):
         return html, PAGE_HEADERS
 
     return app
-
-
-def writer_thread():
-    """Under gevent, return a runner that makes saves in one native thread per process.
-
-    A save waits for SQLite's write lock and for its fsync; in a greenlet
-    either would stall every other request of the worker, since SQLite blocks
-    in C. One thread per process also queues this process's saves for the
-    lock in turn, instead of all of them polling it. Without gevent (flask
-    run, tests) saves run in the request's own thread: None.
-    """
-    try:
-        from gevent import monkey
-    except ImportError:
-        return None
-    if not monkey.is_module_patched("threading"):
-        return None
-    from gevent.threadpool import ThreadPool
-
-    return ThreadPool(1).apply
 
 
 def json_body():

@@ -15,6 +15,7 @@ from urllib.parse import quote
 from datetime import datetime, timezone
 
 import migrate
+from writers import DirectWriter
 
 
 @dataclass(frozen=True)
@@ -91,14 +92,13 @@ class SQLiteStore:
     never depends on it: any writer that skips it still meets SQLite's lock.
     """
 
-    def __init__(self, path, synchronous="FULL", busy_timeout_ms=10_000, run_write=None):
+    def __init__(self, path, synchronous="FULL", busy_timeout_ms=10_000, writer=DirectWriter):
         self.path = path
         self._synchronous = synchronous
         self._busy_timeout = busy_timeout_ms / 1000
         self._idle = []  # connections not in use; list.pop/append are atomic
-        # How a save runs: in the caller by default; under gevent, in one native
-        # writer thread per process (see app.writer_thread).
-        self._run_write = run_write or (lambda function, args: function(*args))
+        # How saves reach save_batch: one by one, or grouped (writers.py).
+        self._writer = writer(self.save_batch)
         with self._connection() as conn:
             found = migrate.schema_version(conn)
         if found < migrate.LATEST:
@@ -144,37 +144,46 @@ class SQLiteStore:
 
     def save(self, slug, html, data, base_version=None):
         """Store a new version of `slug`, one more than the last; raise Conflict on a stale base."""
-        return self._run_write(self._save, (slug, html, data, base_version))
+        return self._writer.save((slug, html, data, base_version))
 
-    def _save(self, slug, html, data, base_version):
+    def save_batch(self, items):
+        """Apply saves [(slug, html, data, base_version)] in one transaction, one fsync for all.
+
+        Returns, for each item, its Saved or the Conflict that refused it;
+        raises (and writes nothing) when the transaction itself fails.
+        """
         with self._connection() as conn, self._write_turn():
             try:
                 conn.execute("BEGIN IMMEDIATE")
             except sqlite3.OperationalError as exc:
                 raise Busy(str(exc)) from None
             try:
-                if base_version is not None:
-                    row = conn.execute(
-                        "SELECT version FROM page_versions WHERE slug = ?", (slug,)
-                    ).fetchone()
-                    current = row[0] if row else 0
-                    if current != base_version:
-                        raise Conflict(current)
-                updated_at = utc_now()
-                (version,) = conn.execute(
-                    "INSERT INTO page_versions (slug, html, data, version, updated_at, seq)"
-                    " VALUES (?, ?, ?, 1, ?, (SELECT coalesce(max(seq), 0) + 1 FROM page_versions))"
-                    " ON CONFLICT (slug) DO UPDATE SET html = excluded.html,"
-                    " data = excluded.data, version = page_versions.version + 1,"
-                    " updated_at = excluded.updated_at, seq = excluded.seq"
-                    " RETURNING version",
-                    (slug, html, data, updated_at),
-                ).fetchone()
+                outcomes = [self._apply(conn, *item) for item in items]
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
+        return outcomes
+
+    @staticmethod
+    def _apply(conn, slug, html, data, base_version):
+        """Upsert one save inside the caller's transaction; a stale base writes nothing."""
+        if base_version is not None:
+            row = conn.execute("SELECT version FROM page_versions WHERE slug = ?", (slug,)).fetchone()
+            current = row[0] if row else 0
+            if current != base_version:
+                return Conflict(current)
+        updated_at = utc_now()
+        (version,) = conn.execute(
+            "INSERT INTO page_versions (slug, html, data, version, updated_at, seq)"
+            " VALUES (?, ?, ?, 1, ?, (SELECT coalesce(max(seq), 0) + 1 FROM page_versions))"
+            " ON CONFLICT (slug) DO UPDATE SET html = excluded.html,"
+            " data = excluded.data, version = page_versions.version + 1,"
+            " updated_at = excluded.updated_at, seq = excluded.seq"
+            " RETURNING version",
+            (slug, html, data, updated_at),
+        ).fetchone()
         return Saved(slug, version, updated_at)
 
     def changes(self, slug, since):

@@ -86,7 +86,7 @@ class Server:
             try:
                 requests.get(f"{self.url}/changes?slug=ready", timeout=1)
                 return self
-            except requests.ConnectionError:
+            except requests.RequestException:  # not listening yet, or still booting
                 time.sleep(0.05)
         raise RuntimeError(f"gunicorn did not answer in 20 s: {self.log()[-2000:]}")
 

@@ -43,3 +43,23 @@ def test_concurrent_saves_from_processes_sharing_the_file_are_serialized(db_path
     versions = run_in_processes(save_in_store, db_path)
     assert sorted(versions) == list(range(1, PROCESSES * SAVES + 1))
     assert SQLiteStore(db_path).changes("race", 0).version == PROCESSES * SAVES
+
+
+def claim(url, worker):
+    response = requests.post(f"{url}/save", json={"slug": "claimed", "html": f"by {worker}", "base_version": 0},
+                             timeout=30)
+    return response.status_code, response.json()
+
+
+def test_concurrent_saves_on_the_same_base_version_let_exactly_one_win(make_server):
+    """Saves committed together still check their base_version one by one."""
+    server = make_server(workers=2)
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(PROCESSES) as pool:
+        answers = pool.starmap(claim, [(server.url, worker) for worker in range(PROCESSES * 3)])
+    statuses = sorted(status for status, _ in answers)
+    assert statuses == [200] + [409] * (PROCESSES * 3 - 1)
+    assert all(body["version"] == 1 for _, body in answers)
+    winner = next(body for status, body in answers if status == 200)
+    stored = requests.get(f"{server.url}/changes?slug=claimed", timeout=10).json()
+    assert stored["version"] == 1 and stored["updated_at"] == winner["updated_at"]
