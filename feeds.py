@@ -29,8 +29,12 @@ def long_poll(store, notifier, slug, since, wait_s):
     return change
 
 
-def event_stream(store, notifier, slug, since, heartbeat_s, retry_ms):
-    """Yield the text/event-stream of `slug`: each newer version as one `change` event."""
+def event_stream(store, notifier, slug, since, retry_ms):
+    """Yield the text/event-stream of `slug`: each newer version as one `change` event.
+
+    The notifier wakes every subscription once per heartbeat interval; a wake
+    with nothing new sends a heartbeat comment, so proxies keep the stream.
+    """
     yield f"retry: {retry_ms}\n\n".encode()
     with notifier.subscribe(slug) as subscription:
         change = store.changes(slug, since)
@@ -39,6 +43,7 @@ def event_stream(store, notifier, slug, since, heartbeat_s, retry_ms):
             if change is not None and change.version > sent:
                 yield change.event
                 sent = change.version
-            if not subscription.wait(heartbeat_s):
-                yield HEARTBEAT  # keeps proxies from closing an idle stream
+            subscription.wait()
             change = subscription.latest
+            if (change is None or change.version <= sent) and not notifier.closed:
+                yield HEARTBEAT

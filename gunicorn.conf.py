@@ -4,6 +4,7 @@ Each setting can be overridden from the environment (GUNICORN_CMD_ARGS, or
 the variables read below) without editing this file.
 """
 
+import gc
 import multiprocessing
 import os
 import signal
@@ -48,7 +49,14 @@ control_socket_disable = True
 
 
 def post_worker_init(worker):
-    """On SIGTERM, end every stream and long-poll of this worker so clients reconnect elsewhere."""
+    """Tune the garbage collector; on SIGTERM, end every stream and long-poll so clients reconnect elsewhere."""
+    # Thousands of open streams are thousands of live objects: a full
+    # collection walking them all stalls every stream of the worker. Freeze
+    # what start-up made and collect less often (bench/README.md: SSE p99
+    # 55-61 ms -> 46-50 ms with 1,000 subscribers).
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 20)
+
     notifier = getattr(worker.wsgi, "extensions", {}).get("changefeed.notifier")
     if notifier is None:  # another app served with this file, such as the bench's baseline
         return

@@ -28,8 +28,8 @@ class Subscription:
             self.latest = change
             self._woken.set()
 
-    def wait(self, timeout):
-        """Wait until a delivery (or close); return False when `timeout` ran out first."""
+    def wait(self, timeout=None):
+        """Wait until a delivery, a heartbeat tick or close; return False when `timeout` ran out first."""
         woken = self._woken.wait(timeout)
         self._woken.clear()
         return woken
@@ -41,8 +41,9 @@ class Subscription:
 class Notifier:
     """The subscriptions of one process, by slug."""
 
-    def __init__(self):
+    def __init__(self, heartbeat_s=15.0):
         self._subscriptions = {}  # slug -> set of Subscription
+        self.heartbeat_s = heartbeat_s
         self.closed = False
 
     @contextmanager
@@ -78,12 +79,16 @@ class Notifier:
     def start(self):
         """Begin learning of saves (a no-op here; subclasses start their watcher)."""
 
-    def close(self):
-        """End every wait at once, as on SIGTERM, so clients reconnect elsewhere."""
-        self.closed = True
+    def wake_all(self):
+        """Wake every subscription: for a heartbeat tick, or to end them all."""
         for subscribers in list(self._subscriptions.values()):
             for subscription in list(subscribers):
                 subscription.wake()
+
+    def close(self):
+        """End every wait at once, as on SIGTERM, so clients reconnect elsewhere."""
+        self.closed = True
+        self.wake_all()
 
 
 class SQLiteNotifier(Notifier):
@@ -92,11 +97,13 @@ class SQLiteNotifier(Notifier):
     One watcher per process (a thread, or a greenlet under gevent) asks the
     database every `interval` whether anything was committed; only when it was
     does it read which pages, and only for pages someone here waits on does it
-    read the page itself, once, for all of their subscribers.
+    read the page itself, once, for all of their subscribers. It also wakes
+    every subscription once per heartbeat interval: one timer for the
+    process instead of one per open stream.
     """
 
-    def __init__(self, store, interval_s=0.01):
-        super().__init__()
+    def __init__(self, store, interval_s=0.01, heartbeat_s=15.0):
+        super().__init__(heartbeat_s)
         self._store = store
         self._interval = interval_s
         self._lock = threading.Lock()
@@ -110,9 +117,13 @@ class SQLiteNotifier(Notifier):
 
     def _watch(self):
         cursor = self._store.watch()
+        next_beat = time.monotonic() + self.heartbeat_s
         try:
             while not self.closed:
                 time.sleep(self._interval)
+                if time.monotonic() >= next_beat:
+                    next_beat += self.heartbeat_s
+                    self.wake_all()
                 try:
                     saved = cursor.saved()
                     for slug, _version in saved:

@@ -34,7 +34,7 @@ def test_quick_bench_runs_every_scenario(tmp_path):
     assert set(report["runs"]) == {"poll", "saves", "propagation", "capacity", "many"}
     assert summary["unchanged_rps"] > 0 and summary["unchanged_errors"] == 0
     assert summary["saves_failed"] == 0 and summary["saves_unaccounted"] == 0 and summary["saves_exact"] is True
-    for transport in ("sse", "longpoll", "poll"):
+    for transport in ("sse", "longpoll", "poll", "longpoll100"):
         assert summary[f"{transport}_missed"] == 0 and summary[f"{transport}_failed"] == 0
     assert summary["capacity_dropped"] == 0
     assert (tmp_path / "propagation.png").stat().st_size > 10_000

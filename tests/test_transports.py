@@ -6,11 +6,11 @@ anything with: a wake-up then can only come from each worker's watcher.
 """
 
 import queue
-import re
 import signal
 import threading
 import time
 
+import psutil
 import pytest
 import requests
 
@@ -156,11 +156,22 @@ def test_event_stream_survives_a_bad_save_elsewhere(server, open_stream):
     assert (event["id"], event["data"]["html"]) == ("1", "good")
 
 
+def streams_per_worker(server):
+    """How many client connections each gunicorn worker holds open right now."""
+    workers = psutil.Process(server.process.pid).children()
+    return [sum(c.status == psutil.CONN_ESTABLISHED for c in w.net_connections("tcp")) for w in workers]
+
+
 def test_every_subscriber_on_every_worker_sees_every_save(make_server, open_stream):
-    server = make_server(workers=2, args=["--access-logfile", "-", "--access-logformat", "%(p)s %(r)s"])
-    streams = [open_stream(f"{server.url}/events?slug=fan") for _ in range(24)]
-    for stream in streams:
-        stream.next()  # retry: the stream is open and subscribed
+    server = make_server(workers=2)
+    streams = []
+    # Which worker accepts a connection is the kernel's choice: open streams until both hold some.
+    while len(streams) < 24 or min(streams_per_worker(server)) == 0:
+        assert len(streams) < 400, f"the streams all went to one worker: {streams_per_worker(server)}"
+        batch = [open_stream(f"{server.url}/events?slug=fan") for _ in range(8)]
+        for stream in batch:
+            stream.next()  # retry: the stream is open and subscribed
+        streams += batch
     pollers = [start_long_poll(server, "fan", 0, wait=20) for _ in range(8)]
     time.sleep(0.3)
     for n in range(1, 4):
@@ -169,10 +180,6 @@ def test_every_subscriber_on_every_worker_sees_every_save(make_server, open_stre
     for stream in streams:
         assert [stream.next()["id"] for _ in range(3)] == ["1", "2", "3"]
     assert all(poll()["answer"]["changed"] for poll in pollers)
-    server.stop()  # ends the streams, so the access log lists them with the pid of their worker
-    log = server.log()
-    for request in ("GET /events", "GET /changes?slug=fan"):
-        assert len(set(re.findall(rf"<(\d+)> {re.escape(request)}", log))) == 2, log
 
 
 def test_sigterm_ends_open_streams_at_once(server, open_stream):
