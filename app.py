@@ -110,14 +110,15 @@ def create_app(test_config=None):
         changed = change.version > since
         etag = f"{change.version}.{int(changed)}.{change.updated_at or ''}"
         headers = [("ETag", f'"{etag}"'), *CHANGES_HEADERS]
-        if_none_match = request.headers.get("If-None-Match")
+        if_none_match = request.environ.get("HTTP_IF_NONE_MATCH")
+        # A browser sends back exactly the tag it got: compare that first, parse only otherwise.
         if if_none_match and (if_none_match == headers[0][1] or request.if_none_match.contains(etag)):
             return Response(status=304, headers=headers)
         if changed:
             body = change.answer
         else:
             body = f'{{"changed":false,"version":{change.version}}}'
-        return Response(body, mimetype="application/json", headers=headers)
+        return Response(body, content_type="application/json", headers=headers)
 
     @app.get("/events")
     def events():
