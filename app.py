@@ -82,6 +82,7 @@ def create_app(test_config=None):
         The view only reads the answer.
         """
         return changes_schema.load(request.args)
+
     errors.register(app)
 
     @app.post("/save")
@@ -125,9 +126,9 @@ def create_app(test_config=None):
         """Stream each new version of a page as a Server-Sent Event, from `since` on."""
         query = events_schema.load(request.args)
         since = query["since"]
-        if "Last-Event-ID" in request.headers:  # a reconnecting EventSource resumes where it was
-            since = last_event_id_schema.load({"Last-Event-ID": request.headers["Last-Event-ID"]})[
-                "last_event_id"]
+        last_event_id = request.headers.get("Last-Event-ID")
+        if last_event_id is not None:  # a reconnecting EventSource resumes where it was
+            since = last_event_id_schema.load({"Last-Event-ID": last_event_id})["last_event_id"]
         stream = event_stream(store, notifier, query["slug"], since, app.config["CHANGEFEED_SSE_RETRY_MS"])
         # The stream yields bytes ready to send: no need for werkzeug to re-encode each one.
         return Response(stream, mimetype="text/event-stream", headers=EVENTS_HEADERS, direct_passthrough=True)

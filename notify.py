@@ -73,9 +73,6 @@ class Notifier:
         for subscription in list(self._subscriptions.get(slug, ())):
             subscription.deliver(change)
 
-    def subscriber_count(self):
-        return sum(len(s) for s in self._subscriptions.values())
-
     def start(self):
         """Begin learning of saves (a no-op here; subclasses start their watcher)."""
 
