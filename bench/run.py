@@ -354,12 +354,14 @@ def print_table(summary):
                  ("", "missed / failed subscribers", (f"{t}_missed", f"{t}_failed")),
                  ("", "server CPU % idle / load", (f"{t}_idle_server_cpu_pct", f"{t}_load_server_cpu_pct")),
                  ("", "server requests/s idle / load", (f"{t}_idle_rps", f"{t}_load_rps")),
-                 ("", "load generator CPU %", f"{t}_loadgen_cpu_pct")]
+                 ("", "load generator CPU %", f"{t}_loadgen_cpu_pct"),
+                 ("", "connections per worker", f"{t}_spread")]
     rows += [("capacity (SSE)", "streams", "capacity_streams"),
              ("", "one save reaches all: p50 / p99 / max ms",
               ("capacity_p50_ms", "capacity_p99_ms", "capacity_max_ms")),
              ("", "server KiB per open stream", "capacity_kib_per_stream"),
              ("", "dropped streams", "capacity_dropped"),
+             ("", "streams per worker", "capacity_spread"),
              ("many slugs", "CPU ms per save, 100 slugs / 10,000", ("many_slugs_cpu_ms_per_save_100",
                                                                     "many_slugs_cpu_ms_per_save_n")),
              ("", "ratio", "many_slugs_cost_ratio"),
