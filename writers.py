@@ -26,22 +26,22 @@ class GroupCommit:
     MAX_BATCH = 200  # bounds one transaction's size and the wait of the saves in it
 
     def __init__(self, save_batch):
+        import gevent
+        from gevent.event import AsyncResult
         from gevent.threadpool import ThreadPool
 
+        self._spawn, self._result = gevent.spawn, AsyncResult  # imported once, not per save
         self._save_batch = save_batch
         self._thread = ThreadPool(1)
         self._waiting = []  # [(item, AsyncResult)] not yet taken by a commit
         self._committing = False
 
     def save(self, item):
-        import gevent
-        from gevent.event import AsyncResult
-
-        result = AsyncResult()
+        result = self._result()
         self._waiting.append((item, result))
         if not self._committing:
             self._committing = True
-            gevent.spawn(self._commit_while_waiting)
+            self._spawn(self._commit_while_waiting)
         return result.get()  # raises the save's own exception, e.g. Conflict
 
     def _commit_while_waiting(self):
