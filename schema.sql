@@ -16,3 +16,23 @@ CREATE TABLE page_versions (
 -- Lets each server process find the pages saved since it last looked
 -- without scanning every page.
 CREATE INDEX page_versions_seq ON page_versions (seq);
+
+-- The database's identity, sent with every answer: a client whose `since`
+-- belongs to another epoch (a new or restored database) starts over from 0.
+-- One row; `python migrate.py --new-epoch` replaces it after a restore.
+CREATE TABLE epoch (
+    value TEXT NOT NULL  -- 16 lower-case hex digits
+);
+INSERT INTO epoch (value) VALUES (lower(hex(randomblob(8))));
+
+-- Idempotency-Key of each successful save, kept for a while, so a retried
+-- request gets the first answer instead of creating a second version.
+CREATE TABLE idempotency_keys (
+    key         TEXT PRIMARY KEY NOT NULL,
+    fingerprint TEXT NOT NULL,  -- sha256 of the request: a key reused for another request is refused
+    slug        TEXT NOT NULL,
+    version     INTEGER NOT NULL,
+    updated_at  TEXT NOT NULL,
+    created_at  REAL NOT NULL   -- unix time; keys older than the window are deleted
+);
+CREATE INDEX idempotency_keys_created_at ON idempotency_keys (created_at);

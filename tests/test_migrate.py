@@ -93,7 +93,7 @@ def test_upgrade_from_version_1_matches_a_fresh_database_and_keeps_pages(tmp_pat
                      [("a", 3), ("b", 1)])
     conn.commit()
     conn.close()
-    assert "upgraded from schema version 1 to 2" in run_migrate(old)
+    assert f"upgraded from schema version 1 to {migrate.LATEST}" in run_migrate(old)
     migrate.migrate(fresh)
     assert shape(old) == shape(fresh)
     rows = sqlite3.connect(old).execute("SELECT slug, version, seq FROM page_versions ORDER BY slug").fetchall()
