@@ -13,6 +13,8 @@ MAX_INTEGER = 2**63 - 1  # SQLite's and PostgreSQL's largest INTEGER/BIGINT
 MAX_WAIT_S = 60
 TRANSPORTS = ("poll", "longpoll", "sse")
 SLUG = re.compile(r"[A-Za-z0-9-]{1,120}")
+EPOCH = re.compile(r"[A-Za-z0-9_-]{1,64}")
+IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")  # printable ASCII, no spaces
 
 
 def validate_slug(value):
@@ -51,7 +53,8 @@ class Count(fields.Field):
     }
 
     def _deserialize(self, value, attr, data, **kwargs):
-        if isinstance(value, str) and value.isascii() and value.isdigit():
+        # Length first: int() of thousands of digits is refused by Python itself (a 500).
+        if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 19:
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_INTEGER:
             raise self.make_error("invalid")
@@ -110,6 +113,8 @@ class ChangesQuerySchema(Schema):
 
     slug = Slug(required=True)
     since = Count(load_default=0)
+    epoch = fields.String(load_default=None, validate=validate.Regexp(
+        EPOCH, error="Must be the epoch of an earlier answer (letters, digits, - and _)."))
     wait = Count(load_default=0, validate=validate.Range(
         max=MAX_WAIT_S, error=f"Must be a whole number of seconds from 0 to {MAX_WAIT_S}."))
 
@@ -122,12 +127,47 @@ class EventsQuerySchema(Schema):
 
     slug = Slug(required=True)
     since = Count(load_default=0)
+    epoch = fields.String(load_default=None, validate=validate.Regexp(
+        EPOCH, error="Must be the epoch of an earlier answer (letters, digits, - and _)."))
+
+
+class LastEventId(fields.Field):
+    """The id of the last event a reconnecting EventSource got: `<epoch>:<version>`, or a bare version."""
+
+    default_error_messages = {
+        "invalid": "Must be the id of an event of this stream: <epoch>:<version>, or a version alone.",
+    }
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        epoch, _, version = value.rpartition(":") if isinstance(value, str) else ("", "", value)
+        if epoch and not EPOCH.fullmatch(epoch):
+            raise self.make_error("invalid")
+        try:
+            return {"epoch": epoch or None, "since": Count()._deserialize(version, attr, data)}
+        except ValidationError:
+            raise self.make_error("invalid") from None
 
 
 class LastEventIdSchema(Schema):
-    """The Last-Event-ID header a reconnecting EventSource sends: the last version it got."""
+    """The Last-Event-ID header a reconnecting EventSource sends."""
 
-    last_event_id = Count(data_key="Last-Event-ID", load_default=None)
+    last_event_id = LastEventId(data_key="Last-Event-ID", load_default=None)
+
+
+class IdempotencyKeySchema(Schema):
+    """The Idempotency-Key header of POST /save: a client-chosen unique key, quoted or not."""
+
+    key = fields.String(data_key="Idempotency-Key", load_default=None, validate=validate.Regexp(
+        IDEMPOTENCY_KEY, error="Must be 1 to 255 printable ASCII characters without spaces, "
+                               'unique per save, e.g. a UUID ("8e03978e-40d5-43e8-bc93-6894a57f9324").'))
+
+    @pre_load
+    def unquote(self, headers, **kwargs):
+        """Accept the draft's structured-field string ("...") as well as a bare token."""
+        key = headers.get("Idempotency-Key")
+        if key is not None and len(key) >= 2 and key[0] == key[-1] == '"':
+            return {"Idempotency-Key": key[1:-1]}
+        return headers
 
 
 class PageQuerySchema(Schema):
