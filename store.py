@@ -2,29 +2,74 @@
 
 Views talk to a store through two calls, `save` and `changes`, and never build
 SQL; a PostgreSQL store is a second implementation of the same contract.
+
+A save ends in exactly one of: `Saved` (on disk), `Conflict`, `KeyReused` or
+`NotStored` (certainly not written; `Busy` is one kind), or `OutcomeUnknown`
+(it may or may not have been written: a retry with the same Idempotency-Key
+settles it). writers.py keeps that promise for grouped saves.
 """
 
 import fcntl
+import hashlib
 import json
 import os
 import sqlite3
-from contextlib import contextmanager
+import time
+import weakref
 from dataclasses import dataclass
-from functools import cached_property
-from urllib.parse import quote
 from datetime import datetime, timezone
+from functools import cached_property
+from typing import NamedTuple
+from urllib.parse import quote
 
 import migrate
-from writers import DirectWriter
+from migrate import SchemaTooNew
+
+try:  # the commit thread waits for its turn with a real sleep, even where gevent patched time
+    from gevent.monkey import get_original
+
+    _sleep = get_original("time", "sleep")
+except ImportError:  # pragma: no cover - gevent is a dependency; the store does not need it
+    _sleep = time.sleep
+
+TURN_POLL_S = 0.0005  # how often a writer waiting for its turn looks again
+
+# SQLite result codes (https://sqlite.org/rescode.html) that say a failed
+# statement wrote nothing: a COMMIT failing with one of them did not land.
+# Any other failure of a COMMIT (an fsync error, say) may still land.
+SQLITE_BUSY, SQLITE_LOCKED, SQLITE_READONLY, SQLITE_FULL, SQLITE_CANTOPEN = 5, 6, 8, 13, 14
+SQLITE_IOERR_WRITE = 778
+NOT_WRITTEN = {SQLITE_BUSY, SQLITE_LOCKED, SQLITE_READONLY, SQLITE_FULL, SQLITE_CANTOPEN}
+REASONS = {
+    SQLITE_FULL: "the disk holding the database is full",
+    SQLITE_READONLY: "the database is read-only",
+    SQLITE_CANTOPEN: "the database file cannot be opened",
+}
 
 
 @dataclass(frozen=True)
 class Saved:
-    """What a save answers: the version it created and when."""
+    """What a save answers: the version it created and when (`replayed`: by an earlier request)."""
 
     slug: str
     version: int
     updated_at: str
+    replayed: bool = False
+
+
+class SaveRequest(NamedTuple):
+    """One save as the store applies it; `key` is its Idempotency-Key, if any."""
+
+    slug: str
+    html: str
+    data: str  # JSON text
+    base_version: int | None = None
+    key: str | None = None
+
+    def fingerprint(self):
+        """Identify the request a key was first used for, to refuse the key for another."""
+        text = json.dumps([self.slug, self.html, self.data, self.base_version], separators=(",", ":"))
+        return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -32,9 +77,10 @@ class Change:
     """The state of a page as seen by a client that knows version `since`.
 
     `html` and `data` are filled only when `version > since`, so an unchanged
-    poll never reads the page body.
+    poll never reads the page body. `epoch` is the database's identity.
     """
 
+    epoch: str
     version: int
     updated_at: str | None = None
     html: str | None = None
@@ -47,12 +93,22 @@ class Change:
         `data` is already compact JSON as stored, so it goes in as it is.
         """
         return (f'{{"changed":true,"version":{self.version},"html":{json.dumps(self.html)},'
-                f'"data":{self.data},"updated_at":"{self.updated_at}"}}')
+                f'"data":{self.data},"updated_at":"{self.updated_at}","epoch":"{self.epoch}"}}')
+
+    @property
+    def unchanged(self):
+        """The JSON text of an unchanged answer: only the version there is."""
+        return f'{{"changed":false,"version":{self.version},"epoch":"{self.epoch}"}}'
 
     @cached_property
     def event(self):
-        """This version as one Server-Sent Event, encoded once for every stream it goes to."""
-        return f"id: {self.version}\nevent: change\ndata: {self.answer}\n\n".encode()
+        """This version as one Server-Sent Event, encoded once for every stream it goes to.
+
+        Its data is the changed answer, or the unchanged one for a page that a
+        new database (epoch) does not hold: the client then starts over at 0.
+        """
+        data = self.unchanged if self.html is None else self.answer
+        return f"id: {self.epoch}:{self.version}\nevent: change\ndata: {data}\n\n".encode()
 
 
 class Conflict(Exception):
@@ -63,8 +119,28 @@ class Conflict(Exception):
         self.version = version
 
 
-class Busy(Exception):
-    """Another writer held the database longer than the busy timeout."""
+class KeyReused(Exception):
+    """An Idempotency-Key came back with a different request than the one it was first used for."""
+
+
+class NotStored(Exception):
+    """The save was certainly not written; `reason` says why, in words for the client."""
+
+    def __init__(self, reason):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Busy(NotStored):
+    """Other saves held the database past this one's busy timeout; it was not written."""
+
+
+class OutcomeUnknown(Exception):
+    """The save may or may not have been written; nobody can tell from here."""
+
+
+class Unavailable(Exception):
+    """The database cannot be read right now."""
 
 
 class SchemaOutOfDate(RuntimeError):
@@ -77,107 +153,272 @@ def utc_now():
     return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
 
 
+def _code(exc):
+    """The primary SQLite result code of an error (0 when it carries none)."""
+    return getattr(exc, "sqlite_errorcode", 0) & 0xFF
+
+
+def _reason(exc):
+    """Say in words what a database error means for a save."""
+    return f"{REASONS.get(_code(exc), 'the database failed')} ({exc})"
+
+
+class _Connection(sqlite3.Connection):
+    """A connection that remembers which opening of the database file it belongs to."""
+
+    generation = 0
+
+
+_per_process = weakref.WeakSet()  # objects holding resources of the process that made them
+_inherited = []  # connections a forked child must neither use nor close
+
+
+def after_fork_in_child(obj):
+    """Have `obj._forget_parent()` called in every child forked from now on (gunicorn --preload)."""
+    _per_process.add(obj)
+
+
+def _forget_parents():
+    for obj in list(_per_process):
+        obj._forget_parent()
+
+
+os.register_at_fork(after_in_child=_forget_parents)
+
+
 class SQLiteStore:
     """Pages in one SQLite file, shared safely by many threads and processes.
 
     Every save runs inside a `BEGIN IMMEDIATE` transaction (under gevent
-    several waiting saves share one: writers.py): SQLite lets one writer at a
-    time take it, so concurrent saves queue for the write lock (up to the busy
-    timeout) instead of reading the same version and losing an update. Reads
-    run in autocommit mode on WAL, so they never wait for a writer.
+    several waiting saves share one: writers.py), each in a savepoint of its
+    own so that one failing save does not fail the others. SQLite lets one
+    writer at a time take it, so concurrent saves queue for the write lock
+    (up to the busy timeout) instead of reading the same version and losing
+    an update. Reads run in autocommit mode on WAL, so they never wait for a
+    writer.
 
     Before that, the processes of one server take turns with an flock on
-    `<database>.write-turn`: SQLite's own busy wait sleeps 1, 2, 5 ms... and
-    retries, while a process blocked in flock is woken the moment the lock is
-    free (bench/README.md: 1.3x the saves/s and a 10x shorter p99). Correctness
-    never depends on it: any writer that skips it still meets SQLite's lock.
+    `<database>.write-turn`, looked at every half millisecond: SQLite's own
+    busy wait sleeps 1, 2, 5 ms... and retries (bench/README.md: 1.3x the
+    saves/s and a 10x shorter p99). Correctness never depends on it: any
+    writer that skips it still meets SQLite's lock.
+
+    Connections, the turn's file and the writer belong to one process: a
+    child forked after the store was made (gunicorn --preload) opens its own.
+    When the file vanishes or is replaced, saves are refused until it is
+    back, and the pool then starts over on whatever file is at the path.
     """
 
-    def __init__(self, path, synchronous="FULL", busy_timeout_ms=10_000, writer=DirectWriter):
+    def __init__(self, path, synchronous="FULL", busy_timeout_ms=10_000, writer=None,
+                 idempotency_ttl_s=86_400):
         self.path = path
         self._synchronous = synchronous
         self._busy_timeout = busy_timeout_ms / 1000
+        self._key_ttl = idempotency_ttl_s
+        self._writer_class = writer  # None: the best one for the process that first saves
+        self._writer = None
+        self._turn_fd = None
         self._idle = []  # connections not in use; list.pop/append are atomic
-        # How saves reach save_batch: one by one, or grouped (writers.py).
-        self._writer = writer(self.save_batch)
+        self.generation = 0  # bumped when the file at `path` is another one: pooled connections go
+        self._identity = self._file_identity()
+        self.epoch = self._open_check()
+        after_fork_in_child(self)
+
+    def _open_check(self):
+        """Refuse a database this code cannot use; return its epoch."""
         with self._connection() as conn:
             found = migrate.schema_version(conn)
-        if found < migrate.LATEST:
-            raise SchemaOutOfDate(
-                f"database {path} is at schema version {found}, this code needs "
-                f"{migrate.LATEST}: run `python migrate.py` (with the same CHANGEFEED_DB)"
-            )
-        self._turn_fd = os.open(f"{path}.write-turn", os.O_RDWR | os.O_CREAT, 0o600)
+            if found > migrate.LATEST:
+                raise SchemaTooNew(migrate.too_new_message(self.path, found))
+            if found < migrate.LATEST:
+                raise SchemaOutOfDate(
+                    f"database {self.path} is at schema version {found}, this code needs "
+                    f"{migrate.LATEST}: run `python migrate.py` (with the same CHANGEFEED_DB)"
+                )
+            return conn.execute("SELECT value FROM epoch").fetchone()[0]
+
+    def _file_identity(self):
+        try:
+            stat = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return stat.st_dev, stat.st_ino
 
     def _connect(self):
         uri = f"file:{quote(self.path)}?mode=rw"  # never create a file migrate.py has not set up
         try:
-            conn = sqlite3.connect(uri, uri=True, timeout=self._busy_timeout,
+            conn = sqlite3.connect(uri, uri=True, timeout=self._busy_timeout, factory=_Connection,
                                    isolation_level=None, check_same_thread=False)
         except sqlite3.OperationalError as exc:
             raise SchemaOutOfDate(
                 f"cannot open database {self.path} ({exc}): run `python migrate.py` "
                 "(with the same CHANGEFEED_DB)"
             ) from None
+        conn.generation = self.generation
         conn.execute(f"PRAGMA synchronous={self._synchronous}")
         return conn
 
-    @contextmanager
-    def _write_turn(self):
-        """Wait for this process's turn to write, woken at once when the last writer is done."""
-        fcntl.flock(self._turn_fd, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(self._turn_fd, fcntl.LOCK_UN)
+    def _forget_parent(self):
+        """In a forked child: leave the parent's connections and files alone, open our own."""
+        _inherited.extend(self._idle)
+        self._idle = []
+        self._turn_fd = None
+        self._writer = None
+
+    def check_file(self):
+        """Notice a database file that vanished or was replaced; return what is wrong, or None.
+
+        Called by each save and by the watcher's every tick: one stat().
+        """
+        identity = self._file_identity()
+        if identity is None:
+            return (f"the database file {self.path} is missing; restore it "
+                    "(or run `python migrate.py` for a new one) and the service resumes by itself")
+        if identity != self._identity:
+            self.generation += 1  # pooled connections of the old file are closed as they come back
+            self._identity = identity
+            try:
+                self.epoch = self._open_check()
+            except (RuntimeError, sqlite3.Error) as exc:
+                self._identity = None  # look again next time
+                return f"the database file {self.path} was replaced by one that cannot be used: {exc}"
+        return None
 
     def _borrow(self):
-        """Take a pooled connection (or open one); give it back with self._idle.append."""
+        """Take a pooled connection (or open one); give it back with _give_back."""
         try:
             return self._idle.pop()
         except IndexError:
             return self._connect()
 
-    @contextmanager
+    def _give_back(self, conn, healthy=True):
+        """Pool a connection again, or close it when it failed or belongs to a replaced file."""
+        if healthy and conn.generation == self.generation:
+            self._idle.append(conn)
+        else:
+            conn.close()
+
     def _connection(self):
         """Lend a pooled connection for one `with` block."""
-        conn = self._borrow()
-        try:
-            yield conn
-        finally:
-            self._idle.append(conn)
+        return _Lent(self)
 
-    def save(self, slug, html, data, base_version=None):
-        """Store a new version of `slug`, one more than the last; raise Conflict on a stale base."""
-        return self._writer.save((slug, html, data, base_version))
+    def save(self, slug, html, data, base_version=None, key=None):
+        """Store a new version of `slug`, one more than the last, or raise what became of it."""
+        writer = self._writer or self._choose_writer()
+        deadline = time.monotonic() + self._busy_timeout
+        return writer.save(SaveRequest(slug, html, data, base_version, key), deadline)
 
-    def save_batch(self, items):
-        """Apply saves [(slug, html, data, base_version)] in one transaction, one fsync for all.
+    def _choose_writer(self):
+        """Pick how saves reach save_batch in this process: after fork, after gevent patched it."""
+        import writers
 
-        Returns, for each item, its Saved or the Conflict that refused it;
-        raises (and writes nothing) when the transaction itself fails.
+        self._writer = (self._writer_class or writers.for_this_process())(self.save_batch)
+        return self._writer
+
+    def _take_turn(self, deadline):
+        """Wait for this process's turn to write, until `deadline`; say whether it came."""
+        if self._turn_fd is None:
+            self._turn_fd = os.open(f"{self.path}.write-turn", os.O_RDWR | os.O_CREAT, 0o600)
+        while True:
+            try:
+                fcntl.flock(self._turn_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    return False
+                _sleep(TURN_POLL_S)
+
+    def save_batch(self, items, deadline):
+        """Apply saves [SaveRequest] in one transaction, one fsync for all, before `deadline`.
+
+        Returns each item's outcome: a Saved, or the exception saying what
+        became of it (Conflict, KeyReused, NotStored, Busy, OutcomeUnknown).
+        Never raises for a database error: each caller gets its own answer.
         """
-        with self._connection() as conn, self._write_turn():
+        problem = self.check_file()
+        if problem:
+            return [NotStored(problem) for _ in items]
+        try:
+            conn = self._borrow()
+        except (sqlite3.Error, RuntimeError) as exc:
+            return [NotStored(f"the database cannot be opened ({exc})") for _ in items]
+        healthy = False
+        try:
+            if not self._take_turn(deadline):
+                return [Busy("other saves held the write turn past the busy timeout") for _ in items]
             try:
-                conn.execute("BEGIN IMMEDIATE")
-            except sqlite3.OperationalError as exc:
-                raise Busy(str(exc)) from None
-            try:
-                outcomes = [self._apply(conn, *item) for item in items]
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
+                outcomes, healthy = self._transaction(conn, items, deadline)
+            finally:
+                fcntl.flock(self._turn_fd, fcntl.LOCK_UN)
+        finally:
+            self._give_back(conn, healthy)
         return outcomes
 
-    @staticmethod
-    def _apply(conn, slug, html, data, base_version):
+    def _transaction(self, conn, items, deadline):
+        """Run the batch's transaction; return (outcomes, whether the connection is still sound)."""
+        remaining_ms = int((deadline - time.monotonic()) * 1000)
+        if remaining_ms <= 0:
+            return [Busy("it waited its whole busy timeout for its turn") for _ in items], True
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {remaining_ms}")
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            if _code(exc) in (SQLITE_BUSY, SQLITE_LOCKED):
+                return [Busy(f"another writer held the database ({exc})") for _ in items], True
+            return [NotStored(_reason(exc)) for _ in items], False
+        try:
+            try:
+                outcomes = self._apply_all(conn, items)
+            except sqlite3.Error as exc:  # SQLite gave up the whole transaction (disk full, I/O error)
+                self._roll_back(conn)
+                return [NotStored(_reason(exc)) for _ in items], False
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._roll_back(conn)
+            if _code(exc) in NOT_WRITTEN or getattr(exc, "sqlite_errorcode", 0) == SQLITE_IOERR_WRITE:
+                failed = NotStored(_reason(exc))
+            else:  # e.g. an fsync that failed: the commit may still be on disk
+                failed = OutcomeUnknown(f"the commit failed: {exc}")
+            return [_unless_settled(outcome, failed) for outcome in outcomes], False
+        except BaseException:
+            self._roll_back(conn)
+            raise
+        return outcomes, True
+
+    def _apply_all(self, conn, items):
+        """Apply each item in a savepoint of its own; raise when the whole transaction is lost."""
+        now = time.time()
+        if any(item.key is not None for item in items):
+            conn.execute("DELETE FROM idempotency_keys WHERE created_at <= ?", (now - self._key_ttl,))
+        outcomes = []
+        for item in items:
+            conn.execute("SAVEPOINT item")
+            try:
+                outcomes.append(self._apply(conn, item, now))
+            except sqlite3.Error as exc:
+                if not conn.in_transaction:
+                    raise
+                conn.execute("ROLLBACK TO item")
+                outcomes.append(NotStored(_reason(exc)))
+            conn.execute("RELEASE item")
+        return outcomes
+
+    def _apply(self, conn, item, now):
         """Upsert one save inside the caller's transaction; a stale base writes nothing."""
-        if base_version is not None:
-            row = conn.execute("SELECT version FROM page_versions WHERE slug = ?", (slug,)).fetchone()
+        if item.key is not None:
+            fingerprint = item.fingerprint()
+            row = conn.execute(
+                "SELECT fingerprint, slug, version, updated_at FROM idempotency_keys"
+                " WHERE key = ? AND created_at > ?", (item.key, now - self._key_ttl),
+            ).fetchone()
+            if row is not None:
+                if row[0] != fingerprint:
+                    return KeyReused(item.key)
+                return Saved(row[1], row[2], row[3], replayed=True)
+        if item.base_version is not None:
+            row = conn.execute("SELECT version FROM page_versions WHERE slug = ?", (item.slug,)).fetchone()
             current = row[0] if row else 0
-            if current != base_version:
+            if current != item.base_version:
                 return Conflict(current)
         updated_at = utc_now()
         (version,) = conn.execute(
@@ -187,9 +428,20 @@ class SQLiteStore:
             " data = excluded.data, version = page_versions.version + 1,"
             " updated_at = excluded.updated_at, seq = excluded.seq"
             " RETURNING version",
-            (slug, html, data, updated_at),
+            (item.slug, item.html, item.data, updated_at),
         ).fetchone()
-        return Saved(slug, version, updated_at)
+        if item.key is not None:
+            conn.execute("INSERT OR REPLACE INTO idempotency_keys VALUES (?, ?, ?, ?, ?, ?)",
+                         (item.key, fingerprint, item.slug, version, updated_at, now))
+        return Saved(item.slug, version, updated_at)
+
+    @staticmethod
+    def _roll_back(conn):
+        if conn.in_transaction:
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass  # the connection is closed, not pooled, by the caller
 
     def changes(self, slug, since):
         """Return the page's state for a client at version `since`."""
@@ -202,45 +454,73 @@ class SQLiteStore:
                 " FROM page_versions WHERE slug = ?2",
                 (since, slug),
             ).fetchone()
-        finally:
-            self._idle.append(conn)
+        except sqlite3.Error as exc:
+            conn.close()
+            raise Unavailable(str(exc)) from None
+        self._give_back(conn)
         if row is None:
-            return Change(version=0)
-        return Change(*row)
+            return Change(self.epoch, 0)
+        return Change(self.epoch, *row)
 
-    def watch(self):
-        """Open a cursor over saves, for the one watcher each server process runs."""
-        return SaveCursor(self._connect())
+    def ping(self):
+        """Read from the database once; raise Unavailable when it cannot be read."""
+        try:
+            with self._connection() as conn:
+                conn.execute("SELECT count(*) FROM epoch").fetchone()
+        except (sqlite3.Error, RuntimeError) as exc:
+            raise Unavailable(str(exc)) from None
+
+    def watch(self, seq=None):
+        """Open a cursor over saves after `seq` (None: from now), for a process's one watcher."""
+        return SaveCursor(self._connect(), seq)
+
+
+class _Lent:
+    """A pooled connection lent for one `with` block; closed instead of pooled if it failed."""
+
+    def __init__(self, store):
+        self._store = store
+
+    def __enter__(self):
+        self._conn = self._store._borrow()
+        return self._conn
+
+    def __exit__(self, exc_type, exc, tb):
+        self._store._give_back(self._conn, healthy=exc_type is None)
+
+
+def _unless_settled(outcome, failed):
+    """What a failed commit means for one item: only a new version is affected."""
+    if isinstance(outcome, Saved) and not outcome.replayed:
+        return type(failed)(*failed.args)  # each caller gets its own exception object
+    return outcome
 
 
 class SaveCursor:
-    """Which pages were saved since the last look, by any process.
+    """Which pages were saved after a point in the save order, by any process.
 
     `PRAGMA data_version` changes only when another connection commits, and
     reading it touches no table: an idle tick costs one cheap statement
     whatever the number of pages or subscribers.
     """
 
-    def __init__(self, conn):
+    def __init__(self, conn, seq=None):
         self._conn = conn
-        self._data_version = self._read_data_version()
-        (self._seq,) = conn.execute("SELECT coalesce(max(seq), 0) FROM page_versions").fetchone()
+        self._data_version = None  # unknown: the first look reads what is there
+        if seq is None:
+            (seq,) = conn.execute("SELECT coalesce(max(seq), 0) FROM page_versions").fetchone()
+        self.seq = seq  # the starting point
 
-    def _read_data_version(self):
-        return self._conn.execute("PRAGMA data_version").fetchone()[0]
-
-    def saved(self):
-        """Return [(slug, version)] for the pages saved since the last call, oldest first."""
-        data_version = self._read_data_version()
+    def saved_since(self, seq):
+        """Return [(slug, version, seq)] saved after `seq`, oldest first; [] when nothing was committed."""
+        (data_version,) = self._conn.execute("PRAGMA data_version").fetchone()
         if data_version == self._data_version:
             return []
-        self._data_version = data_version
         rows = self._conn.execute(
-            "SELECT slug, version, seq FROM page_versions WHERE seq > ? ORDER BY seq", (self._seq,)
+            "SELECT slug, version, seq FROM page_versions WHERE seq > ? ORDER BY seq", (seq,)
         ).fetchall()
-        if rows:
-            self._seq = rows[-1][2]
-        return [(slug, version) for slug, version, _ in rows]
+        self._data_version = data_version  # only once read: a failed look is repeated
+        return rows
 
     def close(self):
         self._conn.close()

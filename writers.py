@@ -4,10 +4,25 @@ A durable SQLite commit waits for an fsync, and only one writer commits at
 a time, so saves/s is bounded by commits/s. Under gevent, one native thread
 per process commits every save that is waiting in one transaction: one fsync
 acknowledges them all (group commit, as PostgreSQL and most databases do),
-and no greenlet ever blocks the worker on SQLite. A save is still answered
-only after the commit that holds it is on disk, and each keeps its own
-outcome: a stale base_version fails that save alone.
+and no greenlet ever blocks the worker on SQLite.
+
+What a caller is told is what happened to its own save, never a guess:
+`Saved` only once the commit holding it is on disk, `Conflict` or
+`NotStored` (with `Busy`) only when it was certainly not written, and
+`OutcomeUnknown` when that cannot be known (a commit that failed in a way
+that may still land, or a caller that stopped waiting while its commit ran).
+Every save has a deadline (the busy timeout): it ends by then, or soon after
+when its commit had already begun.
 """
+
+import time
+from functools import partial
+
+from store import Busy, NotStored, OutcomeUnknown
+
+# A commit that has begun normally ends in milliseconds; a caller waits this
+# much past its deadline for it before answering that the outcome is unknown.
+COMMIT_GRACE_S = 2.0
 
 
 class DirectWriter:
@@ -16,51 +31,109 @@ class DirectWriter:
     def __init__(self, save_batch):
         self._save_batch = save_batch
 
-    def save(self, item):
-        return _outcome(self._save_batch([item])[0])
+    def save(self, item, deadline):
+        return _outcome(self._save_batch([item], deadline)[0])
+
+
+class _Waiting:
+    """One save waiting for its commit, with the result its caller waits on."""
+
+    __slots__ = ("item", "deadline", "result", "taken")
+
+    def __init__(self, item, deadline, result):
+        self.item, self.deadline, self.result, self.taken = item, deadline, result, False
 
 
 class GroupCommit:
     """Saves from many greenlets, committed together by one native thread per process."""
 
-    MAX_BATCH = 200  # bounds one transaction's size and the wait of the saves in it
+    MAX_BATCH = 200      # bounds one transaction's size and the wait of the saves in it
+    MAX_WAITING = 2_000  # past this many waiting saves, a new one is refused at once (503 busy)
 
     def __init__(self, save_batch):
         import gevent
         from gevent.event import AsyncResult
         from gevent.threadpool import ThreadPool
 
-        self._spawn, self._result = gevent.spawn, AsyncResult  # imported once, not per save
+        # Imported once, not per save.
+        self._spawn, self._result, self._Timeout = gevent.spawn, AsyncResult, gevent.Timeout
         self._save_batch = save_batch
         self._thread = ThreadPool(1)
-        self._waiting = []  # [(item, AsyncResult)] not yet taken by a commit
-        self._committing = False
+        self._waiting = []  # [_Waiting] not yet taken by a commit
+        self._committer = None  # the greenlet feeding the commit thread, while there is work
 
-    def save(self, item):
-        result = self._result()
-        self._waiting.append((item, result))
-        if not self._committing:
-            self._committing = True
-            self._spawn(self._commit_while_waiting)
-        return result.get()  # raises the save's own exception, e.g. Conflict
+    def save(self, item, deadline):
+        if len(self._waiting) >= self.MAX_WAITING:
+            raise Busy(f"{len(self._waiting)} saves are already waiting in this process")
+        waiting = _Waiting(item, deadline, self._result())
+        self._waiting.append(waiting)
+        if self._committer is None:
+            self._committer = self._spawn(self._commit_while_waiting)
+        try:
+            waiting.result.wait(max(0.0, deadline - time.monotonic()) + COMMIT_GRACE_S)
+        except BaseException as exc:  # cut off from outside: a gevent.Timeout, a kill
+            if self._withdraw(waiting) or not isinstance(exc, (self._Timeout, Exception)):
+                raise  # never written (withdrawn), or this greenlet is being killed: let it go
+            if not waiting.result.ready():
+                raise OutcomeUnknown("the request was cut off while its commit was under way") from None
+        if waiting.result.ready():
+            return waiting.result.get()  # raises the save's own exception, e.g. Conflict
+        if self._withdraw(waiting):
+            raise Busy("it waited its whole busy timeout for its turn")
+        raise OutcomeUnknown("its commit did not end within the busy timeout")
+
+    def _withdraw(self, waiting):
+        """Take a save out of the queue if no commit has taken it yet; say whether it was."""
+        if waiting.taken:
+            return False
+        self._waiting.remove(waiting)
+        return True
+
+    def _take_batch(self):
+        """Take up to MAX_BATCH waiting saves; those past their deadline are refused, not written."""
+        batch = self._waiting[:self.MAX_BATCH]
+        del self._waiting[:self.MAX_BATCH]
+        now, live = time.monotonic(), []
+        for waiting in batch:
+            waiting.taken = True
+            if waiting.deadline <= now:
+                waiting.result.set_exception(Busy("it waited its whole busy timeout for its turn"))
+            else:
+                live.append(waiting)
+        return live
 
     def _commit_while_waiting(self):
-        """Commit what is waiting, then what came meanwhile, until nothing waits."""
+        """Commit what is waiting, then what came meanwhile, until nothing waits.
+
+        Outcomes are handed out by a callback of the commit itself, not by
+        this greenlet: were it killed mid-commit, the transaction still ends
+        in its thread and every caller still learns what became of its save.
+        """
         try:
             while self._waiting:
-                batch = self._waiting[:self.MAX_BATCH]
-                del self._waiting[:self.MAX_BATCH]
-                try:
-                    outcomes = self._thread.apply(self._save_batch, ([item for item, _ in batch],))
-                except BaseException as exc:  # the whole transaction failed: every save in it did
-                    outcomes = [exc] * len(batch)
-                for (_, result), outcome in zip(batch, outcomes):
-                    if isinstance(outcome, BaseException):
-                        result.set_exception(outcome)
-                    else:
-                        result.set(outcome)
+                batch = self._take_batch()
+                if not batch:
+                    continue
+                deadline = min(waiting.deadline for waiting in batch)
+                commit = self._thread.spawn(self._save_batch, [waiting.item for waiting in batch], deadline)
+                commit.rawlink(partial(_hand_out, batch))
+                commit.wait()  # one transaction at a time
         finally:
-            self._committing = False
+            self._committer = None
+
+
+def _hand_out(batch, commit):
+    """Give each caller of a finished commit its own outcome (its own exception object, too)."""
+    if commit.successful():
+        outcomes = commit.value
+    else:  # save_batch classifies every database error itself; anything else is a bug
+        exc = commit.exception
+        outcomes = [OutcomeUnknown(f"unexpected {type(exc).__name__}: {exc}") for _ in batch]
+    for waiting, outcome in zip(batch, outcomes):
+        if isinstance(outcome, BaseException):
+            waiting.result.set_exception(outcome)
+        else:
+            waiting.result.set(outcome)
 
 
 def for_this_process():
