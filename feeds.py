@@ -5,6 +5,11 @@ gets the whole newest state when there is a newer one. A slow client may skip
 versions in between; it always ends at the newest, and it never holds up the
 save path or other clients (a delivery only replaces what a subscription
 holds and wakes it).
+
+Neither relies on the notifier alone: each wake-up without news (the
+process's heartbeat tick) makes the request look at the store itself, so a
+wake-up that was missed for any reason costs at most one heartbeat interval,
+never a stream that hears nothing forever.
 """
 
 import time
@@ -13,19 +18,27 @@ HEARTBEAT = b": heartbeat\n\n"
 
 
 def long_poll(store, notifier, slug, since, wait_s):
-    """Return the page's state for `since`, waiting up to `wait_s` for a newer version."""
+    """Return the page's state for `since`, waiting up to `wait_s` for a newer version.
+
+    Ends early, unchanged, when the worker shuts down or the database is
+    replaced (a new epoch: the client starts over).
+    """
     change = store.changes(slug, since)
     if change.version > since or wait_s <= 0:
         return change
+    epoch = change.epoch
     with notifier.subscribe(slug) as subscription:
         change = store.changes(slug, since)  # again: a save may have landed before we subscribed
         deadline = time.monotonic() + wait_s
-        while change.version <= since and not notifier.closed:
+        while change.version <= since and change.epoch == epoch and not notifier.closed:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not subscription.wait(remaining):
                 break
-            if subscription.latest is not None and subscription.latest.version > since:
-                change = subscription.latest
+            latest = subscription.latest
+            if latest is not None and (latest.version > since or latest.epoch != epoch):
+                change = latest
+            else:
+                change = store.changes(slug, since)
     return change
 
 
@@ -33,17 +46,24 @@ def event_stream(store, notifier, slug, since, retry_ms):
     """Yield the text/event-stream of `slug`: each newer version as one `change` event.
 
     The notifier wakes every subscription once per heartbeat interval; a wake
-    with nothing new sends a heartbeat comment, so proxies keep the stream.
+    with nothing new re-reads the store, and sends a heartbeat comment when
+    that has nothing new either, so proxies keep the stream. When the
+    database is replaced (a new epoch) the stream starts over from version 0.
     """
     yield f"retry: {retry_ms}\n\n".encode()
     with notifier.subscribe(slug) as subscription:
         change = store.changes(slug, since)
-        sent = since
+        epoch, sent = change.epoch, since
         while not notifier.closed:
-            if change is not None and change.version > sent:
+            if change.epoch != epoch:
+                epoch, sent = change.epoch, -1  # a new database: whatever it holds is news
+                change = store.changes(slug, 0)
+            if change.version > sent:
                 yield change.event
                 sent = change.version
             subscription.wait()
             change = subscription.latest
-            if (change is None or change.version <= sent) and not notifier.closed:
-                yield HEARTBEAT
+            if change is None or (change.version <= sent and change.epoch == epoch):
+                change = store.changes(slug, max(sent, 0))
+                if change.version <= sent and change.epoch == epoch and not notifier.closed:
+                    yield HEARTBEAT

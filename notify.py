@@ -9,9 +9,12 @@ per subscriber of that page, and nothing for the subscribers of other pages.
 """
 
 import logging
+import sqlite3
 import threading
 import time
 from contextlib import contextmanager
+
+from store import Unavailable, after_fork_in_child
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +27,8 @@ class Subscription:
         self._woken = threading.Event()
 
     def deliver(self, change):
-        if self.latest is None or change.version > self.latest.version:
+        latest = self.latest
+        if latest is None or change.version > latest.version or change.epoch != latest.epoch:
             self.latest = change
             self._woken.set()
 
@@ -97,6 +101,13 @@ class SQLiteNotifier(Notifier):
     read the page itself, once, for all of their subscribers. It also wakes
     every subscription once per heartbeat interval: one timer for the
     process instead of one per open stream.
+
+    Its starting point is taken in start(), by the first request that needs
+    it, before that request reads the store: a save landing in between is
+    after the starting point, so it is delivered. The watcher survives any
+    error: it backs off, reopens its cursor where the last one stopped (so no
+    save in between is skipped), and says what is wrong in `health()` until
+    a look succeeds again.
     """
 
     def __init__(self, store, interval_s=0.01, heartbeat_s=15.0):
@@ -104,30 +115,94 @@ class SQLiteNotifier(Notifier):
         self._store = store
         self._interval = interval_s
         self._lock = threading.Lock()
-        self._watcher = None
+        self._running = False
+        self._cursor = None  # handed from start() to the watcher
+        self._seq = None  # the last save delivered (database-wide seq)
+        self.last_look = None  # monotonic time of the watcher's last successful look
+        self.problem = None  # what the watcher last failed on, while it fails
+        after_fork_in_child(self)
+
+    def _forget_parent(self):
+        self._running, self._cursor, self._seq, self.last_look = False, None, None, None
 
     def start(self):
+        """Take the starting point now, in the caller, then watch in the background."""
+        if self._running:
+            return
         with self._lock:
-            if self._watcher is None and not self.closed:
-                self._watcher = threading.Thread(target=self._watch, name="changefeed-watcher", daemon=True)
-                self._watcher.start()
+            if self._running or self.closed:
+                return
+            try:
+                self._cursor = self._store.watch(self._seq)
+            except (RuntimeError, sqlite3.Error) as exc:
+                self.problem = f"cannot open the database to watch it: {exc}"
+                raise Unavailable(self.problem) from None
+            self._seq = self._cursor.seq
+            self._running = True
+            threading.Thread(target=self._watch, name="changefeed-watcher", daemon=True).start()
+
+    def health(self):
+        """Say what is wrong with this process's watcher, or None when it looked recently."""
+        if self.problem:
+            return self.problem
+        if not self._running:
+            return "the watcher is not running"
+        stale_after = max(2.0, 50 * self._interval)
+        if self.last_look is not None and time.monotonic() - self.last_look > stale_after:
+            return f"the watcher has not looked for saves for over {stale_after:g} s"
+        return None
 
     def _watch(self):
-        cursor = self._store.watch()
+        cursor, self._cursor = self._cursor, None
+        generation = self._store.generation
         next_beat = time.monotonic() + self.heartbeat_s
+        failures = 0
         try:
             while not self.closed:
-                time.sleep(self._interval)
+                time.sleep(min(1.0, self._interval * 2 ** failures))
                 if time.monotonic() >= next_beat:
-                    next_beat += self.heartbeat_s
+                    next_beat = time.monotonic() + self.heartbeat_s
                     self.wake_all()
                 try:
-                    saved = cursor.saved()
-                    for slug, _version in saved:
-                        if self.watched(slug):
-                            self.deliver(slug, self._store.changes(slug, 0))
-                except Exception:
-                    # A failed look is retried on the next tick; a dead watcher would silence every stream.
-                    log.exception("watcher failed to read saves; retrying")
+                    problem = self._store.check_file()
+                    if problem:
+                        raise Unavailable(problem)
+                    if generation != self._store.generation:  # a new file: start over on it
+                        generation = self._store.generation
+                        cursor = _close(cursor)
+                        self._seq = None
+                        self.wake_all()  # every stream looks for itself, and sees the new epoch
+                    if cursor is None:
+                        cursor = self._store.watch(self._seq)  # where the last one stopped
+                        self._seq = cursor.seq
+                    self._deliver_saves(cursor)
+                except Exception as exc:
+                    if not failures:
+                        log.exception("watcher failed; retrying with backoff")
+                    failures += 1
+                    self.problem = f"the watcher failed {failures} time(s) in a row: {exc}"
+                    cursor = _close(cursor)  # the next look starts from self._seq on a fresh cursor
+                else:
+                    if failures:
+                        log.warning("watcher recovered after %d failure(s)", failures)
+                    failures, self.problem, self.last_look = 0, None, time.monotonic()
         finally:
+            _close(cursor)
+            self._running = False
+
+    def _deliver_saves(self, cursor):
+        """Deliver the pages saved since self._seq; move self._seq only past what was delivered."""
+        for slug, _version, seq in cursor.saved_since(self._seq):
+            if self.watched(slug):
+                self.deliver(slug, self._store.changes(slug, 0))
+            self._seq = seq
+
+
+def _close(cursor):
+    """Close a cursor, whatever state it is in; return None."""
+    if cursor is not None:
+        try:
             cursor.close()
+        except Exception:
+            pass
+    return None
