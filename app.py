@@ -5,6 +5,7 @@
                      (with `wait`, held until there is: long-poll)
     GET  /events     the same, pushed as Server-Sent Events
     GET  /           the two-pane demo (editor and viewer)
+    GET  /healthz    the process answers; /readyz: and its database and watcher work
 
 Run it with `python migrate.py && flask run`, or in production with
 `gunicorn -c gunicorn.conf.py 'app:create_app()'`.
@@ -18,13 +19,12 @@ from marshmallow import ValidationError
 
 import errors
 import settings
-import writers
-from errors import ApiError
+from errors import ApiError, ShuttingDown
 from feeds import event_stream, long_poll
 from notify import SQLiteNotifier
-from schemas import (ChangesQuerySchema, EventsQuerySchema, LastEventIdSchema, PageQuerySchema,
-                     SaveFormSchema, SaveSchema, TRANSPORTS, reject_constant)
-from store import SQLiteStore
+from schemas import (ChangesQuerySchema, EventsQuerySchema, IdempotencyKeySchema, LastEventIdSchema,
+                     PageQuerySchema, SaveFormSchema, SaveSchema, TRANSPORTS, reject_constant)
+from store import SQLiteStore, Unavailable
 
 JSON_TYPES = {list: "an array", str: "a string", int: "a number", float: "a number",
               bool: "true or false", type(None): "null"}
@@ -61,7 +61,7 @@ def create_app(test_config=None):
         app.config["CHANGEFEED_DB"],
         synchronous=app.config["CHANGEFEED_SQLITE_SYNCHRONOUS"],
         busy_timeout_ms=app.config["CHANGEFEED_BUSY_TIMEOUT_MS"],
-        writer=writers.for_this_process(),
+        idempotency_ttl_s=app.config["CHANGEFEED_IDEMPOTENCY_TTL_S"],
     )
     notifier = app.extensions["changefeed.notifier"] = SQLiteNotifier(
         store, interval_s=app.config["CHANGEFEED_WATCH_INTERVAL_MS"] / 1000,
@@ -71,6 +71,15 @@ def create_app(test_config=None):
     save_schema, save_form_schema = SaveSchema(**limits), SaveFormSchema(**limits)
     changes_schema, page_schema = ChangesQuerySchema(), PageQuerySchema()
     events_schema, last_event_id_schema = EventsQuerySchema(), LastEventIdSchema()
+    idempotency_key_schema = IdempotencyKeySchema()
+
+    def resume_point(since, epoch):
+        """A `since` of another database (epoch) means nothing here: start over from 0."""
+        return 0 if epoch is not None and epoch != store.epoch else since
+
+    def closing(headers):
+        """Once this worker shuts down, each answer ends its connection, so clients move on."""
+        return [*headers, ("Connection", "close")] if notifier.closed else headers
 
     @lru_cache(maxsize=10_000)
     def load_changes_query(query_string):
@@ -99,39 +108,73 @@ def create_app(test_config=None):
                 f"(application/x-www-form-urlencoded, multipart/form-data), "
                 f"not {request.mimetype or 'without a Content-Type'}.",
             )
-        saved = store.save(item["slug"], item["html"], item["data"], item["base_version"])
-        return {"slug": saved.slug, "version": saved.version, "updated_at": saved.updated_at}
+        key = request.headers.get("Idempotency-Key")
+        if key is not None:
+            key = idempotency_key_schema.load({"Idempotency-Key": key})["key"]
+        saved = store.save(item["slug"], item["html"], item["data"], item["base_version"], key)
+        body = {"slug": saved.slug, "version": saved.version, "updated_at": saved.updated_at,
+                "epoch": store.epoch}
+        return body, closing([("Idempotent-Replayed", "true")] if saved.replayed else [])
 
     @app.get("/changes")
     def changes():
         """Answer whether the page is newer than `since`, and if so with its content."""
         query = load_changes_query(request.query_string)
-        since = query["since"]
+        since = resume_point(query["since"], query["epoch"])
+        if query["wait"] and notifier.closed:
+            raise ShuttingDown()
         change = long_poll(store, notifier, query["slug"], since, query["wait"])
         changed = change.version > since
-        etag = f"{change.version}.{int(changed)}.{change.updated_at or ''}"
-        headers = [("ETag", f'"{etag}"'), *CHANGES_HEADERS]
+        if query["wait"] and notifier.closed and not changed:
+            raise ShuttingDown()  # the wait was cut short: not an answer to re-ask at once
+        etag = f"{change.epoch}.{change.version}.{int(changed)}.{change.updated_at or ''}"
+        headers = closing([("ETag", f'"{etag}"'), *CHANGES_HEADERS])
         if_none_match = request.environ.get("HTTP_IF_NONE_MATCH")
         # A browser sends back exactly the tag it got: compare that first, parse only otherwise.
         if if_none_match and (if_none_match == headers[0][1] or request.if_none_match.contains(etag)):
             return Response(status=304, headers=headers)
-        if changed:
-            body = change.answer
-        else:
-            body = f'{{"changed":false,"version":{change.version}}}'
+        body = change.answer if changed else change.unchanged
         return Response(body, content_type="application/json", headers=headers)
 
     @app.get("/events")
     def events():
         """Stream each new version of a page as a Server-Sent Event, from `since` on."""
         query = events_schema.load(request.args)
-        since = query["since"]
+        since = resume_point(query["since"], query["epoch"])
         last_event_id = request.headers.get("Last-Event-ID")
         if last_event_id is not None:  # a reconnecting EventSource resumes where it was
-            since = last_event_id_schema.load({"Last-Event-ID": last_event_id})["last_event_id"]
+            last = last_event_id_schema.load({"Last-Event-ID": last_event_id})["last_event_id"]
+            since = resume_point(last["since"], last["epoch"])
+        if notifier.closed:
+            raise ShuttingDown()
         stream = event_stream(store, notifier, query["slug"], since, app.config["CHANGEFEED_SSE_RETRY_MS"])
         # The stream yields bytes ready to send: no need for werkzeug to re-encode each one.
         return Response(stream, mimetype="text/event-stream", headers=EVENTS_HEADERS, direct_passthrough=True)
+
+    @app.get("/healthz")
+    def healthz():
+        """Say that this process answers (a liveness probe)."""
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    def readyz():
+        """Say whether this process can serve: its database reads and its watcher looks (readiness)."""
+        problems = {}
+        try:
+            store.ping()
+            notifier.start()
+        except Unavailable as exc:
+            problems["database"] = str(exc)
+        problem = store.check_file() or notifier.health()
+        if problem and "database" not in problems:
+            problems["watcher"] = problem
+        if notifier.closed:
+            problems["process"] = "shutting down"
+        if problems:
+            return errors.envelope(503, "not ready", "Not ready to serve: " + "; ".join(
+                f"{part}: {why}" for part, why in problems.items()), headers={"Retry-After": "1"},
+                checks=problems)
+        return {"status": "ready", "epoch": store.epoch}
 
     @app.get("/")
     def page():

@@ -9,7 +9,11 @@ from flask import current_app, jsonify, request
 from marshmallow import ValidationError
 from werkzeug.exceptions import HTTPException
 
-from store import Busy, Conflict
+from store import Busy, Conflict, KeyReused, NotStored, OutcomeUnknown, Unavailable
+
+
+class ShuttingDown(Exception):
+    """This worker is stopping: the client should ask again, on a new connection."""
 
 
 class ApiError(Exception):
@@ -64,10 +68,41 @@ def register(app):
             version=exc.version,
         )
 
+    @app.errorhandler(KeyReused)
+    def key_reused(exc):
+        return envelope(422, "invalid request",
+                        "Fix the fields listed in `fields` and send the request again.",
+                        fields={"Idempotency-Key": [
+                            "Was already used for a different save; send a new key for a new save."]})
+
     @app.errorhandler(Busy)
     def busy(exc):
-        return envelope(503, "busy", "The database is busy with other saves; retry in a moment.",
-                        headers={"Retry-After": "1"})
+        return envelope(503, "busy", "The database is busy with other saves; this save was not stored. "
+                        "Retry in a moment.", headers={"Retry-After": "1"})
+
+    @app.errorhandler(NotStored)
+    def not_stored(exc):
+        return envelope(503, "not saved", f"This save was not stored: {exc.reason}. "
+                        "Nothing was written; retry once the cause is fixed.", headers={"Retry-After": "5"})
+
+    @app.errorhandler(OutcomeUnknown)
+    def outcome_unknown(exc):
+        app.logger.warning("save outcome unknown: %s", exc)
+        return envelope(503, "outcome unknown",
+                        "This save may or may not have been stored. Retry it with the same "
+                        "Idempotency-Key (it is then stored exactly once), or read GET /changes "
+                        "to see whether it is there.", headers={"Retry-After": "1"})
+
+    @app.errorhandler(Unavailable)
+    def unavailable(exc):
+        return envelope(503, "unavailable", f"The database cannot be read right now ({exc}). "
+                        "Retry in a moment.", headers={"Retry-After": "5"})
+
+    @app.errorhandler(ShuttingDown)
+    def shutting_down(exc):
+        return envelope(503, "shutting down", "This server process is restarting; "
+                        "ask again in a second (a new connection reaches another one).",
+                        headers={"Retry-After": "1", "Connection": "close"})
 
     @app.errorhandler(HTTPException)
     def http_error(exc):

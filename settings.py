@@ -18,6 +18,8 @@ SETTINGS = [
      "SQLite `synchronous` setting: FULL survives power loss, NORMAL only a crash of the process."),
     ("CHANGEFEED_BUSY_TIMEOUT_MS", 10_000,
      "How long a save waits for another writer before answering 503 (milliseconds)."),
+    ("CHANGEFEED_IDEMPOTENCY_TTL_S", 86_400,
+     "How long a save's Idempotency-Key is remembered, so a retry returns the first answer (seconds)."),
     ("CHANGEFEED_MAX_HTML_BYTES", 1 * MiB,
      "Largest `html` a save accepts, in UTF-8 bytes."),
     ("CHANGEFEED_MAX_DATA_BYTES", 256 * KiB,

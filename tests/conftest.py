@@ -7,6 +7,7 @@ import queue
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -29,6 +30,20 @@ def db_path(tmp_path):
     path = str(tmp_path / "changefeed.sqlite3")
     migrate(path)
     return path
+
+
+def read_epoch(db_path):
+    """The epoch migrate.py gave a database: the identity every answer carries."""
+    conn = sqlite3.connect(db_path)
+    try:
+        return conn.execute("SELECT value FROM epoch").fetchone()[0]
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def epoch(db_path):
+    return read_epoch(db_path)
 
 
 @pytest.fixture

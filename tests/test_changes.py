@@ -1,10 +1,10 @@
 """GET /changes: is anything newer than `since`, and if so, here it is."""
 
 
-def test_unknown_slug_is_version_0_unchanged(client):
+def test_unknown_slug_is_version_0_unchanged(client, epoch):
     response = client.get("/changes?slug=nobody&since=0")
     assert response.status_code == 200
-    assert response.get_json() == {"changed": False, "version": 0}
+    assert response.get_json() == {"changed": False, "version": 0, "epoch": epoch}
 
 
 def test_since_defaults_to_0(client, save):
@@ -12,17 +12,18 @@ def test_since_defaults_to_0(client, save):
     assert client.get("/changes?slug=home").get_json()["changed"] is True
 
 
-def test_version_at_or_below_since_is_unchanged(client, save):
+def test_version_at_or_below_since_is_unchanged(client, save, epoch):
     save(), save()
-    assert client.get("/changes?slug=home&since=2").get_json() == {"changed": False, "version": 2}
-    assert client.get("/changes?slug=home&since=7").get_json() == {"changed": False, "version": 2}
+    unchanged = {"changed": False, "version": 2, "epoch": epoch}
+    assert client.get("/changes?slug=home&since=2").get_json() == unchanged
+    assert client.get("/changes?slug=home&since=7").get_json() == unchanged
 
 
 def test_newer_version_returns_the_whole_page(client, save):
     saved = save(html="<p>one</p>", data={"k": 1}).get_json()
     save(html="<p>two</p>", data={"k": 2})
     body = client.get("/changes?slug=home&since=0").get_json()
-    assert list(body) == ["changed", "version", "html", "data", "updated_at"]
+    assert list(body) == ["changed", "version", "html", "data", "updated_at", "epoch"]
     assert body["changed"] is True and body["version"] == 2
     assert (body["html"], body["data"]) == ("<p>two</p>", {"k": 2})
     assert body["updated_at"] >= saved["updated_at"]

@@ -11,6 +11,7 @@ from conftest import ROOT
 
 README = (ROOT / "README.md").read_text()
 ISO_MS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
+EPOCH = re.compile(r"[0-9a-f]{16}")
 
 
 def curl_examples():
@@ -22,10 +23,11 @@ def curl_examples():
 
 
 def same_answer(actual, expected):
-    """Compare answers, letting each `updated_at` be any well-formed timestamp."""
-    if isinstance(expected, dict) and "updated_at" in expected:
-        assert ISO_MS.fullmatch(actual.pop("updated_at"))
-        expected = {k: v for k, v in expected.items() if k != "updated_at"}
+    """Compare answers, letting each `updated_at` and `epoch` be any well-formed one."""
+    for key, form in (("updated_at", ISO_MS), ("epoch", EPOCH)):
+        if isinstance(expected, dict) and key in expected:
+            assert form.fullmatch(actual.pop(key))
+            expected = {k: v for k, v in expected.items() if k != key}
     assert actual == expected
 
 

@@ -12,11 +12,12 @@ def test_first_save_is_version_1_and_each_save_adds_exactly_1(save):
     assert all(a["slug"] == "home" for a in answers)
 
 
-def test_save_answers_slug_version_and_iso_utc_milliseconds(save):
+def test_save_answers_slug_version_iso_utc_milliseconds_and_epoch(save, epoch):
     response = save()
     assert response.status_code == 200
     body = response.get_json()
-    assert set(body) == {"slug", "version", "updated_at"}
+    assert set(body) == {"slug", "version", "updated_at", "epoch"}
+    assert body["epoch"] == epoch
     assert ISO_MS.fullmatch(body["updated_at"]), body["updated_at"]
 
 

@@ -76,16 +76,16 @@ def test_long_poll_wakes_on_saves_through_either_worker(make_server):
         assert result["done_at"] - saved_at < GENEROUS_S
 
 
-def test_long_poll_times_out_unchanged_after_wait(server):
+def test_long_poll_times_out_unchanged_after_wait(server, epoch):
     http_save(server)
     started = time.monotonic()
     answer = requests.get(f"{server.url}/changes?slug=live&since=1&wait=1", timeout=10).json()
     took = time.monotonic() - started
-    assert answer == {"changed": False, "version": 1}
+    assert answer == {"changed": False, "version": 1, "epoch": epoch}
     assert 0.9 <= took < 1 + GENEROUS_S
 
 
-def test_event_stream_sends_current_state_on_connect(server, open_stream):
+def test_event_stream_sends_current_state_on_connect(server, open_stream, epoch):
     http_save(server, html="v1"), http_save(server, html="v2")
     stream = open_stream(f"{server.url}/events?slug=live&since=0")
     assert stream.response.status == 200
@@ -94,7 +94,7 @@ def test_event_stream_sends_current_state_on_connect(server, open_stream):
     assert stream.response.getheader("X-Accel-Buffering") == "no"
     assert stream.next() == {"retry": "2000"}
     event = stream.next()
-    assert (event["id"], event["event"]) == ("2", "change")
+    assert (event["id"], event["event"]) == (f"{epoch}:2", "change")
     assert event["data"] == requests.get(f"{server.url}/changes?slug=live&since=0", timeout=10).json()
 
 
@@ -106,29 +106,29 @@ def test_event_stream_sends_nothing_old_when_up_to_date(server, open_stream):
         stream.next(timeout=0.5)
 
 
-def test_event_stream_sends_one_event_per_change_in_order(server, open_stream):
+def test_event_stream_sends_one_event_per_change_in_order(server, open_stream, epoch):
     stream = open_stream(f"{server.url}/events?slug=live&since=0")
     stream.next()  # retry
     for n in range(1, 6):
         http_save(server, html=f"v{n}", data={"n": n})
         time.sleep(0.1)  # farther apart than the watcher's tick, so no version is skipped
     events = [stream.next() for _ in range(5)]
-    assert [e["id"] for e in events] == ["1", "2", "3", "4", "5"]
+    assert [e["id"] for e in events] == [f"{epoch}:{n}" for n in range(1, 6)]
     assert [(e["data"]["html"], e["data"]["data"]) for e in events] == [(f"v{n}", {"n": n}) for n in range(1, 6)]
 
 
-def test_event_stream_resumes_from_last_event_id(server, open_stream):
+def test_event_stream_resumes_from_last_event_id(server, open_stream, epoch):
     for n in range(3):
         http_save(server, html=f"v{n + 1}")
-    resumed = open_stream(f"{server.url}/events?slug=live&since=0", headers={"Last-Event-ID": "2"})
+    resumed = open_stream(f"{server.url}/events?slug=live&since=0", headers={"Last-Event-ID": f"{epoch}:2"})
     resumed.next()  # retry
-    assert resumed.next()["id"] == "3"
-    current = open_stream(f"{server.url}/events?slug=live&since=0", headers={"Last-Event-ID": "3"})
+    assert resumed.next()["id"] == f"{epoch}:3"
+    current = open_stream(f"{server.url}/events?slug=live&since=0", headers={"Last-Event-ID": f"{epoch}:3"})
     current.next()
     with pytest.raises(queue.Empty):
         current.next(timeout=0.5)
     http_save(server, html="v4")
-    assert current.next()["id"] == "4"
+    assert current.next()["id"] == f"{epoch}:4"
 
 
 def test_bad_last_event_id_is_a_clear_error(server):
@@ -145,7 +145,7 @@ def test_event_stream_sends_heartbeats(make_server, open_stream):
     assert beats == [{"comment": "heartbeat"}] * 3
 
 
-def test_event_stream_survives_a_bad_save_elsewhere(server, open_stream):
+def test_event_stream_survives_a_bad_save_elsewhere(server, open_stream, epoch):
     stream = open_stream(f"{server.url}/events?slug=live")
     stream.next()
     bad = requests.post(f"{server.url}/save", json={"slug": "live", "html": 1}, timeout=10)
@@ -153,7 +153,7 @@ def test_event_stream_survives_a_bad_save_elsewhere(server, open_stream):
     requests.post(f"{server.url}/save", data="{broken", headers={"Content-Type": "application/json"}, timeout=10)
     http_save(server, html="good")
     event = stream.next()
-    assert (event["id"], event["data"]["html"]) == ("1", "good")
+    assert (event["id"], event["data"]["html"]) == (f"{epoch}:1", "good")
 
 
 def streams_per_worker(server):
@@ -162,7 +162,7 @@ def streams_per_worker(server):
     return [sum(c.status == psutil.CONN_ESTABLISHED for c in w.net_connections("tcp")) for w in workers]
 
 
-def test_every_subscriber_on_every_worker_sees_every_save(make_server, open_stream):
+def test_every_subscriber_on_every_worker_sees_every_save(make_server, open_stream, epoch):
     server = make_server(workers=2)
     streams = []
     # Which worker accepts a connection is the kernel's choice: open streams until both hold some.
@@ -178,7 +178,7 @@ def test_every_subscriber_on_every_worker_sees_every_save(make_server, open_stre
         http_save(server, slug="fan", html=f"v{n}")
         time.sleep(0.2)
     for stream in streams:
-        assert [stream.next()["id"] for _ in range(3)] == ["1", "2", "3"]
+        assert [stream.next()["id"] for _ in range(3)] == [f"{epoch}:{n}" for n in range(1, 4)]
     assert all(poll()["answer"]["changed"] for poll in pollers)
 
 
