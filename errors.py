@@ -71,7 +71,8 @@ def register(app):
     @app.errorhandler(KeyReused)
     def key_reused(exc):
         return envelope(422, "invalid request",
-                        "Fix the fields listed in `fields` and send the request again.",
+                        "This Idempotency-Key was first used for a different save: "
+                        "send a new key with each new save, and the same key only to retry.",
                         fields={"Idempotency-Key": [
                             "Was already used for a different save; send a new key for a new save."]})
 

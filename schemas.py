@@ -13,8 +13,9 @@ MAX_INTEGER = 2**63 - 1  # SQLite's and PostgreSQL's largest INTEGER/BIGINT
 MAX_WAIT_S = 60
 TRANSPORTS = ("poll", "longpoll", "sse")
 SLUG = re.compile(r"[A-Za-z0-9-]{1,120}")
-EPOCH = re.compile(r"[A-Za-z0-9_-]{1,64}")
-IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")  # printable ASCII, no spaces
+# Anchored at both ends: validate.Regexp only matches at the start.
+EPOCH = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
+IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}\Z")  # printable ASCII, no spaces
 
 
 def validate_slug(value):
