@@ -73,10 +73,6 @@ def create_app(test_config=None):
     events_schema, last_event_id_schema = EventsQuerySchema(), LastEventIdSchema()
     idempotency_key_schema = IdempotencyKeySchema()
 
-    def resume_point(since, epoch):
-        """A `since` of another database (epoch) means nothing here: start over from 0."""
-        return 0 if epoch is not None and epoch != store.epoch else since
-
     def closing(headers):
         """Once this worker shuts down, each answer ends its connection, so clients move on."""
         return [*headers, ("Connection", "close")] if notifier.closed else headers
@@ -113,18 +109,17 @@ def create_app(test_config=None):
             key = idempotency_key_schema.load({"Idempotency-Key": key})["key"]
         saved = store.save(item["slug"], item["html"], item["data"], item["base_version"], key)
         body = {"slug": saved.slug, "version": saved.version, "updated_at": saved.updated_at,
-                "epoch": store.epoch}
+                "epoch": saved.epoch}
         return body, closing([("Idempotent-Replayed", "true")] if saved.replayed else [])
 
     @app.get("/changes")
     def changes():
         """Answer whether the page is newer than `since`, and if so with its content."""
         query = load_changes_query(request.query_string)
-        since = resume_point(query["since"], query["epoch"])
         if query["wait"] and notifier.closed:
             raise ShuttingDown()
-        change = long_poll(store, notifier, query["slug"], since, query["wait"])
-        changed = change.version > since
+        change = long_poll(store, notifier, query["slug"], query["since"], query["epoch"], query["wait"])
+        changed = change.changed
         if query["wait"] and notifier.closed and not changed:
             raise ShuttingDown()  # the wait was cut short: not an answer to re-ask at once
         etag = f"{change.epoch}.{change.version}.{int(changed)}.{change.updated_at or ''}"
@@ -140,14 +135,14 @@ def create_app(test_config=None):
     def events():
         """Stream each new version of a page as a Server-Sent Event, from `since` on."""
         query = events_schema.load(request.args)
-        since = resume_point(query["since"], query["epoch"])
+        since, epoch = query["since"], query["epoch"]
         last_event_id = request.headers.get("Last-Event-ID")
         if last_event_id is not None:  # a reconnecting EventSource resumes where it was
             last = last_event_id_schema.load({"Last-Event-ID": last_event_id})["last_event_id"]
-            since = resume_point(last["since"], last["epoch"])
+            since, epoch = last["since"], last["epoch"]
         if notifier.closed:
             raise ShuttingDown()
-        stream = event_stream(store, notifier, query["slug"], since, app.config["CHANGEFEED_SSE_RETRY_MS"])
+        stream = event_stream(store, notifier, query["slug"], since, epoch, app.config["CHANGEFEED_SSE_RETRY_MS"])
         # The stream yields bytes ready to send: no need for werkzeug to re-encode each one.
         return Response(stream, mimetype="text/event-stream", headers=EVENTS_HEADERS, direct_passthrough=True)
 

@@ -17,42 +17,45 @@ import time
 HEARTBEAT = b": heartbeat\n\n"
 
 
-def long_poll(store, notifier, slug, since, wait_s):
-    """Return the page's state for `since`, waiting up to `wait_s` for a newer version.
+def long_poll(store, notifier, slug, since, epoch, wait_s):
+    """Return the page's state for a client at `since` of `epoch`, waiting up to `wait_s` for news.
 
     Ends early, unchanged, when the worker shuts down or the database is
     replaced (a new epoch: the client starts over).
     """
-    change = store.changes(slug, since)
-    if change.version > since or wait_s <= 0:
+    change = store.changes(slug, since, epoch)
+    if change.changed or wait_s <= 0 or (epoch is not None and change.epoch != epoch):
         return change
     epoch = change.epoch
     with notifier.subscribe(slug) as subscription:
-        change = store.changes(slug, since)  # again: a save may have landed before we subscribed
+        change = store.changes(slug, since, epoch)  # again: a save may have landed before we subscribed
         deadline = time.monotonic() + wait_s
-        while change.version <= since and change.epoch == epoch and not notifier.closed:
+        while not change.changed and change.epoch == epoch and not notifier.closed:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not subscription.wait(remaining):
                 break
             latest = subscription.latest
-            if latest is not None and (latest.version > since or latest.epoch != epoch):
+            if latest is not None and latest.version > since and latest.epoch == epoch:
                 change = latest
-            else:
-                change = store.changes(slug, since)
+            else:  # a heartbeat tick, or another database: look for ourselves
+                change = store.changes(slug, since, epoch)
     return change
 
 
-def event_stream(store, notifier, slug, since, retry_ms):
+def event_stream(store, notifier, slug, since, epoch, retry_ms):
     """Yield the text/event-stream of `slug`: each newer version as one `change` event.
 
     The notifier wakes every subscription once per heartbeat interval; a wake
     with nothing new re-reads the store, and sends a heartbeat comment when
     that has nothing new either, so proxies keep the stream. When the
-    database is replaced (a new epoch) the stream starts over from version 0.
+    database is replaced (a new epoch) the stream starts over from version 0,
+    as it does for a client resuming from a version of another epoch.
     """
     yield f"retry: {retry_ms}\n\n".encode()
     with notifier.subscribe(slug) as subscription:
-        change = store.changes(slug, since)
+        change = store.changes(slug, since, epoch)
+        if epoch is not None and change.epoch != epoch:
+            since = -1  # whatever this database holds is news, even version 0
         epoch, sent = change.epoch, since
         while not notifier.closed:
             if change.epoch != epoch:

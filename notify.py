@@ -167,15 +167,14 @@ class SQLiteNotifier(Notifier):
                     problem = self._store.check_file()
                     if problem:
                         raise Unavailable(problem)
-                    if generation != self._store.generation:  # a new file: start over on it
+                    if generation != self._store.generation:  # a new file at the path
                         generation = self._store.generation
-                        cursor = _close(cursor)
-                        self._seq = None
-                        self.wake_all()  # every stream looks for itself, and sees the new epoch
+                        cursor = self._start_over(cursor)
                     if cursor is None:
                         cursor = self._store.watch(self._seq)  # where the last one stopped
                         self._seq = cursor.seq
-                    self._deliver_saves(cursor)
+                    if not self._deliver_saves(cursor):  # a new epoch: restored in place
+                        cursor = self._start_over(cursor)
                 except Exception as exc:
                     if not failures:
                         log.exception("watcher failed; retrying with backoff")
@@ -190,12 +189,30 @@ class SQLiteNotifier(Notifier):
             _close(cursor)
             self._running = False
 
+    def _start_over(self, cursor):
+        """The database is another one: watch it from now, and have every waiting request look again.
+
+        Its save order is not the old one's, so no position in it carries
+        over; each stream and long-poll reads the page itself and finds the
+        new epoch.
+        """
+        self._seq = None
+        self.wake_all()
+        return _close(cursor)
+
     def _deliver_saves(self, cursor):
-        """Deliver the pages saved since self._seq; move self._seq only past what was delivered."""
-        for slug, _version, seq in cursor.saved_since(self._seq):
+        """Deliver the pages saved since self._seq; move self._seq only past what was delivered.
+
+        Return False when the database has a new epoch: the cursor must start over.
+        """
+        saves = cursor.saved_since(self._seq)
+        if saves is None:
+            return False
+        for slug, _version, seq in saves:
             if self.watched(slug):
                 self.deliver(slug, self._store.changes(slug, 0))
             self._seq = seq
+        return True
 
 
 def _close(cursor):

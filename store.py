@@ -54,6 +54,7 @@ class Saved:
     slug: str
     version: int
     updated_at: str
+    epoch: str
     replayed: bool = False
 
 
@@ -77,7 +78,8 @@ class Change:
     """The state of a page as seen by a client that knows version `since`.
 
     `html` and `data` are filled only when `version > since`, so an unchanged
-    poll never reads the page body. `epoch` is the database's identity.
+    poll never reads the page body. `epoch` is the database's identity: a
+    client of another epoch gets the whole state, whatever its `since`.
     """
 
     epoch: str
@@ -85,6 +87,11 @@ class Change:
     updated_at: str | None = None
     html: str | None = None
     data: str | None = None  # JSON text, as saved
+
+    @property
+    def changed(self):
+        """Whether the client that asked has something new: then the page body was read."""
+        return self.html is not None
 
     @cached_property
     def answer(self):
@@ -388,13 +395,16 @@ class SQLiteStore:
     def _apply_all(self, conn, items):
         """Apply each item in a savepoint of its own; raise when the whole transaction is lost."""
         now = time.time()
+        # Read in the transaction, so each answer names the database that holds its save.
+        (epoch,) = conn.execute("SELECT value FROM epoch").fetchone()
+        self.epoch = epoch
         if any(item.key is not None for item in items):
             conn.execute("DELETE FROM idempotency_keys WHERE created_at <= ?", (now - self._key_ttl,))
         outcomes = []
         for item in items:
             conn.execute("SAVEPOINT item")
             try:
-                outcomes.append(self._apply(conn, item, now))
+                outcomes.append(self._apply(conn, item, now, epoch))
             except sqlite3.Error as exc:
                 if not conn.in_transaction:
                     raise
@@ -403,7 +413,7 @@ class SQLiteStore:
             conn.execute("RELEASE item")
         return outcomes
 
-    def _apply(self, conn, item, now):
+    def _apply(self, conn, item, now, epoch):
         """Upsert one save inside the caller's transaction; a stale base writes nothing."""
         if item.key is not None:
             fingerprint = item.fingerprint()
@@ -414,7 +424,7 @@ class SQLiteStore:
             if row is not None:
                 if row[0] != fingerprint:
                     return KeyReused(item.key)
-                return Saved(row[1], row[2], row[3], replayed=True)
+                return Saved(row[1], row[2], row[3], epoch, replayed=True)
         if item.base_version is not None:
             row = conn.execute("SELECT version FROM page_versions WHERE slug = ?", (item.slug,)).fetchone()
             current = row[0] if row else 0
@@ -433,7 +443,7 @@ class SQLiteStore:
         if item.key is not None:
             conn.execute("INSERT OR REPLACE INTO idempotency_keys VALUES (?, ?, ?, ?, ?, ?)",
                          (item.key, fingerprint, item.slug, version, updated_at, now))
-        return Saved(item.slug, version, updated_at)
+        return Saved(item.slug, version, updated_at, epoch)
 
     @staticmethod
     def _roll_back(conn):
@@ -443,24 +453,30 @@ class SQLiteStore:
             except sqlite3.Error:
                 pass  # the connection is closed, not pooled, by the caller
 
-    def changes(self, slug, since):
-        """Return the page's state for a client at version `since`."""
+    def changes(self, slug, since, epoch=None):
+        """Return the page's state for a client at version `since` of database `epoch`.
+
+        The epoch is read with the page, in one statement, so an answer never
+        pairs a version with the identity of another database (one restored
+        in place, say).
+        """
         conn = self._borrow()  # every poll comes here: no context manager, a third less overhead
         try:
             row = conn.execute(
-                "SELECT version, updated_at,"
-                " CASE WHEN version > ?1 THEN html END,"
-                " CASE WHEN version > ?1 THEN data END"
-                " FROM page_versions WHERE slug = ?2",
-                (since, slug),
+                "SELECT e.value, p.version, p.updated_at,"
+                " CASE WHEN p.version > ?1 OR e.value != ?3 THEN p.html END,"
+                " CASE WHEN p.version > ?1 OR e.value != ?3 THEN p.data END"
+                " FROM epoch e LEFT JOIN page_versions p ON p.slug = ?2",
+                (since, slug, epoch),  # a NULL epoch compares as not different
             ).fetchone()
         except sqlite3.Error as exc:
             conn.close()
             raise Unavailable(str(exc)) from None
         self._give_back(conn)
-        if row is None:
-            return Change(self.epoch, 0)
-        return Change(self.epoch, *row)
+        self.epoch = row[0]
+        if row[1] is None:
+            return Change(row[0], 0)
+        return Change(*row)
 
     def ping(self):
         """Read from the database once; raise Unavailable when it cannot be read."""
@@ -507,15 +523,23 @@ class SaveCursor:
     def __init__(self, conn, seq=None):
         self._conn = conn
         self._data_version = None  # unknown: the first look reads what is there
+        (self.epoch,) = conn.execute("SELECT value FROM epoch").fetchone()
         if seq is None:
             (seq,) = conn.execute("SELECT coalesce(max(seq), 0) FROM page_versions").fetchone()
         self.seq = seq  # the starting point
 
     def saved_since(self, seq):
-        """Return [(slug, version, seq)] saved after `seq`, oldest first; [] when nothing was committed."""
+        """Return [(slug, version, seq)] saved after `seq`, oldest first; [] when nothing was committed.
+
+        None when the database now has another epoch (restored in place):
+        its save order is another one, so the caller starts over.
+        """
         (data_version,) = self._conn.execute("PRAGMA data_version").fetchone()
         if data_version == self._data_version:
             return []
+        (epoch,) = self._conn.execute("SELECT value FROM epoch").fetchone()
+        if epoch != self.epoch:
+            return None
         rows = self._conn.execute(
             "SELECT slug, version, seq FROM page_versions WHERE seq > ? ORDER BY seq", (seq,)
         ).fetchall()

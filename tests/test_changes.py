@@ -1,5 +1,9 @@
 """GET /changes: is anything newer than `since`, and if so, here it is."""
 
+import sqlite3
+
+import migrate
+
 
 def test_unknown_slug_is_version_0_unchanged(client, epoch):
     response = client.get("/changes?slug=nobody&since=0")
@@ -75,3 +79,26 @@ def test_stale_etag_gets_the_new_answer(client, save):
     response = client.get("/changes?slug=home&since=1", headers={"If-None-Match": old})
     assert response.status_code == 200
     assert response.get_json()["html"] == "new"
+
+
+def test_a_since_of_another_epoch_gets_the_whole_state(client, save, epoch):
+    save(html="<p>one</p>"), save(html="<p>two</p>")
+    assert client.get(f"/changes?slug=home&since=2&epoch={epoch}").get_json()["changed"] is False
+    body = client.get("/changes?slug=home&since=7&epoch=0123456789abcdef").get_json()
+    assert body == {**body, "changed": True, "version": 2, "html": "<p>two</p>", "epoch": epoch}
+    missing = client.get("/changes?slug=nothing&since=7&epoch=0123456789abcdef").get_json()
+    assert missing == {"changed": False, "version": 0, "epoch": epoch}  # version 0 of this database
+
+
+def test_a_database_restored_in_place_answers_with_its_new_epoch_and_older_versions(client, save, db_path, epoch,
+                                                                                      tmp_path):
+    save(html="<p>v1</p>")
+    backup = sqlite3.connect(str(tmp_path / "backup.sqlite3"))
+    sqlite3.connect(db_path).backup(backup)
+    save(html="<p>v2</p>"), save(html="<p>v3</p>")
+    backup.backup(sqlite3.connect(db_path))  # the documented restore, then `migrate.py --new-epoch`
+    new = migrate.new_epoch(db_path)
+    body = client.get(f"/changes?slug=home&since=3&epoch={epoch}").get_json()
+    assert body == {**body, "changed": True, "version": 1, "html": "<p>v1</p>", "epoch": new}
+    later = save().get_json()
+    assert (later["version"], later["epoch"]) == (2, new)

@@ -190,3 +190,17 @@ def test_sigterm_ends_open_streams_at_once(server, open_stream):
     assert stream.ended.wait(timeout=5)  # well before gunicorn's 10 s graceful timeout
     assert time.monotonic() - started < 5
     server.stop()
+
+
+def test_event_stream_of_another_epoch_starts_over_with_the_whole_state(server, open_stream, epoch):
+    http_save(server, html="v1"), http_save(server, html="v2")
+    for url, headers in [(f"{server.url}/events?slug=live&since=9&epoch=0123456789abcdef", {}),
+                         (f"{server.url}/events?slug=live", {"Last-Event-ID": "0123456789abcdef:9"})]:
+        stream = open_stream(url, headers)
+        stream.next()  # retry
+        event = stream.next()
+        assert (event["id"], event["data"]["html"]) == (f"{epoch}:2", "v2")
+    empty = open_stream(f"{server.url}/events?slug=empty", {"Last-Event-ID": "0123456789abcdef:9"})
+    empty.next()
+    event = empty.next()  # version 0 of this database: the client must forget its version 9
+    assert (event["id"], event["data"]) == (f"{epoch}:0", {"changed": False, "version": 0, "epoch": epoch})
