@@ -2,6 +2,7 @@
 
 import multiprocessing
 
+import pytest
 import requests
 
 from store import SQLiteStore
@@ -31,8 +32,9 @@ def run_in_processes(target, first_arg):
     return [version for versions in results for version in versions]
 
 
-def test_concurrent_saves_through_gunicorn_never_lose_or_duplicate_a_version(make_server):
-    server = make_server(workers=4)
+@pytest.mark.parametrize("args", [[], ["--preload"]], ids=["", "preload"])
+def test_concurrent_saves_through_gunicorn_never_lose_or_duplicate_a_version(make_server, args):
+    server = make_server(workers=4, args=args)
     versions = run_in_processes(save_over_http, server.url)
     assert sorted(versions) == list(range(1, PROCESSES * SAVES + 1))
     final = requests.get(f"{server.url}/changes?slug=race", timeout=10).json()
@@ -63,3 +65,25 @@ def test_concurrent_saves_on_the_same_base_version_let_exactly_one_win(make_serv
     winner = next(body for status, body in answers if status == 200)
     stored = requests.get(f"{server.url}/changes?slug=claimed", timeout=10).json()
     assert stored["version"] == 1 and stored["updated_at"] == winner["updated_at"]
+
+
+def retry_with_key(url, worker):
+    """The same save, sent again and again with one Idempotency-Key, each time on a new connection."""
+    answers = []
+    for _ in range(3):
+        response = requests.post(f"{url}/save", json={"slug": "once", "html": "<p>the one save</p>"},
+                                 headers={"Idempotency-Key": "the-one-save"}, timeout=30)
+        answers.append((response.status_code, response.json(), response.headers.get("Idempotent-Replayed")))
+    return answers
+
+
+def test_retries_of_one_idempotency_key_across_workers_create_exactly_one_version(make_server):
+    server = make_server(workers=4)
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(PROCESSES) as pool:
+        answers = [a for worker in pool.starmap(retry_with_key, [(server.url, w) for w in range(PROCESSES)])
+                   for a in worker]
+    assert {status for status, _, _ in answers} == {200}
+    assert {(body["version"], body["updated_at"]) for _, body, _ in answers} == {(1, answers[0][1]["updated_at"])}
+    assert sorted(replayed or "" for _, _, replayed in answers) == [""] + ["true"] * (len(answers) - 1)
+    assert requests.get(f"{server.url}/changes?slug=once", timeout=10).json()["version"] == 1

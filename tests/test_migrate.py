@@ -99,3 +99,29 @@ def test_upgrade_from_version_1_matches_a_fresh_database_and_keeps_pages(tmp_pat
     rows = sqlite3.connect(old).execute("SELECT slug, version, seq FROM page_versions ORDER BY slug").fetchall()
     assert [(slug, version) for slug, version, _ in rows] == [("a", 3), ("b", 1)]
     assert len({seq for _, _, seq in rows}) == 2  # each page has its own place in the save order
+
+
+def test_a_newer_schema_is_refused_by_migrate_and_by_the_app_and_left_alone(tmp_path, db_path):
+    conn = sqlite3.connect(db_path)
+    conn.execute(f"PRAGMA user_version = {migrate.LATEST + 1}")
+    conn.close()
+    before = dump(db_path)
+    result = subprocess.run([sys.executable, "migrate.py"], cwd=ROOT, capture_output=True, text=True,
+                            env={**os.environ, "CHANGEFEED_DB": db_path})
+    assert result.returncode == 1
+    assert f"schema version {migrate.LATEST + 1}, newer than this code ({migrate.LATEST})" in result.stderr
+    assert "upgraded" not in result.stdout
+    with pytest.raises(migrate.SchemaTooNew, match="newer than this code"):
+        create_app({"CHANGEFEED_DB": db_path})
+    assert dump(db_path) == before
+
+
+def test_new_epoch_gives_the_database_a_new_identity_and_keeps_its_pages(db_path, save, epoch):
+    save(), save()
+    env = {**os.environ, "CHANGEFEED_DB": db_path}
+    out = subprocess.run([sys.executable, "migrate.py", "--new-epoch"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, check=True).stdout
+    new = sqlite3.connect(db_path).execute("SELECT value FROM epoch").fetchall()
+    assert len(new) == 1 and new[0][0] != epoch and new[0][0] in out
+    answer = create_app({"CHANGEFEED_DB": db_path}).test_client().get("/changes?slug=home").get_json()
+    assert answer["epoch"] == new[0][0] and answer["version"] == 2

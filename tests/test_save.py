@@ -2,6 +2,9 @@
 
 import re
 import sqlite3
+import time
+
+from app import create_app
 
 ISO_MS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 
@@ -96,3 +99,49 @@ def test_html_and_data_are_stored_verbatim(save, client):
     save(html=html, data="</script>")
     change = client.get("/changes?slug=home").get_json()
     assert (change["html"], change["data"]) == (html, "</script>")
+
+
+def keyed(client, key, slug="home", html="<h1>Hi</h1>", **extra):
+    return client.post("/save", json={"slug": slug, "html": html, **extra}, headers={"Idempotency-Key": key})
+
+
+def test_a_retry_with_the_same_idempotency_key_gets_the_first_answer_and_saves_nothing(client):
+    first = keyed(client, "8e03978e-40d5-43e8-bc93-6894a57f9324")
+    again = keyed(client, "8e03978e-40d5-43e8-bc93-6894a57f9324")
+    quoted = keyed(client, '"8e03978e-40d5-43e8-bc93-6894a57f9324"')  # the draft's structured string
+    assert first.status_code == again.status_code == quoted.status_code == 200
+    assert "Idempotent-Replayed" not in first.headers
+    assert again.headers["Idempotent-Replayed"] == quoted.headers["Idempotent-Replayed"] == "true"
+    assert again.get_json() == quoted.get_json() == first.get_json()
+    assert client.get("/changes?slug=home").get_json()["version"] == 1
+    assert keyed(client, "another-key").get_json()["version"] == 2
+
+
+def test_an_idempotency_key_reused_for_another_request_is_refused_and_writes_nothing(client):
+    keyed(client, "k-1", html="<p>first</p>")
+    for other in [dict(html="<p>second</p>"), dict(slug="other"), dict(data={"a": 1}), dict(base_version=1)]:
+        response = keyed(client, "k-1", **{"html": "<p>first</p>", **other})
+        body = response.get_json()
+        assert response.status_code == 422, body
+        assert "Idempotency-Key" in body["fields"] and "a new key" in body["message"]
+    assert client.get("/changes?slug=home").get_json()["version"] == 1
+    assert client.get("/changes?slug=other").get_json()["version"] == 0
+
+
+def test_an_idempotency_key_is_forgotten_after_its_window(db_path):
+    client = create_app({"CHANGEFEED_DB": db_path, "CHANGEFEED_IDEMPOTENCY_TTL_S": 0.3}).test_client()
+    assert keyed(client, "k").get_json()["version"] == 1
+    assert keyed(client, "k").headers.get("Idempotent-Replayed") == "true"
+    time.sleep(0.4)
+    later = keyed(client, "k")
+    assert later.get_json()["version"] == 2 and "Idempotent-Replayed" not in later.headers
+    rows = sqlite3.connect(db_path).execute("SELECT count(*) FROM idempotency_keys").fetchone()[0]
+    assert rows == 1  # the expired one was deleted, not kept alongside
+
+
+def test_a_refused_save_does_not_use_up_its_idempotency_key(client):
+    keyed(client, "k-0", html="<p>v1</p>")
+    stale = keyed(client, "k-1", html="<p>stale</p>", base_version=0)
+    assert stale.status_code == 409
+    assert keyed(client, "k-2", html="<p>v2</p>", base_version=1).get_json()["version"] == 2
+    assert keyed(client, "k-1", html="<p>stale</p>", base_version=0).status_code == 409  # checked again
