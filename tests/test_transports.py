@@ -7,6 +7,7 @@ anything with: a wake-up then can only come from each worker's watcher.
 
 import queue
 import signal
+import sqlite3
 import threading
 import time
 
@@ -14,6 +15,7 @@ import psutil
 import pytest
 import requests
 
+import migrate
 from store import SQLiteStore
 
 GENEROUS_S = 1.0  # a broken wake-up mechanism misses this by seconds; the 50 ms target is the bench's job
@@ -204,3 +206,24 @@ def test_event_stream_of_another_epoch_starts_over_with_the_whole_state(server, 
     empty.next()
     event = empty.next()  # version 0 of this database: the client must forget its version 9
     assert (event["id"], event["data"]) == (f"{epoch}:0", {"changed": False, "version": 0, "epoch": epoch})
+
+
+def test_streams_and_long_polls_start_over_when_the_database_is_restored_in_place(server, open_stream, db_path,
+                                                                                   tmp_path, epoch):
+    http_save(server, html="v1")
+    backup = sqlite3.connect(str(tmp_path / "backup.sqlite3"))
+    sqlite3.connect(db_path).backup(backup)
+    http_save(server, html="v2"), http_save(server, html="v3")
+    stream = open_stream(f"{server.url}/events?slug=live&since=0")
+    stream.next()  # retry
+    assert stream.next()["id"] == f"{epoch}:3"
+    finish = start_long_poll(server, "live", 3, wait=30)
+    time.sleep(0.3)
+    backup.backup(sqlite3.connect(db_path))  # the restore README describes...
+    new = migrate.new_epoch(db_path)  # ...then `python migrate.py --new-epoch`
+    restored_at = time.monotonic()
+    event = stream.next(timeout=5)
+    assert (event["id"], event["data"]["html"], event["data"]["epoch"]) == (f"{new}:1", "v1", new)
+    result = finish()
+    assert (result["answer"]["epoch"], result["answer"]["version"]) == (new, 1)
+    assert result["done_at"] - restored_at < 5
