@@ -26,14 +26,56 @@
 export const TRANSPORTS = ["poll", "longpoll", "sse"];
 export const POLL_INTERVAL_MS = 2000;
 export const LONG_POLL_WAIT_S = 25;
+export const MIN_GAP_MS = 1000;
 export const BACKOFF_BASE_MS = 2000;
 export const MAX_BACKOFF_MS = 30000;
+export const BEAT_MS = 1000;
+export const MISSED_BEATS = 4;
 
-/** Delay before retry number `failures` (1, 2, ...): full jitter under a doubling ceiling. */
+/** A pause of 1 to 2 s: the least time between two requests that brought no news. */
+export function gapMs() {
+  return MIN_GAP_MS * (1 + Math.random());
+}
+
+/** Delay before retry number `failures` (1, 2, ...): full jitter under a doubling ceiling, never under the gap. */
 export function backoffMs(failures, retryAfterMs = 0) {
   const ceiling = Math.min(MAX_BACKOFF_MS, BACKOFF_BASE_MS * 2 ** (failures - 1));
   // A random point under the ceiling, so a crowd of tabs never retries in step.
-  return Math.max(retryAfterMs, Math.random() * ceiling);
+  return Math.max(retryAfterMs, gapMs(), Math.random() * ceiling);
+}
+
+/**
+ * Where a subscriber stands: the version it holds, of which database (epoch).
+ *
+ * A database replaced or restored from a backup has a new epoch, and its
+ * versions may be lower than the ones held: they are taken all the same.
+ */
+export class Position {
+  constructor(version = 0, epoch = null) {
+    this.version = version;
+    this.epoch = epoch;
+  }
+
+  /** Take in an answer or event; return whether it brings a version to show. */
+  take(body) {
+    if (body.epoch && this.epoch && body.epoch !== this.epoch) {
+      this.epoch = body.epoch;
+      // Unchanged: this database holds nothing we have seen; start from its beginning.
+      this.version = body.changed ? body.version : 0;
+      return Boolean(body.changed);
+    }
+    if (body.epoch) this.epoch = body.epoch;
+    if (body.changed && body.version > this.version) {
+      this.version = body.version;
+      return true;
+    }
+    return false;
+  }
+
+  /** The query that asks for what comes after this position. */
+  query() {
+    return `since=${this.version}` + (this.epoch ? `&epoch=${encodeURIComponent(this.epoch)}` : "");
+  }
 }
 
 export function subscribe(slug, options = {}) {
@@ -45,18 +87,18 @@ export function subscribe(slug, options = {}) {
 }
 
 /** Open one real connection of the chosen transport; return its unsubscribe function. */
-function connect(slug, {since = 0, onChange, onStatus = () => {}, transport = "poll"}) {
+function connect(slug, {since = 0, epoch = null, onChange, onStatus = () => {}, transport = "poll"}) {
   const feed = {
     slug,
-    version: since,
+    position: new Position(since, epoch),
     transport,
     failures: 0,
     stopped: false,
+    /** Pass on what is news; return whether there was any. */
     deliver(body) {
-      if (body.changed && body.version > this.version) {
-        this.version = body.version;
-        onChange(body);
-      }
+      if (this.stopped || !this.position.take(body)) return false;
+      onChange(body);
+      return true;
     },
     live() {
       this.failures = 0;
@@ -66,29 +108,33 @@ function connect(slug, {since = 0, onChange, onStatus = () => {}, transport = "p
     failed(error) {
       this.failures += 1;
       const retryInMs = backoffMs(this.failures, error.retryAfterMs);
-      const atCeiling = BACKOFF_BASE_MS * 2 ** (this.failures - 1) >= MAX_BACKOFF_MS;
-      const state = navigator.onLine === false || atCeiling ? "offline" : "retrying";
+      // "offline" is the browser's word for having no network; a server that does not answer is "retrying".
+      const state = navigator.onLine === false ? "offline" : "retrying";
       onStatus({state, retryInMs, transport: this.transport, error: String(error.message || error)});
       return retryInMs;
     },
   };
   let stop = null;
   feed.switchTo = (other) => {
+    if (feed.stopped) return;
     feed.transport = other;
     onStatus({state: "connecting", transport: other});
     stop = OPENERS[other](feed);
   };
+  const wentOffline = () => onStatus({state: "offline", transport: feed.transport});
+  window.addEventListener("offline", wentOffline);
   feed.switchTo(transport);
   return () => {
     feed.stopped = true;
+    window.removeEventListener("offline", wentOffline);
     stop();
   };
 }
 
-/** GET /changes for the feed's version, waiting up to `waitS` seconds for a newer one. */
+/** GET /changes for the feed's position, waiting up to `waitS` seconds for a newer version. */
 async function getChanges(feed, waitS, signal) {
   const wait = waitS ? `&wait=${waitS}` : "";
-  const response = await fetch(`/changes?slug=${encodeURIComponent(feed.slug)}&since=${feed.version}${wait}`, {
+  const response = await fetch(`/changes?slug=${encodeURIComponent(feed.slug)}&${feed.position.query()}${wait}`, {
     signal,
     headers: {Accept: "application/json"},
     // Polls revalidate with If-None-Match (an unchanged answer is a bodiless 304);
@@ -97,6 +143,18 @@ async function getChanges(feed, waitS, signal) {
   });
   if (!response.ok) throw new RequestError(response);
   return response.json();
+}
+
+/** A promise of `ms` milliseconds that `cut()` ends early (on unsubscribe, or when the network is back). */
+function sleeper() {
+  let cut = () => {};
+  return {
+    sleep: (ms) => new Promise((resolve) => {
+      const timer = setTimeout(resolve, ms);
+      cut = () => { clearTimeout(timer); resolve(); };
+    }),
+    cut: () => cut(),
+  };
 }
 
 const OPENERS = {
@@ -117,6 +175,7 @@ const OPENERS = {
       let delayMs = POLL_INTERVAL_MS;
       try {
         const body = await getChanges(feed, 0, inFlight.signal);
+        if (feed.stopped) return;
         feed.live();
         feed.deliver(body);
       } catch (error) {
@@ -143,34 +202,42 @@ const OPENERS = {
     };
   },
 
-  /** Hold a request until a save lands (or 25 s pass), then ask again at once. */
+  /**
+   * Hold a request until a save lands (or 25 s pass), then ask again at once.
+   *
+   * An unchanged answer that comes early (a server shutting down, a proxy
+   * cutting the wait) is followed by a pause, never by a tight loop.
+   */
   longpoll(feed) {
     const controller = new AbortController();
-    let wake = null;
-    const pause = (ms) => new Promise((resolve) => { wake = resolve; setTimeout(resolve, ms); });
+    const pause = sleeper();
 
     (async () => {
       let waitS = 0;  // the first answer comes at once, so the state is known at once
       while (!feed.stopped) {
+        const askedAt = Date.now();
+        let delayMs = 0;
         try {
           const body = await getChanges(feed, waitS, controller.signal);
+          if (feed.stopped) return;
           feed.live();
-          feed.deliver(body);
+          const news = feed.deliver(body);
+          if (!news && waitS && Date.now() - askedAt < (waitS - 1) * 1000) delayMs = gapMs();
           waitS = LONG_POLL_WAIT_S;
         } catch (error) {
           if (feed.stopped) return;
-          await pause(feed.failed(error));
+          delayMs = feed.failed(error);  // honours Retry-After
           waitS = 0;
         }
+        if (delayMs) await pause.sleep(delayMs);
       }
     })();
 
-    const retryNow = () => wake && wake();
-    window.addEventListener("online", retryNow);
+    window.addEventListener("online", pause.cut);
     return () => {
       controller.abort();
-      retryNow();
-      window.removeEventListener("online", retryNow);
+      pause.cut();
+      window.removeEventListener("online", pause.cut);
     };
   },
 
@@ -179,10 +246,13 @@ const OPENERS = {
     let source = null;
     let timer = null;
     let stopped = false;
+    const asking = new AbortController();  // the check of serverAnswers(), cut by unsubscribe
 
     function open() {
+      timer = null;
+      if (stopped) return;
       let opened = false;
-      source = new EventSource(`/events?slug=${encodeURIComponent(feed.slug)}&since=${feed.version}`);
+      source = new EventSource(`/events?slug=${encodeURIComponent(feed.slug)}&${feed.position.query()}`);
       source.onopen = () => {
         opened = true;
         feed.live();
@@ -190,10 +260,12 @@ const OPENERS = {
       source.addEventListener("change", (event) => feed.deliver(JSON.parse(event.data)));
       source.onerror = async () => {
         // Close it: EventSource would retry at a fixed pace; we back off with jitter,
-        // and resume from the version we hold (the since= of the next URL).
+        // and resume from the position we hold (the since= and epoch= of the next URL).
         source.close();
         if (stopped) return;
-        if (!opened && await serverAnswers(feed)) {
+        const refused = !opened && await serverAnswers(feed, asking.signal);
+        if (stopped) return;  // unsubscribed while we asked: open nothing more
+        if (refused) {
           stopped = true;  // the server is up but the stream cannot be opened: long-poll instead
           feed.switchTo("longpoll");
           return;
@@ -202,60 +274,75 @@ const OPENERS = {
       };
     }
 
+    function openNow() {
+      if (timer === null) return;
+      clearTimeout(timer);
+      open();
+    }
+
+    window.addEventListener("online", openNow);
     open();
     return () => {
       stopped = true;
       clearTimeout(timer);
+      asking.abort();
       if (source) source.close();
+      window.removeEventListener("online", openNow);
     };
   },
 };
 
 /** Whether a plain GET /changes gets an answer: tells "the stream is refused" from "the server is down". */
-async function serverAnswers(feed) {
+async function serverAnswers(feed, signal) {
   try {
-    await getChanges(feed, 0);
+    await getChanges(feed, 0, signal);
     return true;
   } catch {
     return false;
   }
 }
 
-/** One connection for all the tabs of this browser on `slug`: a leader holds it, the others listen. */
-function shareAcrossTabs(slug, {since = 0, onChange, onStatus = () => {}, transport}) {
+/**
+ * One connection for all the tabs of this browser on `slug`: a leader holds it, the others listen.
+ *
+ * The leader beats on the channel every second. A tab frozen by the browser
+ * keeps its Web Lock but goes silent, so a visible follower that hears
+ * nothing for a few beats steals the lock and connects; the old leader,
+ * when it wakes, finds its lock stolen and becomes a follower.
+ */
+function shareAcrossTabs(slug, {since = 0, epoch = null, onChange, onStatus = () => {}, transport}) {
   const name = `changefeed:${transport}:${slug}`;
   const channel = new BroadcastChannel(name);
-  const abandon = new AbortController();
-  let version = since;
+  const position = new Position(since, epoch);
   let latest = null;       // the newest change this tab has seen, for tabs that join later
   let lastStatus = null;   // what the leader last said of its connection
-  let leaderStop = null;   // set while this tab is the leader
-  let releaseLock = null;
+  let leader = null;       // while this tab leads: {stop, release}
+  let queued = null;       // the AbortController of this tab's place in the queue for the lock
+  let heardAt = Date.now();
+  let closed = false;
 
   function deliver(body) {
-    if (!latest || body.version > latest.version) latest = body;
-    if (body.changed && body.version > version) {
-      version = body.version;
-      onChange(body);
-    }
+    if (!position.take(body)) return;
+    latest = body;
+    onChange(body);
   }
 
   channel.onmessage = ({data}) => {
-    if (data.type === "change") deliver(data.change);
-    else if (data.type === "status") onStatus({...data.status, shared: true, leader: false});
-    else if (data.type === "hello" && leaderStop) {
-      if (latest) channel.postMessage({type: "change", change: latest});
-      if (lastStatus) channel.postMessage({type: "status", status: lastStatus});
+    if (data.type === "hello") {
+      if (leader && latest) channel.postMessage({type: "change", change: latest});
+      if (leader && lastStatus) channel.postMessage({type: "status", status: lastStatus});
+      return;
     }
+    heardAt = Date.now();  // a beat, a change or a status: a leader is alive
+    if (data.type === "change") deliver(data.change);
+    else if (data.type === "status" && !leader) onStatus({...data.status, shared: true, leader: false});
   };
 
-  onStatus({state: "connecting", transport, shared: true, leader: false});
-  channel.postMessage({type: "hello"});  // a leader, if there is one, answers with what it has
-
-  navigator.locks.request(name, {signal: abandon.signal}, () => new Promise((release) => {
-    releaseLock = release;
-    leaderStop = connect(slug, {
-      since: version,
+  /** Hold the connection for every tab until released, or until another tab steals the lock. */
+  function lead(release) {
+    const stop = connect(slug, {
+      since: position.version,
+      epoch: position.epoch,
       transport,
       onChange(body) {
         deliver(body);
@@ -267,12 +354,62 @@ function shareAcrossTabs(slug, {since = 0, onChange, onStatus = () => {}, transp
         channel.postMessage({type: "status", status});
       },
     });
-  })).catch(() => {});  // AbortError: unsubscribed before this tab became the leader
+    const beat = () => channel.postMessage({type: "beat"});
+    const beats = setInterval(beat, BEAT_MS);
+    beat();
+    return {release, stop() { clearInterval(beats); stop(); }};
+  }
+
+  function stepDown() {
+    if (!leader) return;
+    leader.stop();
+    leader.release();
+    leader = null;
+  }
+
+  /** Ask for the lock: wait in line, or (steal) take it from a leader that went silent. */
+  function campaign(steal) {
+    if (closed) return;
+    let mine = null;
+    queued = steal ? null : new AbortController();
+    const options = steal ? {steal: true} : {signal: queued.signal};
+    navigator.locks.request(name, options, () => new Promise((release) => {
+      queued = null;
+      if (closed) return release();
+      leader = mine = lead(release);
+    })).catch(() => {
+      // Aborted while in line (unsubscribed, or about to steal), or stolen while leading.
+      if (!mine || leader !== mine) return;
+      leader.stop();
+      leader = null;
+      lastStatus = null;
+      heardAt = Date.now();
+      onStatus({state: "connecting", transport, shared: true, leader: false});
+      channel.postMessage({type: "hello"});
+      campaign(false);
+    });
+  }
+
+  function checkLeader() {
+    if (leader || closed || document.visibilityState === "hidden") return;
+    if (Date.now() - heardAt < MISSED_BEATS * BEAT_MS) return;
+    heardAt = Date.now();  // one try per silence
+    if (queued) queued.abort();
+    campaign(true);
+  }
+
+  onStatus({state: "connecting", transport, shared: true, leader: false});
+  channel.postMessage({type: "hello"});  // a leader, if there is one, answers with what it has
+  campaign(false);
+  const watchdog = setInterval(checkLeader, BEAT_MS * (0.5 + Math.random() / 2));
+  document.addEventListener("visibilitychange", checkLeader);
 
   return () => {
-    abandon.abort();
-    if (leaderStop) leaderStop();
-    if (releaseLock) releaseLock();
+    closed = true;
+    clearInterval(watchdog);
+    document.removeEventListener("visibilitychange", checkLeader);
+    if (queued) queued.abort();
+    stepDown();
     channel.close();
   };
 }

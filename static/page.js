@@ -11,7 +11,7 @@ const slug = document.body.dataset.slug;
 const transport = document.body.dataset.transport;
 
 const editor = {html: $("html"), data: $("data")};
-let shown = null;        // the newest version shown in the viewer: {version, html, data, updated_at}
+let shown = null;        // the newest version shown in the viewer: {version, html, data, updated_at, epoch}
 let baseVersion = 0;     // the version the editor's text started from
 let dirty = false;       // the editor holds changes not yet saved
 let conflictVersion = null;
@@ -35,14 +35,16 @@ function fillEditor(page) {
 }
 
 function show(page) {
-  if (shown && page.version <= shown.version) return;
+  // A new epoch is another database (replaced, or restored from a backup): its versions start over.
+  const newDatabase = Boolean(shown && page.epoch && shown.epoch && page.epoch !== shown.epoch);
+  if (shown && !newDatabase && page.version <= shown.version) return;
   shown = page;
   $("frame").srcdoc = page.html;
   $("viewer-data").textContent = JSON.stringify(page.data, null, 2);
   $("version").textContent = String(page.version);
   renderAge();
   if (!dirty) fillEditor(page);
-  else if (page.version > baseVersion) {
+  else if (newDatabase || page.version > baseVersion) {
     showMessage(`Version ${page.version} was saved elsewhere; your edits are based on version ${baseVersion}.`, "warn");
   }
 }
@@ -96,7 +98,7 @@ async function save(base = baseVersion) {
     dirty = false;
     setBase(body.version);
     showMessage(`Saved version ${body.version}.`, "ok");
-    show({...page, version: body.version, updated_at: body.updated_at});
+    show({...page, version: body.version, updated_at: body.updated_at, epoch: body.epoch});
   } catch (error) {
     showMessage(`Could not reach the server, nothing was saved: ${error.message}`, "error");
   } finally {

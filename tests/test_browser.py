@@ -6,13 +6,17 @@ and opens two tabs of one browser on the same slug.
 
 import base64
 import re
+import time
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
 import requests
+from playwright.sync_api import Error as PlaywrightError
 from playwright.sync_api import expect
 
 from conftest import ROOT, find_chromium
+from migrate import migrate
 from store import SQLiteStore
 
 find_chromium()  # one skip line for the module when there is no browser
@@ -20,6 +24,26 @@ find_chromium()  # one skip line for the module when there is no browser
 POLL_S = 2
 ARTIFACTS = ROOT / "test-artifacts"
 XSS = '<script>window.top.__pwned=1</script><img src=x onerror="window.top.__pwned=1"><p>still shown</p>'
+
+# Keeps every EventSource the page makes, so a test can count the ones still open.
+COUNT_EVENT_SOURCES = """
+window.__sources = [];
+const NativeEventSource = window.EventSource;
+window.EventSource = class extends NativeEventSource {
+  constructor(...args) { super(...args); window.__sources.push(this); }
+};
+"""
+OPEN_EVENT_SOURCES = "window.__sources.filter((source) => source.readyState !== EventSource.CLOSED).length"
+
+# Records each state the badge takes.
+RECORD_BADGE = """
+document.addEventListener("DOMContentLoaded", () => {
+  const badge = document.getElementById("badge");
+  window.__states = [];
+  new MutationObserver(() => window.__states.push(badge.dataset.state))
+    .observe(badge, {attributes: true, attributeFilter: ["data-state"]});
+});
+"""
 
 
 class Tab:
@@ -96,6 +120,19 @@ def remote_save(server, html, **fields):
     response = requests.post(f"{server.url}/save", json={"slug": "shared", "html": html, **fields}, timeout=10)
     assert response.status_code == 200, response.text
     return response.json()["version"]
+
+
+def stored(server):
+    """What the server holds for the shared slug: the whole newest version."""
+    return requests.get(f"{server.url}/changes?slug=shared&since=0", timeout=10).json()
+
+
+def wait_until(tab, condition, timeout_s=10):
+    """Let the page run until `condition()` holds; fail after `timeout_s` seconds."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        tab.wait(0.05)
 
 
 def side_by_side(a, b, context, path):
@@ -276,3 +313,134 @@ def test_bad_data_json_is_refused_in_the_page_before_any_request(tabs):
     a.save()
     a.expect_version(1)
     assert len(a.requests_to("/save", method="POST", after=before)) == 1
+
+
+@pytest.mark.parametrize("server_down", [True, False], ids=["server down", "stream refused"])
+def test_unsubscribing_while_the_stream_handler_waits_leaves_nothing_open(context, server, server_down):
+    context.add_init_script(COUNT_EVENT_SOURCES)
+    a = Tab(context, server.url, "shared")  # the page itself polls: it opens no stream
+    held = []
+    a.page.route(lambda url: urlsplit(url).path == "/events", lambda route: route.abort())
+    # The stream fails at once; the handler then asks GET /changes whether the server
+    # answers, and that question is held here while the subscriber goes away.
+    a.page.route(lambda url: "slug=leak" in url and urlsplit(url).path == "/changes", lambda route: held.append(route))
+    a.page.evaluate("""async () => {
+        const {subscribe} = await import("/static/changefeed.js");
+        window.__calls = [];
+        window.__unsubscribe = subscribe("leak", {transport: "sse", shared: false,
+            onChange: (change) => window.__calls.push(change), onStatus: (status) => window.__calls.push(status)});
+    }""")
+    wait_until(a, lambda: held)
+    a.page.evaluate("window.__unsubscribe(); window.__calls.length = 0")
+    unsubscribed = a.mark()
+    try:
+        if server_down:
+            held[0].abort()
+        else:
+            held[0].continue_()
+    except PlaywrightError:
+        pass  # the page already gave up the request: just as good
+    a.wait(3)  # longer than the first backoff (at most 2 s)
+    assert a.page.evaluate(OPEN_EVENT_SOURCES) == 0
+    assert a.requests_to("/events", after=unsubscribed) == []
+    assert [url for url in a.requests_to("/changes", after=unsubscribed) if "slug=leak" in url] == []
+    assert a.page.evaluate("window.__calls") == []  # no callback after unsubscribe
+
+
+def test_a_follower_takes_over_from_a_frozen_leader(open_tab, server, context):
+    context.add_init_script(COUNT_EVENT_SOURCES)
+    a, b = open_tab("sse"), open_tab("sse")
+    expect(a.page.locator("#transport")).to_have_text("sse")
+    expect(b.page.locator("#transport")).to_have_text("sse via another tab")
+    # Freeze the leader: none of its scripts run (no beats, no relays), and it keeps
+    # the Web Lock. (Page.setWebLifecycleState "frozen" does nothing here: Chromium
+    # freezes only hidden pages, and Playwright keeps every page visible.)
+    leader = context.new_cdp_session(a.page)
+    leader.send("Debugger.enable")
+    paused = []
+    leader.on("Debugger.paused", lambda event: paused.append(event))
+    leader.send("Debugger.pause")  # takes effect at its next script: its next beat at the latest
+    wait_until(b, lambda: paused, timeout_s=3)
+
+    remote_save(server, "<p>while the leader is frozen</p>")
+    b.expect_viewer("while the leader is frozen", timeout_s=10)
+    b.expect_version(1)
+    expect(b.page.locator("#transport")).to_have_text("sse")  # b leads now
+    assert b.page.evaluate(OPEN_EVENT_SOURCES) == 1
+
+    leader.send("Debugger.resume")  # a wakes up, finds its lock stolen, and follows b
+    expect(a.page.locator("#transport")).to_have_text("sse via another tab", timeout=5000)
+    a.expect_version(1)
+    assert a.page.evaluate(OPEN_EVENT_SOURCES) == 0
+    remote_save(server, "<p>after the thaw</p>")
+    for tab in (a, b):
+        tab.expect_viewer("after the thaw", timeout_s=2)
+        tab.expect_version(2)
+
+
+def test_badge_says_retrying_while_the_server_is_down_and_offline_only_without_network(context, server):
+    # Every backoff at its floor, so a few seconds take the retries past the ceiling.
+    context.add_init_script("Math.random = () => 0;")
+    context.add_init_script(RECORD_BADGE)
+    a = Tab(context, server.url, "shared")
+    server.stop()
+    a.expect_state("retrying", timeout_s=POLL_S + 3)
+    a.wait(8)  # five failures and more: past the 30 s ceiling of the backoff
+    expect(a.page.locator("#state")).to_contain_text("retrying")
+    assert "offline" not in a.page.evaluate("window.__states")
+
+    context.set_offline(True)
+    a.expect_state("offline", timeout_s=3)
+    context.set_offline(False)
+    a.expect_state("retrying", timeout_s=3)
+    server.start()
+    a.expect_state("live", timeout_s=POLL_S + 3)
+
+
+@pytest.mark.parametrize("status, retry_after_s, most", [(200, None, 5), (503, 2, 3)], ids=["200", "503"])
+def test_long_poll_pauses_after_an_early_unchanged_answer(context, server, status, retry_after_s, most):
+    a = Tab(context, server.url, "shared", "longpoll")
+    early = []
+
+    def answer_early(route):
+        """Answer a held long-poll at once, unchanged, as a server shutting down or a proxy might."""
+        early.append(time.monotonic())
+        if status == 200:
+            route.fulfill(status=200, json={"changed": False, "version": 1, "epoch": stored(server)["epoch"]})
+        else:
+            route.fulfill(status=503, json={"error": "shutting down", "message": "Restarting."},
+                          headers={"Retry-After": str(retry_after_s), "Connection": "close"})
+
+    a.page.route(lambda url: urlsplit(url).path == "/changes" and "wait=" in url, answer_early)
+    remote_save(server, "<p>answers the held long-poll</p>")  # the next long-polls meet the route
+    a.expect_viewer("answers the held long-poll", timeout_s=1)
+    a.wait(5)
+    in_five_s = [t for t in early if t - early[0] <= 5]
+    assert 2 <= len(in_five_s) <= most, len(early)  # it goes on asking, but never in a tight loop
+    if retry_after_s:
+        assert min(later - first for first, later in zip(early, early[1:])) >= retry_after_s - 0.1
+
+
+@pytest.mark.parametrize("transport", ["poll", "longpoll", "sse"])
+def test_a_replaced_database_is_followed_even_to_a_lower_version(context, server, db_path, transport):
+    a = Tab(context, server.url, "shared", transport)
+    for n in (1, 2, 3):
+        remote_save(server, f"<p>old database {n}</p>")
+    a.expect_version(3)
+    old_epoch = stored(server)["epoch"]
+
+    server.stop()
+    for suffix in ("", "-wal", "-shm"):
+        Path(db_path + suffix).unlink(missing_ok=True)
+    migrate(db_path)  # a new database, with a new epoch
+    SQLiteStore(db_path).save("shared", "<p>new database</p>", "null")
+    server.start()  # same port: the page reconnects by itself
+    assert stored(server)["epoch"] != old_epoch
+
+    a.expect_viewer("new database", timeout_s=20)
+    a.expect_version(1)
+    expect(a.page.locator("#html")).to_have_value("<p>new database</p>")  # the clean editor follows
+    a.edit("<p>saved on the new database</p>")
+    a.save()
+    a.expect_version(2)
+    assert stored(server)["html"] == "<p>saved on the new database</p>"
