@@ -4,16 +4,22 @@
  * Knows the page's elements and POST /save; learns of new versions only
  * through subscribe() from changefeed.js, whatever transport that uses.
  */
-import {subscribe} from "./changefeed.js";
+import {backoffMs, subscribe} from "./changefeed.js";
 
 const $ = (id) => document.getElementById(id);
 const slug = document.body.dataset.slug;
 const transport = document.body.dataset.transport;
 
 const editor = {html: $("html"), data: $("data")};
+const SAVE_ATTEMPTS = 5;  // one save, then up to four automatic retries with the same key
+const RETRIED = new Set([502, 503, 504]);  // the server (or a proxy) may answer again; nothing was refused
+
 let shown = null;        // the newest version shown in the viewer: {version, html, data, updated_at, epoch}
 let baseVersion = 0;     // the version the editor's text started from
 let dirty = false;       // the editor holds changes not yet saved
+let edits = 0;           // counts the edits, to tell whether one came in while a save was under way
+let saving = false;
+let unsettled = null;    // {body, key}: the last save whose outcome is not known, retried with its key
 let conflictVersion = null;
 
 function showMessage(text, kind = "info") {
@@ -44,7 +50,9 @@ function show(page) {
   $("version").textContent = String(page.version);
   renderAge();
   if (!dirty) fillEditor(page);
-  else if (newDatabase || page.version > baseVersion) {
+  // While this tab's own save is under way, the new version may be that very save:
+  // its answer says so, or a 409 says someone else's landed first.
+  else if (!saving && (newDatabase || page.version > baseVersion)) {
     showMessage(`Version ${page.version} was saved elsewhere; your edits are based on version ${baseVersion}.`, "warn");
   }
 }
@@ -78,32 +86,82 @@ function readEditor() {
   }
 }
 
+/** A fresh Idempotency-Key (crypto.randomUUID() needs a secure context; getRandomValues does not). */
+function newKey() {
+  if (crypto.randomUUID) return crypto.randomUUID();
+  return Array.from(crypto.getRandomValues(new Uint8Array(16)), (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+/** POST /save once; return {response, body}, or throw when no answer came. */
+async function postSave(attempt) {
+  const response = await fetch("/save", {
+    method: "POST",
+    headers: {"Content-Type": "application/json", Accept: "application/json", "Idempotency-Key": attempt.key},
+    body: attempt.body,
+  });
+  const body = await response.json().catch(() => ({}));  // a proxy's 502 page is not JSON
+  return {response, body};
+}
+
+/**
+ * Save the editor. The save carries an Idempotency-Key: when its answer is
+ * lost (network error, 503), it is sent again with the same key, so the
+ * server stores it once at most. A new edit is a new save with a new key.
+ */
 async function save(base = baseVersion) {
+  if (saving) return;
   const page = readEditor();
   if (!page) return;
+  const body = JSON.stringify({slug, ...page, base_version: base});
+  // The same save again (after one whose outcome is unknown) keeps its key.
+  if (!unsettled || unsettled.body !== body) unsettled = {body, key: newKey()};
+  const attempt = unsettled;
+  const editsBefore = edits;
+  saving = true;
   $("save").disabled = true;
   try {
-    const response = await fetch("/save", {
-      method: "POST",
-      headers: {"Content-Type": "application/json", Accept: "application/json"},
-      body: JSON.stringify({slug, ...page, base_version: base}),
-    });
-    const body = await response.json();
-    if (response.status === 409) return showConflict(body.version);
-    if (!response.ok) {
-      const fields = Object.entries(body.fields || {}).map(([name, why]) => `${name}: ${why.join(" ")}`);
-      return showMessage([body.message, ...fields].join(" "), "error");
+    for (let tries = 1; ; tries++) {
+      let answer = null;
+      let why = null;
+      let retryAfterMs = 0;
+      try {
+        answer = await postSave(attempt);
+      } catch (error) {
+        why = `The server did not answer (${error.message}).`;
+      }
+      if (answer && !RETRIED.has(answer.response.status)) {
+        unsettled = null;  // a definite outcome: stored, or refused
+        return settle(answer, page, editsBefore);
+      }
+      if (answer) {
+        why = answer.body.message || `The server answered ${answer.response.status}.`;
+        retryAfterMs = 1000 * (Number(answer.response.headers.get("Retry-After")) || 0);
+      }
+      if (tries >= SAVE_ATTEMPTS) {
+        return showMessage(`Not saved yet. ${why} Press Save to try again: it is never stored twice.`, "error");
+      }
+      const delayMs = backoffMs(tries, retryAfterMs);
+      showMessage(`Saving… ${why} Trying again in ${Math.ceil(delayMs / 1000)} s.`, "warn");
+      await new Promise((resolve) => setTimeout(resolve, delayMs));
     }
-    hideConflict();
-    dirty = false;
-    setBase(body.version);
-    showMessage(`Saved version ${body.version}.`, "ok");
-    show({...page, version: body.version, updated_at: body.updated_at, epoch: body.epoch});
-  } catch (error) {
-    showMessage(`Could not reach the server, nothing was saved: ${error.message}`, "error");
   } finally {
+    saving = false;
     $("save").disabled = false;
   }
+}
+
+/** Show what a save's definite answer says. */
+function settle({response, body}, page, editsBefore) {
+  if (response.status === 409) return showConflict(body.version);
+  if (!response.ok) {
+    const fields = Object.entries(body.fields || {}).map(([name, why]) => `${name}: ${why.join(" ")}`);
+    return showMessage([body.message, ...fields].join(" "), "error");
+  }
+  hideConflict();
+  dirty = edits !== editsBefore;  // typed while the save was under way: still unsaved
+  setBase(body.version);
+  showMessage(`Saved version ${body.version}.`, "ok");
+  show({...page, version: body.version, updated_at: body.updated_at, epoch: body.epoch});
 }
 
 function showConflict(version) {
@@ -131,8 +189,13 @@ async function loadTheirs() {
   }
 }
 
-editor.html.addEventListener("input", () => { dirty = true; });
-editor.data.addEventListener("input", () => { dirty = true; });
+function edited() {
+  dirty = true;
+  edits += 1;
+}
+
+editor.html.addEventListener("input", edited);
+editor.data.addEventListener("input", edited);
 $("save").addEventListener("click", () => save());
 $("load-theirs").addEventListener("click", loadTheirs);
 $("overwrite").addEventListener("click", () => save(conflictVersion));

@@ -421,6 +421,38 @@ def test_long_poll_pauses_after_an_early_unchanged_answer(context, server, statu
         assert min(later - first for first, later in zip(early, early[1:])) >= retry_after_s - 0.1
 
 
+@pytest.mark.parametrize("lost", ["network error", "503 outcome unknown"])
+def test_a_save_whose_answer_is_lost_is_retried_with_its_key_and_stored_once(tabs, server, lost):
+    a, b = tabs
+    keys, replayed = [], []
+
+    def lose_first_answer(route):
+        keys.append(route.request.headers.get("idempotency-key"))
+        response = route.fetch()  # the save reaches the server and is stored...
+        replayed.append(response.headers.get("idempotent-replayed"))
+        if len(keys) > 1:
+            route.fulfill(response=response)
+        elif lost == "network error":
+            route.abort()  # ...but its answer never reaches the page
+        else:
+            route.fulfill(status=503, headers={"Retry-After": "1"}, json={
+                "error": "outcome unknown", "message": "This save may or may not have been stored."})
+
+    a.page.route("**/save", lose_first_answer)
+    a.edit("<p>saved once</p>")
+    a.save()
+    expect(a.page.locator("#message")).to_have_text("Saved version 1.", timeout=10_000)
+    assert len(keys) == 2 and keys[0] and keys[0] == keys[1], keys
+    assert replayed == [None, "true"]
+    assert (stored(server)["version"], stored(server)["html"]) == (1, "<p>saved once</p>")
+    b.expect_viewer("saved once", timeout_s=POLL_S + 1)
+
+    a.edit("<p>a new edit</p>")
+    a.save()
+    a.expect_version(2)
+    assert len(keys) == 3 and keys[2] != keys[0]  # a new edit is a new save: a new key
+
+
 @pytest.mark.parametrize("transport", ["poll", "longpoll", "sse"])
 def test_a_replaced_database_is_followed_even_to_a_lower_version(context, server, db_path, transport):
     a = Tab(context, server.url, "shared", transport)
