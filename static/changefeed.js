@@ -1,16 +1,23 @@
 /**
  * changefeed client: the one place that knows how a page learns of new versions.
  *
- *   const unsubscribe = subscribe(slug, {since, onChange, onStatus, transport});
+ *   const unsubscribe = subscribe(slug, {since, epoch, onChange, onStatus, transport});
  *
- * - onChange({version, html, data, updated_at}) runs once for each newer
- *   version seen (a slow client may skip versions: it always ends at the newest).
+ * - onChange({version, html, data, updated_at, epoch}) runs once for each
+ *   newer version seen (a slow client may skip versions: it always ends at
+ *   the newest). When the database is replaced or restored (a new epoch), the
+ *   version may be lower than the last one: it is the newest all the same.
  * - onStatus({state, transport, retryInMs, shared, leader}) reports the
- *   connection: state is "connecting", "live", "retrying" or "offline".
+ *   connection: state is "connecting", "live", "retrying" (the server does
+ *   not answer; retryInMs says when the next try is) or "offline" (the
+ *   browser has no network).
  * - transport: "poll" (GET /changes every 2 s, the default), "longpoll"
  *   (GET /changes?wait=, answered the moment a save lands) or "sse"
- *   (an EventSource on /events; falls back to long-poll when the stream
- *   cannot be opened but the server answers).
+ *   (an EventSource on /events; falls back to long-poll when the server
+ *   refuses streams, but not for a 503 with Retry-After, which means "later").
+ * - since and epoch: the position already held (0 and null: none).
+ *
+ * After unsubscribe() nothing stays open and no callback runs.
  *
  * This is the swap point: a hosted channel (Pusher, Ably, Centrifugo) or a
  * WebSocket replaces the body of subscribe() and keeps its signature; nothing
@@ -19,8 +26,9 @@
  * The push transports are shared between the tabs of one browser: one
  * leader tab, elected with the Web Locks API, holds the connection for a slug
  * and relays what it hears to the others over a BroadcastChannel; when it
- * closes, another tab takes over. Ten tabs cost the server one connection
- * and stay clear of the browser's six connections per origin.
+ * closes, or goes silent (a frozen tab keeps its lock), another tab takes
+ * over. Ten tabs cost the server one connection and stay clear of the
+ * browser's six connections per origin.
  */
 
 export const TRANSPORTS = ["poll", "longpoll", "sse"];
@@ -246,13 +254,14 @@ const OPENERS = {
     let source = null;
     let timer = null;
     let stopped = false;
-    const asking = new AbortController();  // the check of serverAnswers(), cut by unsubscribe
+    const asking = new AbortController();  // the probe of probeStream(), cut by unsubscribe
 
     function open() {
       timer = null;
       if (stopped) return;
       let opened = false;
-      source = new EventSource(`/events?slug=${encodeURIComponent(feed.slug)}&${feed.position.query()}`);
+      const url = `/events?slug=${encodeURIComponent(feed.slug)}&${feed.position.query()}`;
+      source = new EventSource(url);
       source.onopen = () => {
         opened = true;
         feed.live();
@@ -263,14 +272,16 @@ const OPENERS = {
         // and resume from the position we hold (the since= and epoch= of the next URL).
         source.close();
         if (stopped) return;
-        const refused = !opened && await serverAnswers(feed, asking.signal);
+        const probe = opened ? {} : await probeStream(url, asking.signal);
         if (stopped) return;  // unsubscribed while we asked: open nothing more
-        if (refused) {
+        if (probe.refused) {
           stopped = true;  // the server is up but the stream cannot be opened: long-poll instead
           feed.switchTo("longpoll");
           return;
         }
-        timer = setTimeout(open, feed.failed(new Error("event stream lost")));
+        const error = new Error(probe.error || "event stream lost");
+        error.retryAfterMs = probe.retryAfterMs;
+        timer = setTimeout(open, feed.failed(error));
       };
     }
 
@@ -292,13 +303,31 @@ const OPENERS = {
   },
 };
 
-/** Whether a plain GET /changes gets an answer: tells "the stream is refused" from "the server is down". */
-async function serverAnswers(feed, signal) {
+/**
+ * Ask /events why the stream would not open (EventSource never tells).
+ *
+ * A 503 with Retry-After (a server shutting down, a database not readable
+ * yet) or a stream that opens now means "later"; another answer means this
+ * server or a proxy refuses streams ({refused: true}); no answer, the server is down.
+ */
+async function probeStream(url, signal) {
+  const probe = new AbortController();
+  const cut = () => probe.abort();
+  signal.addEventListener("abort", cut);
   try {
-    await getChanges(feed, 0, signal);
-    return true;
+    const response = await fetch(url, {signal: probe.signal, headers: {Accept: "text/event-stream"}, cache: "no-store"});
+    const type = response.headers.get("Content-Type") || "";
+    if (response.ok && type.startsWith("text/event-stream")) return {};
+    const seconds = Number(response.headers.get("Retry-After"));
+    if (response.status === 503 && response.headers.has("Retry-After") && Number.isFinite(seconds)) {
+      return {retryAfterMs: seconds * 1000, error: `GET /events answered 503`};
+    }
+    return {refused: true};
   } catch {
-    return false;
+    return {error: "the server does not answer"};
+  } finally {
+    probe.abort();  // the probe is never read: a stream that opened is closed at once
+    signal.removeEventListener("abort", cut);
   }
 }
 

@@ -315,15 +315,20 @@ def test_bad_data_json_is_refused_in_the_page_before_any_request(tabs):
     assert len(a.requests_to("/save", method="POST", after=before)) == 1
 
 
-@pytest.mark.parametrize("server_down", [True, False], ids=["server down", "stream refused"])
+@pytest.mark.parametrize("server_down", [True, False], ids=["server down", "server answers"])
 def test_unsubscribing_while_the_stream_handler_waits_leaves_nothing_open(context, server, server_down):
     context.add_init_script(COUNT_EVENT_SOURCES)
     a = Tab(context, server.url, "shared")  # the page itself polls: it opens no stream
     held = []
-    a.page.route(lambda url: urlsplit(url).path == "/events", lambda route: route.abort())
-    # The stream fails at once; the handler then asks GET /changes whether the server
-    # answers, and that question is held here while the subscriber goes away.
-    a.page.route(lambda url: "slug=leak" in url and urlsplit(url).path == "/changes", lambda route: held.append(route))
+
+    def fail_the_stream_hold_the_probe(route):
+        """The stream fails at once; the handler then asks the server why, and that question is held."""
+        if route.request.resource_type == "eventsource":
+            route.abort()
+        else:
+            held.append(route)
+
+    a.page.route(lambda url: "slug=leak" in url, fail_the_stream_hold_the_probe)
     a.page.evaluate("""async () => {
         const {subscribe} = await import("/static/changefeed.js");
         window.__calls = [];
@@ -343,8 +348,29 @@ def test_unsubscribing_while_the_stream_handler_waits_leaves_nothing_open(contex
     a.wait(3)  # longer than the first backoff (at most 2 s)
     assert a.page.evaluate(OPEN_EVENT_SOURCES) == 0
     assert a.requests_to("/events", after=unsubscribed) == []
-    assert [url for url in a.requests_to("/changes", after=unsubscribed) if "slug=leak" in url] == []
+    assert [url for _, url in a.requests[unsubscribed:] if "slug=leak" in url] == []
     assert a.page.evaluate("window.__calls") == []  # no callback after unsubscribe
+
+
+def test_sse_reconnects_instead_of_falling_back_when_a_restarting_server_says_later(open_tab, context, server):
+    refusals = []
+
+    def shutting_down_twice(route):
+        """A worker shutting down answers 503 with Retry-After, to the stream and to the probe."""
+        if len(refusals) == 2:
+            return route.continue_()
+        refusals.append(route.request.resource_type)
+        route.fulfill(status=503, json={"error": "shutting down", "message": "Restarting."},
+                      headers={"Retry-After": "1", "Connection": "close"})
+
+    context.route(lambda url: urlsplit(url).path == "/events", shutting_down_twice)
+    a = open_tab("sse")
+    expect(a.page.locator("#transport")).to_have_text("sse")
+    remote_save(server, "<p>through the stream</p>")
+    a.expect_viewer("through the stream", timeout_s=1)
+    assert len(refusals) == 2
+    assert len(a.requests_to("/events")) == 3
+    assert not [url for url in a.requests_to("/changes") if "wait=" in url]  # never fell back to long-poll
 
 
 def test_a_follower_takes_over_from_a_frozen_leader(open_tab, server, context):
