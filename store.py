@@ -9,6 +9,7 @@ A save ends in exactly one of: `Saved` (on disk), `Conflict`, `KeyReused` or
 settles it). writers.py keeps that promise for grouped saves.
 """
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -170,6 +171,12 @@ def _reason(exc):
     return f"{REASONS.get(_code(exc), 'the database failed')} ({exc})"
 
 
+def _os_reason(exc):
+    """Say in words what an OS error on a file next to the database means for a save."""
+    words = {errno.EROFS: REASONS[SQLITE_READONLY], errno.ENOSPC: REASONS[SQLITE_FULL]}
+    return f"{words.get(exc.errno, 'the database folder cannot be written')} ({exc})"
+
+
 class _Connection(sqlite3.Connection):
     """A connection that remembers which opening of the database file it belongs to."""
 
@@ -224,7 +231,6 @@ class SQLiteStore:
         self._key_ttl = idempotency_ttl_s
         self._writer_class = writer  # None: the best one for the process that first saves
         self._writer = None
-        self._turn_fd = None
         self._idle = []  # connections not in use; list.pop/append are atomic
         self.generation = 0  # bumped when the file at `path` is another one: pooled connections go
         self._identity = self._file_identity()
@@ -269,7 +275,6 @@ class SQLiteStore:
         """In a forked child: leave the parent's connections and files alone, open our own."""
         _inherited.extend(self._idle)
         self._idle = []
-        self._turn_fd = None
         self._writer = None
 
     def check_file(self):
@@ -323,17 +328,29 @@ class SQLiteStore:
         return self._writer
 
     def _take_turn(self, deadline):
-        """Wait for this process's turn to write, until `deadline`; say whether it came."""
-        if self._turn_fd is None:
-            self._turn_fd = os.open(f"{self.path}.write-turn", os.O_RDWR | os.O_CREAT, 0o600)
-        while True:
-            try:
-                fcntl.flock(self._turn_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return True
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    return False
-                _sleep(TURN_POLL_S)
+        """Wait for this process's turn to write, until `deadline`; return the turn's fd, or None.
+
+        The turn's file is opened for each transaction (microseconds, next to
+        its fsync) beside whatever database is at the path: one kept open
+        would stay beside a replaced file, holding a failed filesystem open
+        and splitting the turn between processes that opened it before and after.
+        Read-only, as flock needs no more: on a disk gone read-only the turn
+        still works, and SQLite itself says what became of the save.
+        """
+        fd = os.open(f"{self.path}.write-turn", os.O_RDONLY | os.O_CREAT, 0o600)
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    return fd
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        os.close(fd)
+                        return None
+                    _sleep(TURN_POLL_S)
+        except BaseException:
+            os.close(fd)
+            raise
 
     def save_batch(self, items, deadline):
         """Apply saves [SaveRequest] in one transaction, one fsync for all, before `deadline`.
@@ -341,6 +358,10 @@ class SQLiteStore:
         Returns each item's outcome: a Saved, or the exception saying what
         became of it (Conflict, KeyReused, NotStored, Busy, OutcomeUnknown).
         Never raises for a database error: each caller gets its own answer.
+        Nor for the turn's file: on a disk gone read-only (or full) opening
+        `<database>.write-turn` fails before anything is written, which is
+        NotStored, not the "outcome unknown" (and traceback) that writers.py
+        makes of an exception it did not expect.
         """
         problem = self.check_file()
         if problem:
@@ -351,12 +372,16 @@ class SQLiteStore:
             return [NotStored(f"the database cannot be opened ({exc})") for _ in items]
         healthy = False
         try:
-            if not self._take_turn(deadline):
+            try:
+                turn = self._take_turn(deadline)
+            except OSError as exc:
+                return [NotStored(_os_reason(exc)) for _ in items]
+            if turn is None:
                 return [Busy("other saves held the write turn past the busy timeout") for _ in items]
             try:
                 outcomes, healthy = self._transaction(conn, items, deadline)
             finally:
-                fcntl.flock(self._turn_fd, fcntl.LOCK_UN)
+                os.close(turn)  # and with it the flock
         finally:
             self._give_back(conn, healthy)
         return outcomes
