@@ -297,11 +297,21 @@ class SQLiteStore:
         return None
 
     def _borrow(self):
-        """Take a pooled connection (or open one); give it back with _give_back."""
-        try:
-            return self._idle.pop()
-        except IndexError:
-            return self._connect()
+        """Take a pooled connection (or open one); give it back with _give_back.
+
+        Pooled connections of a file since replaced are closed, never lent
+        (check_file's own epoch check, the first to borrow, closes them all):
+        a read would answer from the old file, and a save be acknowledged in
+        a database that is no longer at the path.
+        """
+        while True:
+            try:
+                conn = self._idle.pop()
+            except IndexError:
+                return self._connect()
+            if conn.generation == self.generation:
+                return conn
+            conn.close()
 
     def _give_back(self, conn, healthy=True):
         """Pool a connection again, or close it when it failed or belongs to a replaced file."""
@@ -483,9 +493,16 @@ class SQLiteStore:
 
         The epoch is read with the page, in one statement, so an answer never
         pairs a version with the identity of another database (one restored
-        in place, say).
+        in place, say). The file is looked at first (one stat(), about 1.5 µs):
+        a worker that serves only reads has no watcher and makes no save to
+        notice a replaced file, and would answer from its pooled connection
+        to the old one for as long as it lives.
         """
-        conn = self._borrow()  # every poll comes here: no context manager, a third less overhead
+        problem = self.check_file()  # a missing file: reads go on from a connection still open to it
+        try:
+            conn = self._borrow()  # every poll comes here: no context manager, a third less overhead
+        except (sqlite3.Error, RuntimeError) as exc:  # none open, and the file cannot be opened: 503, not 500
+            raise Unavailable(problem or str(exc)) from None
         try:
             row = conn.execute(
                 "SELECT e.value, p.version, p.updated_at,"
