@@ -155,14 +155,18 @@ def create_app(test_config=None):
     def readyz():
         """Say whether this process can serve: its database reads and its watcher looks (readiness)."""
         problems = {}
-        try:
-            store.ping()
-            notifier.start()
-        except Unavailable as exc:
-            problems["database"] = str(exc)
-        problem = store.check_file() or notifier.health()
-        if problem and "database" not in problems:
-            problems["watcher"] = problem
+        missing = store.check_file()  # first: its message says what to do about the file itself
+        if missing:
+            problems["database"] = missing
+        else:
+            try:
+                store.ping()
+                notifier.start()
+            except Unavailable as exc:
+                problems["database"] = str(exc)
+            else:
+                if notifier.health():
+                    problems["watcher"] = notifier.health()
         if notifier.closed:
             problems["process"] = "shutting down"
         if problems:

@@ -12,7 +12,12 @@ wake-up that was missed for any reason costs at most one heartbeat interval,
 never a stream that hears nothing forever.
 """
 
+import logging
 import time
+
+from store import Unavailable
+
+log = logging.getLogger(__name__)
 
 HEARTBEAT = b": heartbeat\n\n"
 
@@ -52,21 +57,27 @@ def event_stream(store, notifier, slug, since, epoch, retry_ms):
     as it does for a client resuming from a version of another epoch.
     """
     yield f"retry: {retry_ms}\n\n".encode()
-    with notifier.subscribe(slug) as subscription:
-        change = store.changes(slug, since, epoch)
-        if epoch is not None and change.epoch != epoch:
-            since = -1  # whatever this database holds is news, even version 0
-        epoch, sent = change.epoch, since
-        while not notifier.closed:
-            if change.epoch != epoch:
-                epoch, sent = change.epoch, -1  # a new database: whatever it holds is news
-                change = store.changes(slug, 0)
-            if change.version > sent:
-                yield change.event
-                sent = change.version
-            subscription.wait()
-            change = subscription.latest
-            if change is None or (change.version <= sent and change.epoch == epoch):
-                change = store.changes(slug, max(sent, 0))
-                if change.version <= sent and change.epoch == epoch and not notifier.closed:
-                    yield HEARTBEAT
+    try:
+        with notifier.subscribe(slug) as subscription:
+            change = store.changes(slug, since, epoch)
+            if epoch is not None and change.epoch != epoch:
+                since = -1  # whatever this database holds is news, even version 0
+            epoch, sent = change.epoch, since
+            while not notifier.closed:
+                if change.epoch != epoch:
+                    epoch, sent = change.epoch, -1  # a new database: whatever it holds is news
+                    change = store.changes(slug, 0)
+                if change.version > sent:
+                    yield change.event
+                    sent = change.version
+                subscription.wait()
+                change = subscription.latest
+                if change is None or (change.version <= sent and change.epoch == epoch):
+                    change = store.changes(slug, max(sent, 0))
+                    if change.version <= sent and change.epoch == epoch and not notifier.closed:
+                        yield HEARTBEAT
+    except Unavailable as exc:
+        # The database cannot be read: end the stream cleanly. The client
+        # reconnects after `retry` from its Last-Event-ID, and is told 503
+        # (or served) then; nothing it had is lost.
+        log.warning("event stream of %s ended: the database cannot be read (%s)", slug, exc)

@@ -48,6 +48,24 @@ accesslog = None
 control_socket_disable = True
 
 
+def on_starting(server):
+    """Refuse to start on a missing or out-of-date database, once, in the master.
+
+    Each worker then boots even while the file is missing (a worker restarted
+    while the file is moved or being restored), and answers 503 until it is
+    back, instead of failing to boot, which would stop the whole server. The
+    app is not preloaded: gevent must patch a worker before the app is built.
+    """
+    from settings import from_environ
+    from store import MASTER_CHECKED, check_database
+
+    try:
+        check_database(from_environ()["CHANGEFEED_DB"])
+    except RuntimeError as exc:  # SchemaOutOfDate, SchemaTooNew: their message says what to do
+        raise SystemExit(f"error: {exc}") from None
+    os.environ[MASTER_CHECKED] = "1"  # inherited by the workers
+
+
 def post_worker_init(worker):
     """Tune the garbage collector; on SIGTERM, end every stream and long-poll so clients reconnect elsewhere."""
     # Thousands of open streams are thousands of live objects: a full

@@ -33,6 +33,10 @@ try:  # the commit thread waits for its turn with a real sleep, even where geven
 except ImportError:  # pragma: no cover - gevent is a dependency; the store does not need it
     _sleep = time.sleep
 
+# Set by gunicorn.conf.py once its master found the database usable: a worker
+# (re)started while the file is missing then waits for it instead of failing.
+MASTER_CHECKED = "CHANGEFEED_DB_CHECKED_BY_MASTER"
+
 TURN_POLL_S = 0.0005  # how often a writer waiting for its turn looks again
 
 # SQLite result codes (https://sqlite.org/rescode.html) that say a failed
@@ -234,7 +238,10 @@ class SQLiteStore:
         self._idle = []  # connections not in use; list.pop/append are atomic
         self.generation = 0  # bumped when the file at `path` is another one: pooled connections go
         self._identity = self._file_identity()
-        self.epoch = self._open_check()
+        if self._identity is None and os.environ.get(MASTER_CHECKED) == "1":
+            self.epoch = None  # read by check_file once the file is back; until then saves get 503
+        else:
+            self.epoch = self._open_check()
         after_fork_in_child(self)
 
     def _open_check(self):
@@ -531,6 +538,13 @@ class SQLiteStore:
     def watch(self, seq=None):
         """Open a cursor over saves after `seq` (None: from now), for a process's one watcher."""
         return SaveCursor(self._connect(), seq)
+
+
+def check_database(path):
+    """Raise SchemaOutOfDate or SchemaTooNew, saying what to do, unless this code can use `path`."""
+    store = SQLiteStore(path)
+    while store._idle:
+        store._idle.pop().close()
 
 
 class _Lent:

@@ -18,9 +18,9 @@ import gevent
 import pytest
 import requests
 
-from feeds import long_poll
+from feeds import event_stream, long_poll
 from notify import SQLiteNotifier
-from store import Busy, NotStored, OutcomeUnknown, Saved, SaveRequest, SQLiteStore
+from store import Busy, NotStored, OutcomeUnknown, Saved, SaveRequest, SQLiteStore, Unavailable
 from writers import GroupCommit
 
 GENEROUS_S = 3.0  # a broken mechanism misses this by far (or hangs); the targets are the bench's job
@@ -323,3 +323,14 @@ def test_with_preload_a_save_waiting_for_the_lock_does_not_block_reads(make_serv
         release()
     saver.join(10)
     assert saved.get("version") == 1
+
+
+def test_a_stream_ends_cleanly_when_the_database_cannot_be_read(db_path, store):
+    class Unreadable(FlakyStore):
+        def changes(self, slug, since, epoch=None):
+            raise Unavailable("unable to open database file")
+
+    notifier = SQLiteNotifier(store, interval_s=0.01, heartbeat_s=60)
+    stream = event_stream(Unreadable(store), notifier, "page", 0, None, 2000)
+    assert list(stream) == [b"retry: 2000\n\n"]  # ended, not raised: the client reconnects after `retry`
+    notifier.close()

@@ -125,3 +125,13 @@ def test_new_epoch_gives_the_database_a_new_identity_and_keeps_its_pages(db_path
     assert len(new) == 1 and new[0][0] != epoch and new[0][0] in out
     answer = create_app({"CHANGEFEED_DB": db_path}).test_client().get("/changes?slug=home").get_json()
     assert answer["epoch"] == new[0][0] and answer["version"] == 2
+
+
+def test_gunicorn_refuses_to_start_on_a_missing_database_and_says_to_migrate(tmp_path):
+    missing = str(tmp_path / "missing.sqlite3")
+    result = subprocess.run([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "--bind", "127.0.0.1:0",
+                             "app:create_app()"], cwd=ROOT, capture_output=True, text=True, timeout=30,
+                            env={**os.environ, "CHANGEFEED_DB": missing})
+    assert result.returncode != 0
+    assert "python migrate.py" in result.stderr and "Traceback" not in result.stderr
+    assert not os.path.exists(missing)

@@ -516,16 +516,9 @@ def test_a_vanished_database_file_replaced_by_a_new_one_starts_over_with_its_epo
     assert unexpected_tracebacks(server.log()) == []
 
 
-@pytest.mark.parametrize("args", [
-    pytest.param((), id="as configured", marks=pytest.mark.xfail(strict=True, reason=(
-        "a worker booting while the file is missing fails to boot, and gunicorn then stops the whole "
-        "server (Reason: Worker failed to boot); gunicorn.conf.py needs preload_app = True"))),
-    pytest.param(("--preload",), id="--preload"),
-])
-def test_a_worker_restarted_while_the_file_is_missing_does_not_take_the_server_down(
-        tmp_path, make_server, args):
+def test_a_worker_restarted_while_the_file_is_missing_does_not_take_the_server_down(tmp_path, make_server):
     path = str(tmp_path / "data" / "changefeed.sqlite3")
-    server = serve(make_server, path, args=args)
+    server = serve(make_server, path)  # as gunicorn.conf.py configures it: the app is preloaded
     saved(server, "home", "<p>one</p>")
     os.rename(path, f"{path}.moved")
     victim = psutil.Process(server.process.pid).children()[0]
