@@ -68,7 +68,7 @@ class _EventStream(asyncio.Protocol):
         start = lines.find(b"\nid: ")
         while start >= 0:
             stop = lines.index(b"\n", start + 1)
-            self.seen.record(int(lines[start + 5:stop]))
+            self.seen.record(int(lines[start + 5:stop].rpartition(b":")[2]))  # id: <epoch>:<version>
             start = lines.find(b"\nid: ", stop)
 
     def connection_lost(self, exc):
