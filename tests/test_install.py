@@ -1,0 +1,95 @@
+"""The README's production and development commands work from requirements.txt alone.
+
+The test virtualenv holds pytest, Playwright and their dependencies, which
+hide a runtime dependency that requirements.txt forgets (gunicorn's gevent
+workers import `packaging`, which only the test tools pulled in). So these
+tests build a second virtualenv from requirements.txt and nothing else, and
+run the service from it. It is cached by the hash of requirements.txt, so
+only a change of that file pays for a new install.
+"""
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from conftest import ROOT, free_port
+from migrate import migrate
+
+CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "changefeed" / "clean-venvs"
+
+
+@pytest.fixture(scope="module")
+def clean_venv():
+    """A virtualenv with exactly requirements.txt installed; return its bin folder."""
+    requirements = (ROOT / "requirements.txt").read_bytes()
+    venv = CACHE / hashlib.sha256(requirements + sys.version.encode()).hexdigest()[:16]
+    if not (venv / "installed").exists():
+        shutil.rmtree(venv, ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        result = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q",
+                                 "--disable-pip-version-check", "-r", str(ROOT / "requirements.txt")],
+                                capture_output=True, text=True)
+        assert result.returncode == 0, f"pip install -r requirements.txt failed:\n{result.stderr[-3000:]}"
+        (venv / "installed").touch()
+    return venv / "bin"
+
+
+def clean_env(bin_dir, **extra):
+    """The environment of a shell that activated only the clean virtualenv."""
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME") and not key.startswith("PYTEST")}
+    return {**env, "PATH": f"{bin_dir}{os.pathsep}{env.get('PATH', '')}", "VIRTUAL_ENV": str(bin_dir.parent),
+            **extra}
+
+
+def serve_and_check(command, env, url, log_path):
+    """Start `command`, then save and receive the save as a Server-Sent Event; stop it."""
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert process.poll() is None, f"{command[0]} exited:\n{Path(log_path).read_text()[-3000:]}"
+            try:
+                requests.get(f"{url}/healthz", timeout=1)
+                break
+            except requests.RequestException:
+                assert time.monotonic() < deadline, f"no answer in 30 s:\n{Path(log_path).read_text()[-3000:]}"
+                time.sleep(0.1)
+        with requests.get(f"{url}/events?slug=fresh&since=0", stream=True, timeout=10) as stream:
+            assert stream.status_code == 200
+            saved = requests.post(f"{url}/save", json={"slug": "fresh", "html": "<p>from a clean install</p>"},
+                                  timeout=10)
+            assert saved.status_code == 200 and saved.json()["version"] == 1, saved.text
+            lines = stream.iter_lines(decode_unicode=True)
+            data = next(line for line in lines if line.startswith("data: "))
+            assert '"html":"<p>from a clean install</p>"' in data
+    finally:
+        os.killpg(process.pid, 15)
+        process.wait(timeout=30)
+
+
+def test_the_production_command_runs_from_requirements_txt_alone(clean_venv, tmp_path):
+    db = str(tmp_path / "changefeed.sqlite3")
+    port = free_port()
+    env = clean_env(clean_venv, CHANGEFEED_DB=db, CHANGEFEED_BIND=f"127.0.0.1:{port}", CHANGEFEED_WORKERS="2")
+    subprocess.run([str(clean_venv / "python"), "migrate.py"], cwd=ROOT, env=env, check=True, capture_output=True)
+    serve_and_check([str(clean_venv / "gunicorn"), "-c", "gunicorn.conf.py", "app:create_app()"], env,
+                    f"http://127.0.0.1:{port}", tmp_path / "gunicorn.log")
+
+
+def test_flask_run_works_from_requirements_txt_alone(clean_venv, tmp_path):
+    db = str(tmp_path / "changefeed.sqlite3")
+    migrate(db)
+    port = free_port()
+    env = clean_env(clean_venv, CHANGEFEED_DB=db)
+    serve_and_check([str(clean_venv / "flask"), "--app", "app", "run", "--host", "127.0.0.1", "--port", str(port)],
+                    env, f"http://127.0.0.1:{port}", tmp_path / "flask.log")
