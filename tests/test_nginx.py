@@ -77,14 +77,14 @@ def save(url, html):
     return response.json()["version"]
 
 
-def test_events_pass_through_nginx_at_once(nginx, open_stream):
+def test_events_pass_through_nginx_at_once(nginx, open_stream, epoch):
     stream = open_stream(f"{nginx}/events?slug=proxied")
     assert stream.next() == {"retry": "2000"}
     for n in range(1, 4):
         saved_at = time.monotonic()
         save(nginx, f"v{n}")
         event = stream.next(timeout=2)
-        assert (event["id"], event["data"]["html"]) == (str(n), f"v{n}")
+        assert (event["id"], event["data"]["html"]) == (f"{epoch}:{n}", f"v{n}")
         assert time.monotonic() - saved_at < 1.0  # a buffering proxy would hold it until 4-8 KiB piled up
 
 
