@@ -22,6 +22,7 @@ import settings
 from errors import ApiError, ShuttingDown
 from feeds import event_stream, long_poll
 from notify import SQLiteNotifier
+from origins import parse_origins, refuse_cross_site_writes
 from schemas import (ChangesQuerySchema, EventsQuerySchema, IdempotencyKeySchema, LastEventIdSchema,
                      PageQuerySchema, SaveFormSchema, SaveSchema, TRANSPORTS, reject_constant)
 from store import SQLiteStore, Unavailable
@@ -89,6 +90,11 @@ def create_app(test_config=None):
         return changes_schema.load(request.args)
 
     errors.register(app)
+    allowed_origins = parse_origins(app.config["CHANGEFEED_CORS_ORIGINS"])
+
+    @app.before_request
+    def same_site_writes_only():
+        refuse_cross_site_writes(request, allowed_origins)
 
     @app.post("/save")
     def save():

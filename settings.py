@@ -30,6 +30,9 @@ SETTINGS = [
      "How often each server process looks for saves made by the others (milliseconds)."),
     ("CHANGEFEED_SSE_HEARTBEAT_MS", 15_000,
      "Idle time after which an event stream sends a comment, so proxies keep it open (milliseconds)."),
+    ("CHANGEFEED_CORS_ORIGINS", "",
+     "Origins of other sites whose pages may write here (e.g. https://app.example), comma-separated; "
+     "none by default: a write from another site's page is refused with 403."),
     ("CHANGEFEED_SSE_RETRY_MS", 2_000,
      "Reconnection delay an event stream suggests to EventSource (milliseconds)."),
 ]
