@@ -22,7 +22,7 @@ import settings
 from errors import ApiError, ShuttingDown
 from feeds import event_stream, long_poll
 from notify import SQLiteNotifier
-from origins import parse_origins, refuse_cross_site_writes
+from origins import parse_list, parse_origins, refuse_cross_site_writes
 from schemas import (ChangesQuerySchema, EventsQuerySchema, IdempotencyKeySchema, LastEventIdSchema,
                      PageQuerySchema, SaveFormSchema, SaveSchema, TRANSPORTS, reject_constant)
 from store import SQLiteStore, Unavailable
@@ -56,6 +56,8 @@ def create_app(test_config=None):
     app.config.from_mapping(settings.from_environ())
     app.config.from_mapping(test_config or {})
     app.config["MAX_CONTENT_LENGTH"] = app.config["CHANGEFEED_MAX_BODY_BYTES"]
+    hosts = parse_list(app.config["CHANGEFEED_TRUSTED_HOSTS"])
+    app.config["TRUSTED_HOSTS"] = None if "*" in hosts else sorted(hosts)
     app.json.sort_keys = False
 
     store = app.extensions["changefeed.store"] = SQLiteStore(

@@ -7,7 +7,7 @@ werkzeug's own 404/405/413 and unexpected exceptions, goes through `envelope`.
 
 from flask import current_app, jsonify, request
 from marshmallow import ValidationError
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, SecurityError
 
 from store import Busy, Conflict, KeyReused, NotStored, OutcomeUnknown, Unavailable
 
@@ -104,6 +104,13 @@ def register(app):
         return envelope(503, "shutting down", "This server process is restarting; "
                         "ask again in a second (a new connection reaches another one).",
                         headers={"Retry-After": "1", "Connection": "close"})
+
+    @app.errorhandler(SecurityError)
+    def untrusted_host(exc):
+        host = request.environ.get("HTTP_HOST", "")
+        return envelope(400, "untrusted host",
+                        f"This server does not answer to the host name {host!r} (a DNS rebinding attack "
+                        "would look like this). If it is this server's name, add it to CHANGEFEED_TRUSTED_HOSTS.")
 
     @app.errorhandler(HTTPException)
     def http_error(exc):

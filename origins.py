@@ -15,9 +15,14 @@ from errors import ApiError
 SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
 
 
+def parse_list(text):
+    """A setting that lists names: separated by commas or spaces."""
+    return set(text.replace(",", " ").split())
+
+
 def parse_origins(text):
-    """The allow-list of CHANGEFEED_CORS_ORIGINS: origins separated by commas or spaces."""
-    return {origin.rstrip("/") for origin in text.replace(",", " ").split()}
+    """The allow-list of CHANGEFEED_CORS_ORIGINS (a trailing slash is forgiven)."""
+    return {origin.rstrip("/") for origin in parse_list(text)}
 
 
 def refuse_cross_site_writes(request, allowed):

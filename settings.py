@@ -33,6 +33,9 @@ SETTINGS = [
     ("CHANGEFEED_CORS_ORIGINS", "",
      "Origins of other sites whose pages may write here (e.g. https://app.example), comma-separated; "
      "none by default: a write from another site's page is refused with 403."),
+    ("CHANGEFEED_TRUSTED_HOSTS", "localhost,127.0.0.1",
+     "Host names this service answers to, comma-separated (`.example.com` allows its subdomains; `*` any); "
+     "other Host headers get 400, so DNS rebinding cannot reach a server on loopback."),
     ("CHANGEFEED_SSE_RETRY_MS", 2_000,
      "Reconnection delay an event stream suggests to EventSource (milliseconds)."),
 ]

@@ -67,3 +67,24 @@ def test_a_form_on_another_site_cannot_save_in_real_chromium(server, context):
         page.click("button")
     assert answer.value.status == 403
     assert requests.get(f"{server.url}/changes?slug=home", timeout=5).json()["version"] == 0
+
+
+@pytest.mark.parametrize("host", ["evil.example", "rebind.attacker.example:8000", "[::1]:8000"])
+def test_a_request_for_another_host_name_is_refused_as_dns_rebinding_would_be(client, host):
+    for method, path in [("GET", "/changes?slug=home"), ("POST", "/save"), ("GET", "/")]:
+        response = client.open(path, method=method, json=FORM if method == "POST" else None,
+                               headers={"Host": host})
+        body = response.get_json()
+        assert response.status_code == 400, body
+        assert body["error"] == "untrusted host" and "CHANGEFEED_TRUSTED_HOSTS" in body["message"]
+    assert stored(client) == 0
+
+
+def test_trusted_hosts_are_configurable(db_path):
+    client = create_app({"CHANGEFEED_DB": db_path, "CHANGEFEED_TRUSTED_HOSTS": "feed.example.com, .example.org"}
+                        ).test_client()
+    for host in ["feed.example.com", "feed.example.com:443", "a.example.org"]:
+        assert client.get("/changes?slug=home", headers={"Host": host}).status_code == 200, host
+    assert client.get("/changes?slug=home", headers={"Host": "localhost"}).status_code == 400
+    anyone = create_app({"CHANGEFEED_DB": db_path, "CHANGEFEED_TRUSTED_HOSTS": "*"}).test_client()
+    assert anyone.get("/changes?slug=home", headers={"Host": "whatever.example"}).status_code == 200
