@@ -15,6 +15,7 @@ import json
 from functools import lru_cache
 
 from flask import Flask, Response, render_template, request
+from flask_cors import CORS
 from marshmallow import ValidationError
 
 import errors
@@ -26,6 +27,10 @@ from origins import parse_list, parse_origins, refuse_cross_site_writes
 from schemas import (ChangesQuerySchema, EventsQuerySchema, IdempotencyKeySchema, LastEventIdSchema,
                      PageQuerySchema, SaveFormSchema, SaveSchema, TRANSPORTS, reject_constant)
 from store import SQLiteStore, Unavailable
+
+# What a page of an allowed origin may send, and read of the answers.
+CORS_REQUEST_HEADERS = ["Content-Type", "Idempotency-Key", "Authorization", "If-None-Match", "Last-Event-ID"]
+CORS_RESPONSE_HEADERS = ["ETag", "Retry-After", "Idempotent-Replayed"]
 
 JSON_TYPES = {list: "an array", str: "a string", int: "a number", float: "a number",
               bool: "true or false", type(None): "null"}
@@ -93,6 +98,9 @@ def create_app(test_config=None):
 
     errors.register(app)
     allowed_origins = parse_origins(app.config["CHANGEFEED_CORS_ORIGINS"])
+    if allowed_origins:  # none by default: no page of another site may call the API
+        CORS(app, origins=sorted(allowed_origins), supports_credentials=True, max_age=600,
+             allow_headers=CORS_REQUEST_HEADERS, expose_headers=CORS_RESPONSE_HEADERS)
 
     @app.before_request
     def same_site_writes_only():

@@ -88,3 +88,36 @@ def test_trusted_hosts_are_configurable(db_path):
     assert client.get("/changes?slug=home", headers={"Host": "localhost"}).status_code == 400
     anyone = create_app({"CHANGEFEED_DB": db_path, "CHANGEFEED_TRUSTED_HOSTS": "*"}).test_client()
     assert anyone.get("/changes?slug=home", headers={"Host": "whatever.example"}).status_code == 200
+
+
+@pytest.fixture
+def cors_client(db_path):
+    return create_app({"CHANGEFEED_DB": db_path, "CHANGEFEED_CORS_ORIGINS": "https://app.example"}).test_client()
+
+
+def test_a_listed_origin_gets_cors_headers_with_credentials_and_an_answered_preflight(cors_client):
+    preflight = cors_client.options("/save", headers={
+        "Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "content-type, idempotency-key"})
+    assert preflight.status_code == 200
+    assert preflight.headers["Access-Control-Allow-Origin"] == "https://app.example"
+    assert preflight.headers["Access-Control-Allow-Credentials"] == "true"
+    assert "POST" in preflight.headers["Access-Control-Allow-Methods"]
+    assert {"content-type", "idempotency-key"} <= {
+        h.strip().lower() for h in preflight.headers["Access-Control-Allow-Headers"].split(",")}
+    saved = cors_client.post("/save", json=FORM, headers={"Origin": "https://app.example",
+                                                           "Sec-Fetch-Site": "cross-site"})
+    assert saved.status_code == 200 and saved.headers["Access-Control-Allow-Origin"] == "https://app.example"
+    read = cors_client.get("/changes?slug=home", headers={"Origin": "https://app.example"})
+    assert "ETag" in read.headers["Access-Control-Expose-Headers"]
+
+
+@pytest.mark.parametrize("listed", [False, True], ids=["no list (default)", "another origin listed"])
+def test_an_unlisted_origin_gets_no_cors_headers(client, cors_client, listed):
+    client = cors_client if listed else client
+    preflight = client.options("/save", headers={"Origin": "https://evil.example",
+                                                  "Access-Control-Request-Method": "POST"})
+    read = client.get("/changes?slug=home", headers={"Origin": "https://evil.example"})
+    for response in (preflight, read):
+        assert "Access-Control-Allow-Origin" not in response.headers
+        assert "Access-Control-Allow-Credentials" not in response.headers
