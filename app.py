@@ -18,9 +18,11 @@ from flask import Flask, Response, render_template, request
 from flask_cors import CORS
 from marshmallow import ValidationError
 
+import auth
 import errors
 import settings
 from errors import ApiError, ShuttingDown
+from auth import TokenVerifier
 from feeds import event_stream, long_poll
 from notify import SQLiteNotifier
 from origins import parse_list, parse_origins, refuse_cross_site_writes
@@ -97,6 +99,8 @@ def create_app(test_config=None):
         return changes_schema.load(request.args)
 
     errors.register(app)
+    verifier = app.extensions["changefeed.auth"] = TokenVerifier(app.config)
+    auth.register_cli(app, verifier)
     allowed_origins = parse_origins(app.config["CHANGEFEED_CORS_ORIGINS"])
     if allowed_origins:  # none by default: no page of another site may call the API
         CORS(app, origins=sorted(allowed_origins), supports_credentials=True, max_age=600,
@@ -109,6 +113,7 @@ def create_app(test_config=None):
     @app.post("/save")
     def save():
         """Store a new version of a page and answer {slug, version, updated_at}."""
+        rights = verifier.verify(request.headers.get("Authorization")) if verifier.enabled else None
         if request.mimetype == "application/json":
             item = save_schema.load(json_body())
         elif request.mimetype in FORM_TYPES:
@@ -120,6 +125,8 @@ def create_app(test_config=None):
                 f"(application/x-www-form-urlencoded, multipart/form-data), "
                 f"not {request.mimetype or 'without a Content-Type'}.",
             )
+        if rights is not None:
+            rights.require("write", item["slug"])
         key = request.headers.get("Idempotency-Key")
         if key is not None:
             key = idempotency_key_schema.load({"Idempotency-Key": key})["key"]
@@ -132,11 +139,15 @@ def create_app(test_config=None):
     def changes():
         """Answer whether the page is newer than `since`, and if so with its content."""
         query = load_changes_query(request.query_string)
-        if query["wait"] and notifier.closed:
+        wait = query["wait"]
+        if verifier.reads:  # a long-poll never outlives its token
+            rights = verifier.verify(request.headers.get("Authorization")).require("read", query["slug"])
+            wait = max(0, min(wait, int(rights.seconds_left())))
+        if wait and notifier.closed:
             raise ShuttingDown()
-        change = long_poll(store, notifier, query["slug"], query["since"], query["epoch"], query["wait"])
+        change = long_poll(store, notifier, query["slug"], query["since"], query["epoch"], wait)
         changed = change.changed
-        if query["wait"] and notifier.closed and not changed:
+        if wait and notifier.closed and not changed:
             raise ShuttingDown()  # the wait was cut short: not an answer to re-ask at once
         etag = f"{change.epoch}.{change.version}.{int(changed)}.{change.updated_at or ''}"
         headers = closing([("ETag", f'"{etag}"'), *CHANGES_HEADERS])
@@ -151,6 +162,10 @@ def create_app(test_config=None):
     def events():
         """Stream each new version of a page as a Server-Sent Event, from `since` on."""
         query = events_schema.load(request.args)
+        lasts_s = None
+        if verifier.reads:  # a stream never outlives its token: it ends at expiry, the client reconnects
+            rights = verifier.verify(request.headers.get("Authorization")).require("read", query["slug"])
+            lasts_s = rights.seconds_left()
         since, epoch = query["since"], query["epoch"]
         last_event_id = request.headers.get("Last-Event-ID")
         if last_event_id is not None:  # a reconnecting EventSource resumes where it was
@@ -158,7 +173,8 @@ def create_app(test_config=None):
             since, epoch = last["since"], last["epoch"]
         if notifier.closed:
             raise ShuttingDown()
-        stream = event_stream(store, notifier, query["slug"], since, epoch, app.config["CHANGEFEED_SSE_RETRY_MS"])
+        stream = event_stream(store, notifier, query["slug"], since, epoch, app.config["CHANGEFEED_SSE_RETRY_MS"],
+                              lasts_s)
         # The stream yields bytes ready to send: no need for werkzeug to re-encode each one.
         return Response(stream, mimetype="text/event-stream", headers=EVENTS_HEADERS, direct_passthrough=True)
 

@@ -47,15 +47,18 @@ def long_poll(store, notifier, slug, since, epoch, wait_s):
     return change
 
 
-def event_stream(store, notifier, slug, since, epoch, retry_ms):
+def event_stream(store, notifier, slug, since, epoch, retry_ms, lasts_s=None):
     """Yield the text/event-stream of `slug`: each newer version as one `change` event.
 
     The notifier wakes every subscription once per heartbeat interval; a wake
     with nothing new re-reads the store, and sends a heartbeat comment when
     that has nothing new either, so proxies keep the stream. When the
     database is replaced (a new epoch) the stream starts over from version 0,
-    as it does for a client resuming from a version of another epoch.
+    as it does for a client resuming from a version of another epoch. With
+    `lasts_s` (the seconds its token has left) it ends then, and the client
+    reconnects with a fresh token.
     """
+    ends_at = None if lasts_s is None else time.monotonic() + lasts_s
     yield f"retry: {retry_ms}\n\n".encode()
     try:
         with notifier.subscribe(slug) as subscription:
@@ -63,14 +66,14 @@ def event_stream(store, notifier, slug, since, epoch, retry_ms):
             if epoch is not None and change.epoch != epoch:
                 since = -1  # whatever this database holds is news, even version 0
             epoch, sent = change.epoch, since
-            while not notifier.closed:
+            while not notifier.closed and (ends_at is None or time.monotonic() < ends_at):
                 if change.epoch != epoch:
                     epoch, sent = change.epoch, -1  # a new database: whatever it holds is news
                     change = store.changes(slug, 0)
                 if change.version > sent:
                     yield change.event
                     sent = change.version
-                subscription.wait()
+                subscription.wait(None if ends_at is None else max(0.0, ends_at - time.monotonic()))
                 change = subscription.latest
                 if change is None or (change.version <= sent and change.epoch == epoch):
                     change = store.changes(slug, max(sent, 0))

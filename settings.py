@@ -36,6 +36,17 @@ SETTINGS = [
     ("CHANGEFEED_TRUSTED_HOSTS", "localhost,127.0.0.1",
      "Host names this service answers to, comma-separated (`.example.com` allows its subdomains; `*` any); "
      "other Host headers get 400, so DNS rebinding cannot reach a server on loopback."),
+    ("CHANGEFEED_JWT_SECRET", "",
+     "Turns access control on: the secret HS256 tokens are signed with (keep it out of the repository)."),
+    ("CHANGEFEED_JWT_PUBLIC_KEY", "",
+     "Or: the PEM public key of tokens issued elsewhere (RS256, ES256); this service then only verifies."),
+    ("CHANGEFEED_JWT_ALGORITHMS", "",
+     "Accepted algorithms, comma-separated; HS256 with a secret, RS256,ES256 with a public key by default."),
+    ("CHANGEFEED_JWT_ISSUER", "", "When set, a token's `iss` must be this."),
+    ("CHANGEFEED_JWT_AUDIENCE", "", "When set, a token's `aud` must include this."),
+    ("CHANGEFEED_JWT_LEEWAY_S", 30, "Clock skew allowed when checking `exp` (seconds)."),
+    ("CHANGEFEED_AUTH_READS", 0,
+     "1: /changes and /events need a token with `read` on the slug too (with access control on)."),
     ("CHANGEFEED_SSE_RETRY_MS", 2_000,
      "Reconnection delay an event stream suggests to EventSource (milliseconds)."),
 ]

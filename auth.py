@@ -1,0 +1,131 @@
+"""Who may read and write which pages: standard JWTs (RFC 7519), verified with PyJWT.
+
+Off by default. A secret (HS256) or a public key (PEM, for RS256/ES256
+tokens issued elsewhere) turns it on; the accepted algorithms come from the
+configuration, never from the token, so a token cannot choose "none" or sign
+with the public key as an HMAC secret. Rights live in one claim:
+
+    {"sub": "editor-1", "exp": ..., "changefeed": {"read": ["*"], "write": ["docs-*", "home"]}}
+
+Each entry is a slug, or a prefix ending in `*`; `*` alone is every slug.
+Errors follow RFC 6750: 401 `invalid_token` for a missing, unreadable,
+forged or expired token, 403 `insufficient_scope` for a slug outside its
+rights, each with a `WWW-Authenticate: Bearer` header.
+"""
+
+import time
+from dataclasses import dataclass
+
+import jwt
+
+from errors import ApiError
+
+CLAIM = "changefeed"
+
+
+class AuthError(ApiError):
+    """A 401 or 403 in the service's error shape, with the RFC 6750 header."""
+
+    def __init__(self, status, code, message):
+        challenge = f'Bearer realm="changefeed", error="{code}", error_description="{message.replace(chr(34), "")}"'
+        super().__init__(status, code.replace("_", " "), message, headers={"WWW-Authenticate": challenge})
+
+
+@dataclass(frozen=True)
+class Rights:
+    """What one verified token allows, and until when."""
+
+    sub: str | None
+    read: tuple
+    write: tuple
+    expires_at: float  # unix time
+
+    def require(self, right, slug):
+        """Raise 403 unless this token may `right` ("read" or "write") the page `slug`."""
+        if not any(_matches(pattern, slug) for pattern in getattr(self, right)):
+            raise AuthError(403, "insufficient_scope",
+                            f"This token ({self.sub or 'no sub'}) may not {right} the page {slug!r}: "
+                            f"ask its issuer for one whose `{CLAIM}` claim lists it under `{right}`.")
+        return self
+
+    def seconds_left(self):
+        return self.expires_at - time.time()
+
+
+def _matches(pattern, slug):
+    pattern = str(pattern).lower()
+    return pattern == "*" or pattern == slug or (pattern.endswith("*") and slug.startswith(pattern[:-1]))
+
+
+class TokenVerifier:
+    """Checks bearer tokens against the configured key, algorithms, issuer and audience."""
+
+    def __init__(self, config):
+        self.secret = config["CHANGEFEED_JWT_SECRET"] or None
+        public_key = config["CHANGEFEED_JWT_PUBLIC_KEY"] or None
+        self._key = self.secret or public_key
+        self.enabled = self._key is not None
+        default_algorithms = "HS256" if self.secret else "RS256,ES256"
+        self.algorithms = (config["CHANGEFEED_JWT_ALGORITHMS"] or default_algorithms).replace(",", " ").split()
+        self.issuer = config["CHANGEFEED_JWT_ISSUER"] or None
+        self.audience = config["CHANGEFEED_JWT_AUDIENCE"] or None
+        self.leeway = config["CHANGEFEED_JWT_LEEWAY_S"]
+        self.reads = bool(config["CHANGEFEED_AUTH_READS"])
+
+    def verify(self, authorization):
+        """Return the Rights of an `Authorization: Bearer <token>` header, or raise 401."""
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise AuthError(401, "invalid_token", "This needs a token: send Authorization: Bearer <token> "
+                                                  "(a JWT from your identity provider, or `flask token create`).")
+        try:
+            claims = jwt.decode(token.strip(), self._key, algorithms=self.algorithms, issuer=self.issuer,
+                                audience=self.audience, leeway=self.leeway,
+                                options={"require": ["exp"], "verify_aud": self.audience is not None})
+        except jwt.ExpiredSignatureError:
+            raise AuthError(401, "invalid_token", "The token expired: get a fresh one.") from None
+        except jwt.InvalidSignatureError:
+            raise AuthError(401, "invalid_token", "The token's signature is not valid for this service.") from None
+        except jwt.InvalidTokenError as exc:
+            raise AuthError(401, "invalid_token", f"The token was refused: {exc}.") from None
+        rights = claims.get(CLAIM) if isinstance(claims.get(CLAIM), dict) else {}
+        return Rights(sub=claims.get("sub"), read=tuple(rights.get("read") or ()),
+                      write=tuple(rights.get("write") or ()), expires_at=float(claims["exp"]) + self.leeway)
+
+    def mint(self, sub, read=(), write=(), ttl_s=3600):
+        """Sign a token with the configured secret (for `flask token create`)."""
+        if not self.secret:
+            raise RuntimeError("set CHANGEFEED_JWT_SECRET to mint tokens here (a public key only verifies)")
+        claims = {"sub": sub, "iat": int(time.time()), "exp": int(time.time() + ttl_s),
+                  CLAIM: {"read": list(read), "write": list(write)}}
+        if self.issuer:
+            claims["iss"] = self.issuer
+        if self.audience:
+            claims["aud"] = self.audience
+        return jwt.encode(claims, self.secret, algorithm=self.algorithms[0])
+
+
+def register_cli(app, verifier):
+    """`flask token create`: print a token signed with the configured secret."""
+    import click
+
+    @app.cli.group()
+    def token():
+        """Tokens for development and scripts."""
+
+    @token.command("create")
+    @click.option("--sub", required=True, help="who the token names, e.g. editor-1")
+    @click.option("--read", "read", multiple=True, help="slugs or prefixes* it may read (repeatable)")
+    @click.option("--write", "write", multiple=True, help="slugs or prefixes* it may write (repeatable)")
+    @click.option("--ttl", default="1h", help="how long it lasts: 90s, 15m, 1h, 7d")
+    def create(sub, read, write, ttl):
+        """Print a token for --sub with the given rights, valid for --ttl."""
+        units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+        try:
+            seconds = int(ttl[:-1]) * units[ttl[-1]] if ttl[-1] in units else int(ttl)
+        except (ValueError, IndexError):
+            raise click.BadParameter(f"{ttl!r}: use a number with s, m, h or d, e.g. 1h", param_hint="--ttl")
+        try:
+            click.echo(verifier.mint(sub, read, write, seconds))
+        except RuntimeError as exc:
+            raise click.ClickException(str(exc)) from None

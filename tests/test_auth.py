@@ -1,0 +1,158 @@
+"""Access control with standard JWTs: every 401 and 403, with tokens minted here by PyJWT, as an outside issuer would."""
+
+import time
+
+import jwt
+import pytest
+import requests
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from app import create_app
+
+SECRET = "test-secret-" + "0123456789abcdef" * 4  # 75 bytes: long enough for HS512 too
+PAGE = {"slug": "docs-intro", "html": "<p>x</p>"}
+
+
+def token(write=("docs-*",), read=("*",), key=SECRET, algorithm="HS256", exp_in=300, **claims):
+    body = {"sub": "editor-1", "changefeed": {"read": list(read), "write": list(write)}, **claims}
+    if exp_in is not None:
+        body["exp"] = int(time.time() + exp_in)
+    return jwt.encode(body, key, algorithm=algorithm)
+
+
+def bearer(value):
+    return {"Authorization": f"Bearer {value}"}
+
+
+@pytest.fixture
+def make_client(db_path):
+    def make_client(**config):
+        return create_app({"CHANGEFEED_DB": db_path, "CHANGEFEED_JWT_SECRET": SECRET, **config}).test_client()
+
+    return make_client
+
+
+def stored(client, slug="docs-intro"):
+    return client.get(f"/changes?slug={slug}", headers=bearer(token())).get_json()["version"]
+
+
+def assert_refused(response, status, code):
+    body = response.get_json()
+    assert response.status_code == status, body
+    assert body["error"] == code.replace("_", " ") and body["message"]
+    challenge = response.headers["WWW-Authenticate"]
+    assert challenge.startswith("Bearer ") and f'error="{code}"' in challenge
+
+
+UNAUTHORIZED = [
+    ("no token", {}),
+    ("not bearer", {"Authorization": f"Basic {SECRET}"}),
+    ("garbage", bearer("not.a.jwt")),
+    ("bad signature", bearer(token(key="another-secret-" + "f" * 64))),
+    ("expired", bearer(token(exp_in=-120))),  # past the 30 s leeway
+    ("no exp", bearer(token(exp_in=None))),
+    ("alg none", bearer(jwt.encode({"sub": "x", "exp": int(time.time()) + 60,
+                                    "changefeed": {"write": ["*"]}}, None, algorithm="none"))),
+    ("alg not configured", bearer(token(algorithm="HS512"))),
+]
+
+
+@pytest.mark.parametrize("name, headers", UNAUTHORIZED, ids=[case[0] for case in UNAUTHORIZED])
+def test_a_save_without_a_valid_token_is_401_and_writes_nothing(make_client, name, headers):
+    client = make_client()
+    assert_refused(client.post("/save", json=PAGE, headers=headers), 401, "invalid_token")
+    assert stored(client) == 0
+
+
+def test_a_save_outside_the_tokens_rights_is_403_and_writes_nothing(make_client):
+    client = make_client()
+    for slug in ["home", "doc", "notdocs-x"]:
+        response = client.post("/save", json={**PAGE, "slug": slug}, headers=bearer(token()))
+        assert_refused(response, 403, "insufficient_scope")
+        assert slug in response.get_json()["message"]
+        assert stored(client, slug) == 0
+    read_only = bearer(token(write=(), read=("*",)))
+    assert_refused(client.post("/save", json=PAGE, headers=read_only), 403, "insufficient_scope")
+
+
+def test_a_save_within_the_rights_is_taken(make_client):
+    client = make_client()
+    assert client.post("/save", json=PAGE, headers=bearer(token())).get_json()["version"] == 1
+    everything = bearer(token(write=("*",)))
+    assert client.post("/save", json={**PAGE, "slug": "HOME"}, headers=everything).get_json()["version"] == 1
+    exact = bearer(token(write=("home",)))
+    assert client.post("/save", json={**PAGE, "slug": "home"}, headers=exact).get_json()["version"] == 2
+
+
+def test_reads_stay_public_unless_configured(make_client):
+    client = make_client()
+    assert client.get("/changes?slug=docs-intro").status_code == 200
+    assert client.get("/").status_code == 200
+
+
+@pytest.mark.parametrize("path", ["/changes?slug=docs-intro", "/events?slug=docs-intro"])
+def test_with_auth_reads_every_read_needs_read_rights(make_client, path):
+    client = make_client(CHANGEFEED_AUTH_READS=1)
+    for name, headers in UNAUTHORIZED:
+        assert_refused(client.get(path, headers=headers), 401, "invalid_token")
+    assert_refused(client.get(path, headers=bearer(token(read=("home",)))), 403, "insufficient_scope")
+    allowed = client.get(path, headers=bearer(token(read=("docs-*",))), buffered=False)
+    assert allowed.status_code == 200
+    allowed.close()
+
+
+def test_issuer_and_audience_are_checked_when_configured(make_client):
+    client = make_client(CHANGEFEED_JWT_ISSUER="https://id.example", CHANGEFEED_JWT_AUDIENCE="changefeed")
+    good = token(iss="https://id.example", aud="changefeed")
+    assert client.post("/save", json=PAGE, headers=bearer(good)).status_code == 200
+    for bad in [token(aud="changefeed"), token(iss="https://evil.example", aud="changefeed"),
+                token(iss="https://id.example"), token(iss="https://id.example", aud="other")]:
+        assert_refused(client.post("/save", json=PAGE, headers=bearer(bad)), 401, "invalid_token")
+
+
+def test_tokens_issued_elsewhere_verify_with_a_public_key_and_its_algorithm_only(db_path):
+    private = ec.generate_private_key(ec.SECP256R1())
+    public_pem = private.public_key().public_bytes(serialization.Encoding.PEM,
+                                                   serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    client = create_app({"CHANGEFEED_DB": db_path, "CHANGEFEED_JWT_PUBLIC_KEY": public_pem}).test_client()
+    assert client.post("/save", json=PAGE, headers=bearer(token(key=private, algorithm="ES256"))).status_code == 200
+    # A token that picks an algorithm of its own (HMAC, as in the public-key-as-secret attack): refused.
+    hmac = token(write=("*",), key="any-secret-" + "e" * 64, algorithm="HS256")
+    assert_refused(client.post("/save", json=PAGE, headers=bearer(hmac)), 401, "invalid_token")
+
+
+def test_flask_token_create_prints_a_token_the_service_accepts(make_client, db_path, monkeypatch):
+    monkeypatch.setenv("CHANGEFEED_JWT_SECRET", SECRET)
+    monkeypatch.setenv("CHANGEFEED_DB", db_path)
+    app = create_app()
+    result = app.test_cli_runner().invoke(args=["token", "create", "--sub", "editor-1", "--write", "docs-*",
+                                                "--read", "*", "--ttl", "1h"])
+    assert result.exit_code == 0, result.output
+    minted = result.output.strip()
+    claims = jwt.decode(minted, SECRET, algorithms=["HS256"])
+    assert claims["sub"] == "editor-1" and claims["changefeed"] == {"read": ["*"], "write": ["docs-*"]}
+    assert 3590 <= claims["exp"] - time.time() <= 3600
+    client = make_client()
+    assert client.post("/save", json=PAGE, headers=bearer(minted)).status_code == 200
+    bad_ttl = app.test_cli_runner().invoke(args=["token", "create", "--sub", "x", "--ttl", "soon"])
+    assert bad_ttl.exit_code != 0 and "--ttl" in bad_ttl.output
+
+
+def test_an_open_stream_and_a_long_poll_end_when_their_token_expires(make_server, open_stream):
+    server = make_server(workers=1, env={"CHANGEFEED_JWT_SECRET": SECRET, "CHANGEFEED_AUTH_READS": "1",
+                                          "CHANGEFEED_JWT_LEEWAY_S": "0"})
+    short = token(exp_in=2)
+    stream = open_stream(f"{server.url}/events?slug=docs-intro", headers=bearer(short))
+    assert stream.response.status == 200
+    started = time.monotonic()
+    poll = requests.get(f"{server.url}/changes?slug=docs-intro&wait=30", headers=bearer(short), timeout=40)
+    assert poll.status_code == 200 and time.monotonic() - started < 4  # cut at expiry, not after 30 s
+    assert stream.ended.wait(timeout=5), "the stream outlived its token"
+    after = requests.get(f"{server.url}/events?slug=docs-intro", headers=bearer(short), timeout=5)
+    assert_refused_http(after, 401)
+
+
+def assert_refused_http(response, status):
+    assert response.status_code == status
+    assert response.json()["error"] == "invalid token" and "Bearer" in response.headers["WWW-Authenticate"]
