@@ -141,7 +141,7 @@ def create_app(test_config=None):
         query = load_changes_query(request.query_string)
         wait = query["wait"]
         if verifier.reads:  # a long-poll never outlives its token
-            rights = verifier.verify(request.headers.get("Authorization")).require("read", query["slug"])
+            rights = verifier.read_rights(request).require("read", query["slug"])
             wait = max(0, min(wait, int(rights.seconds_left())))
         if wait and notifier.closed:
             raise ShuttingDown()
@@ -164,7 +164,7 @@ def create_app(test_config=None):
         query = events_schema.load(request.args)
         lasts_s = None
         if verifier.reads:  # a stream never outlives its token: it ends at expiry, the client reconnects
-            rights = verifier.verify(request.headers.get("Authorization")).require("read", query["slug"])
+            rights = verifier.read_rights(request).require("read", query["slug"])
             lasts_s = rights.seconds_left()
         since, epoch = query["since"], query["epoch"]
         last_event_id = request.headers.get("Last-Event-ID")
@@ -177,6 +177,28 @@ def create_app(test_config=None):
                               lasts_s)
         # The stream yields bytes ready to send: no need for werkzeug to re-encode each one.
         return Response(stream, mimetype="text/event-stream", headers=EVENTS_HEADERS, direct_passthrough=True)
+
+    @app.post("/session")
+    def session():
+        """Trade a bearer token for a read-only cookie, for EventSource, which cannot send headers.
+
+        The cookie lives as long as the token; DELETE /session ends it.
+        """
+        if not verifier.enabled:
+            raise ApiError(404, "not found", "Access control is off: reads need no session.")
+        rights = verifier.verify(request.headers.get("Authorization"))
+        response = Response(status=204)
+        token = request.headers["Authorization"].partition(" ")[2].strip()
+        response.set_cookie(auth.READ_COOKIE, token, max_age=max(0, int(rights.seconds_left())), path="/",
+                            httponly=True, samesite="Strict", secure=request.is_secure)
+        return response
+
+    @app.delete("/session")
+    def end_session():
+        """Forget the read cookie (signing out, or another token)."""
+        response = Response(status=204)
+        response.delete_cookie(auth.READ_COOKIE, path="/", httponly=True, samesite="Strict")
+        return response
 
     @app.get("/healthz")
     def healthz():

@@ -22,6 +22,13 @@ from errors import ApiError
 
 CLAIM = "changefeed"
 
+# Browsers cannot give EventSource an Authorization header, and a token in a
+# URL ends up in access logs and histories. So the page trades its token for
+# this cookie: HttpOnly (no script reads it), SameSite=Strict (no other site's
+# request carries it) and honoured for reads only, so a form elsewhere can
+# never use it to write.
+READ_COOKIE = "changefeed_read"
+
 
 class AuthError(ApiError):
     """A 401 or 403 in the service's error shape, with the RFC 6750 header."""
@@ -91,6 +98,13 @@ class TokenVerifier:
         rights = claims.get(CLAIM) if isinstance(claims.get(CLAIM), dict) else {}
         return Rights(sub=claims.get("sub"), read=tuple(rights.get("read") or ()),
                       write=tuple(rights.get("write") or ()), expires_at=float(claims["exp"]) + self.leeway)
+
+    def read_rights(self, request):
+        """The Rights of a read: from its Authorization header, or else from the read cookie."""
+        header = request.headers.get("Authorization")
+        if header is None and request.cookies.get(READ_COOKIE):
+            header = f"Bearer {request.cookies[READ_COOKIE]}"
+        return self.verify(header)
 
     def mint(self, sub, read=(), write=(), ttl_s=3600):
         """Sign a token with the configured secret (for `flask token create`)."""

@@ -114,6 +114,12 @@ function connect(slug, {since = 0, epoch = null, onChange, onStatus = () => {}, 
     },
     /** Count a failure, report it, and return how long to wait before trying again. */
     failed(error) {
+      if (error.status === 401 || error.status === 403) {
+        // A refused or expired token: asking again cannot help. Stop and say so.
+        this.stopped = true;
+        onStatus({state: "unauthorized", transport: this.transport, error: String(error.message || error)});
+        return 0;
+      }
       this.failures += 1;
       const retryInMs = backoffMs(this.failures, error.retryAfterMs);
       // "offline" is the browser's word for having no network; a server that does not answer is "retrying".
@@ -192,7 +198,7 @@ const OPENERS = {
       } finally {
         inFlight = null;
       }
-      schedule(delayMs);
+      if (!feed.stopped) schedule(delayMs);
     }
 
     function pollNow() {
@@ -258,7 +264,7 @@ const OPENERS = {
 
     function open() {
       timer = null;
-      if (stopped) return;
+      if (stopped || feed.stopped) return;
       let opened = false;
       const url = `/events?slug=${encodeURIComponent(feed.slug)}&${feed.position.query()}`;
       source = new EventSource(url);
@@ -281,6 +287,7 @@ const OPENERS = {
         }
         const error = new Error(probe.error || "event stream lost");
         error.retryAfterMs = probe.retryAfterMs;
+        error.status = probe.status;
         timer = setTimeout(open, feed.failed(error));
       };
     }
@@ -318,6 +325,9 @@ async function probeStream(url, signal) {
     const response = await fetch(url, {signal: probe.signal, headers: {Accept: "text/event-stream"}, cache: "no-store"});
     const type = response.headers.get("Content-Type") || "";
     if (response.ok && type.startsWith("text/event-stream")) return {};
+    if (response.status === 401 || response.status === 403) {
+      return {status: response.status, error: `GET /events answered ${response.status}`};
+    }
     const seconds = Number(response.headers.get("Retry-After"));
     if (response.status === 503 && response.headers.has("Retry-After") && Number.isFinite(seconds)) {
       return {retryAfterMs: seconds * 1000, error: `GET /events answered 503`};
@@ -446,6 +456,7 @@ function shareAcrossTabs(slug, {since = 0, epoch = null, onChange, onStatus = ()
 class RequestError extends Error {
   constructor(response) {
     super(`GET /changes answered ${response.status}`);
+    this.status = response.status;
     const seconds = Number(response.headers.get("Retry-After"));
     this.retryAfterMs = Number.isFinite(seconds) ? seconds * 1000 : 0;
   }

@@ -7,6 +7,7 @@
 import {backoffMs, subscribe} from "./changefeed.js";
 
 const $ = (id) => document.getElementById(id);
+const token = takeToken();
 const slug = document.body.dataset.slug;
 const transport = document.body.dataset.transport;
 
@@ -69,7 +70,13 @@ function renderAge() {
 
 function showStatus({state, retryInMs, transport: active, shared, leader}) {
   $("badge").dataset.state = state;
-  $("state").textContent = state === "retrying" ? `retrying in ${Math.ceil(retryInMs / 1000)} s` : state;
+  $("state").textContent = state === "retrying" ? `retrying in ${Math.ceil(retryInMs / 1000)} s`
+    : state === "unauthorized" ? "not allowed to read" : state;
+  if (state === "unauthorized") {
+    showMessage(token ? "Your token may not read this page, or it expired: open the page again with a fresh "
+      + "#token=..." : "Reading this page needs a token: open it with #token=<your token> at the end of the address.",
+    "error");
+  }
   $("transport").textContent = active + (shared && !leader ? " via another tab" : "");
 }
 
@@ -96,7 +103,8 @@ function newKey() {
 async function postSave(attempt) {
   const response = await fetch("/save", {
     method: "POST",
-    headers: {"Content-Type": "application/json", Accept: "application/json", "Idempotency-Key": attempt.key},
+    headers: {"Content-Type": "application/json", Accept: "application/json", "Idempotency-Key": attempt.key,
+      ...(token ? {Authorization: `Bearer ${token}`} : {})},
     body: attempt.body,
   });
   const body = await response.json().catch(() => ({}));  // a proxy's 502 page is not JSON
@@ -207,4 +215,46 @@ document.addEventListener("keydown", (event) => {
 });
 setInterval(renderAge, 1000);
 setBase(0);
-subscribe(slug, {since: 0, onChange: show, onStatus: showStatus, transport});
+/**
+ * The token this tab uses, if any: given once in the address as #token=...
+ * (a fragment never reaches the server or its logs), kept in this tab's
+ * sessionStorage, and taken out of the address so it is not shared or bookmarked.
+ */
+function takeToken() {
+  const given = new URLSearchParams(location.hash.slice(1)).get("token");
+  if (given) {
+    sessionStorage.setItem("changefeed-token", given);
+    history.replaceState(null, "", location.pathname + location.search);
+  }
+  return sessionStorage.getItem("changefeed-token");
+}
+
+/** The slugs a token lets its holder write, read from its payload (the server checks; this only informs). */
+function mayWrite(jwt) {
+  try {
+    const payload = JSON.parse(atob(jwt.split(".")[1].replace(/-/g, "+").replace(/_/g, "/")));
+    const patterns = (payload.changefeed && payload.changefeed.write) || [];
+    return patterns.some((p) => p === "*" || p === slug || (p.endsWith("*") && slug.startsWith(p.slice(0, -1))));
+  } catch {
+    return false;
+  }
+}
+
+async function start() {
+  if (token) {
+    // EventSource cannot send a header: trade the token for a read-only, HttpOnly, SameSite=Strict cookie.
+    const answer = await fetch("/session", {method: "POST", headers: {Authorization: `Bearer ${token}`}})
+      .catch(() => null);
+    if (answer && (answer.status === 401 || answer.status === 403)) {
+      const body = await answer.json().catch(() => ({}));
+      showMessage(`Your token was refused: ${body.message || answer.status}`, "error");
+    } else if (!mayWrite(token)) {
+      $("save").disabled = true;
+      $("save").dataset.readOnly = "true";
+      showMessage("You may read this page but not save it: your token has no write right on it.", "warn");
+    }
+  }
+  subscribe(slug, {since: 0, onChange: show, onStatus: showStatus, transport});
+}
+
+start();

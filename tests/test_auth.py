@@ -156,3 +156,22 @@ def test_an_open_stream_and_a_long_poll_end_when_their_token_expires(make_server
 def assert_refused_http(response, status):
     assert response.status_code == status
     assert response.json()["error"] == "invalid token" and "Bearer" in response.headers["WWW-Authenticate"]
+
+
+def test_a_token_traded_for_a_cookie_authorises_reads_only(make_client):
+    client = make_client(CHANGEFEED_AUTH_READS=1)
+    answer = client.post("/session", headers=bearer(token()))
+    assert answer.status_code == 204
+    cookie = answer.headers["Set-Cookie"]
+    assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and "Max-Age=" in cookie
+    assert client.get("/changes?slug=docs-intro").status_code == 200  # the cookie alone
+    assert_refused(client.post("/save", json=PAGE), 401, "invalid_token")  # never for a write
+    assert client.delete("/session").status_code == 204
+    assert_refused(client.get("/changes?slug=docs-intro"), 401, "invalid_token")
+    assert_refused(client.post("/session", headers=bearer(token(exp_in=-120))), 401, "invalid_token")
+
+
+def test_an_expired_cookie_token_is_refused_like_a_header(make_client):
+    client = make_client(CHANGEFEED_AUTH_READS=1)
+    client.set_cookie("changefeed_read", token(exp_in=-120))
+    assert_refused(client.get("/changes?slug=docs-intro"), 401, "invalid_token")

@@ -49,14 +49,14 @@ document.addEventListener("DOMContentLoaded", () => {
 class Tab:
     """One browser tab on the demo page, with the moves a person makes."""
 
-    def __init__(self, context, url, slug, transport="poll"):
+    def __init__(self, context, url, slug, transport="poll", fragment="", state="live"):
         self.page = context.new_page()
         self.console_errors, self.page_errors, self.requests = [], [], []
         self.page.on("console", lambda m: m.type == "error" and self.console_errors.append(m.text))
         self.page.on("pageerror", lambda e: self.page_errors.append(str(e)))
         self.page.on("request", lambda r: self.requests.append((r.method, r.url)))
-        self.page.goto(f"{url}/?slug={slug}&transport={transport}")
-        self.expect_state("live")
+        self.page.goto(f"{url}/?slug={slug}&transport={transport}{fragment}")
+        self.expect_state(state)
 
     def edit(self, html, data=None):
         self.page.fill("#html", html)
@@ -502,3 +502,53 @@ def test_a_replaced_database_is_followed_even_to_a_lower_version(context, server
     a.save()
     a.expect_version(2)
     assert stored(server)["html"] == "<p>saved on the new database</p>"
+
+
+# --- access control: a token in the URL fragment ----------------------------------------------------
+
+JWT_SECRET = "browser-test-secret-" + "0123456789abcdef" * 3
+
+
+def jwt_token(read=("*",), write=("*",), exp_in=600):
+    import jwt
+
+    return jwt.encode({"sub": "tab", "exp": int(time.time() + exp_in),
+                       "changefeed": {"read": list(read), "write": list(write)}}, JWT_SECRET, algorithm="HS256")
+
+
+@pytest.fixture
+def auth_server(make_server):
+    return make_server(env={"CHANGEFEED_JWT_SECRET": JWT_SECRET, "CHANGEFEED_AUTH_READS": "1"})
+
+
+@pytest.mark.parametrize("transport", ["poll", "sse"])
+def test_with_access_control_the_page_saves_and_streams_with_a_token_from_the_fragment(auth_server, context,
+                                                                                       transport):
+    given = jwt_token()
+    writer = Tab(context, auth_server.url, "shared", transport, fragment=f"#token={given}")
+    assert "token" not in writer.page.url  # taken out of the address: not shared, not bookmarked
+    reader = Tab(context, auth_server.url, "shared", transport)  # another tab: reads with the cookie the first set
+    writer.edit("<p>with a token</p>")
+    writer.save()
+    writer.expect_version(1)
+    reader.expect_viewer("with a token", timeout_s=POLL_S + 3)
+    assert all("token=" not in url for _, url in writer.requests)  # never sent to the server in a URL
+    stored = requests.get(f"{auth_server.url}/changes?slug=shared",
+                          headers={"Authorization": f"Bearer {given}"}, timeout=5).json()
+    assert stored["version"] == 1
+
+
+def test_a_read_only_token_may_read_but_the_page_says_it_cannot_save(auth_server, context):
+    tab = Tab(context, auth_server.url, "shared", fragment=f"#token={jwt_token(write=())}")
+    expect(tab.page.locator("#save")).to_be_disabled()
+    expect(tab.page.locator("#message")).to_contain_text("may read this page but not save it")
+
+
+@pytest.mark.parametrize("transport", ["poll", "longpoll", "sse"])
+def test_without_a_token_the_page_stops_and_says_so_instead_of_retrying(auth_server, context, transport):
+    tab = Tab(context, auth_server.url, "lonely", transport, state="unauthorized")
+    expect(tab.page.locator("#message")).to_contain_text("needs a token")
+    mark = tab.mark()
+    tab.wait(3)
+    asked = tab.requests_to("/changes", after=mark) + tab.requests_to("/events", after=mark)
+    assert asked == [], f"kept asking after a 401: {asked}"
