@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import jwt
 
 from errors import ApiError
+from store import Unavailable
 
 CLAIM = "changefeed"
 
@@ -70,8 +71,11 @@ class TokenVerifier:
     def __init__(self, config):
         self.secret = config["CHANGEFEED_JWT_SECRET"] or None
         public_key = config["CHANGEFEED_JWT_PUBLIC_KEY"] or None
+        jwks_url = config["CHANGEFEED_JWKS_URL"] or None
         self._key = self.secret or public_key
-        self.enabled = self._key is not None
+        # Keys of an identity provider, fetched when a token names one not seen yet, kept 5 minutes.
+        self._jwks = jwt.PyJWKClient(jwks_url, lifespan=300, timeout=5) if jwks_url and not self._key else None
+        self.enabled = self._key is not None or self._jwks is not None
         default_algorithms = "HS256" if self.secret else "RS256,ES256"
         self.algorithms = (config["CHANGEFEED_JWT_ALGORITHMS"] or default_algorithms).replace(",", " ").split()
         self.issuer = config["CHANGEFEED_JWT_ISSUER"] or None
@@ -86,9 +90,14 @@ class TokenVerifier:
             raise AuthError(401, "invalid_token", "This needs a token: send Authorization: Bearer <token> "
                                                   "(a JWT from your identity provider, or `flask token create`).")
         try:
-            claims = jwt.decode(token.strip(), self._key, algorithms=self.algorithms, issuer=self.issuer,
+            key = self._key or self._jwks.get_signing_key_from_jwt(token.strip()).key
+            claims = jwt.decode(token.strip(), key, algorithms=self.algorithms, issuer=self.issuer,
                                 audience=self.audience, leeway=self.leeway,
                                 options={"require": ["exp"], "verify_aud": self.audience is not None})
+        except jwt.PyJWKClientConnectionError as exc:  # the provider's keys cannot be fetched: not the client's fault
+            raise Unavailable(f"the token's signing keys cannot be fetched from the JWKS URL ({exc})") from None
+        except jwt.PyJWKClientError as exc:  # no key of the provider's matches the token's `kid`
+            raise AuthError(401, "invalid_token", f"The token's signing key is not known here: {exc}.") from None
         except jwt.ExpiredSignatureError:
             raise AuthError(401, "invalid_token", "The token expired: get a fresh one.") from None
         except jwt.InvalidSignatureError:

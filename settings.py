@@ -40,6 +40,8 @@ SETTINGS = [
      "Turns access control on: the secret HS256 tokens are signed with (keep it out of the repository)."),
     ("CHANGEFEED_JWT_PUBLIC_KEY", "",
      "Or: the PEM public key of tokens issued elsewhere (RS256, ES256); this service then only verifies."),
+    ("CHANGEFEED_JWKS_URL", "",
+     "Or: the JWKS URL of an identity provider, whose keys (by the token's `kid`) verify its tokens."),
     ("CHANGEFEED_JWT_ALGORITHMS", "",
      "Accepted algorithms, comma-separated; HS256 with a secret, RS256,ES256 with a public key by default."),
     ("CHANGEFEED_JWT_ISSUER", "", "When set, a token's `iss` must be this."),

@@ -175,3 +175,45 @@ def test_an_expired_cookie_token_is_refused_like_a_header(make_client):
     client = make_client(CHANGEFEED_AUTH_READS=1)
     client.set_cookie("changefeed_read", token(exp_in=-120))
     assert_refused(client.get("/changes?slug=docs-intro"), 401, "invalid_token")
+
+
+def test_tokens_of_an_identity_provider_verify_with_its_jwks_url(db_path):
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(private.public_key()))
+    keys = json.dumps({"keys": [{**jwk, "kid": "key-1", "use": "sig", "alg": "RS256"}]}).encode()
+
+    class Provider(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(keys)
+
+        def log_message(self, *args):
+            pass
+
+    provider = ThreadingHTTPServer(("127.0.0.1", 0), Provider)
+    threading.Thread(target=provider.serve_forever, daemon=True).start()
+    try:
+        client = create_app({"CHANGEFEED_DB": db_path,
+                             "CHANGEFEED_JWKS_URL": f"http://127.0.0.1:{provider.server_port}/jwks.json"}).test_client()
+        signed = jwt.encode({"sub": "x", "exp": int(time.time()) + 60, "changefeed": {"write": ["*"]}},
+                            private, algorithm="RS256", headers={"kid": "key-1"})
+        assert client.post("/save", json=PAGE, headers=bearer(signed)).status_code == 200
+        unknown = jwt.encode({"sub": "x", "exp": int(time.time()) + 60, "changefeed": {"write": ["*"]}},
+                             private, algorithm="RS256", headers={"kid": "key-2"})
+        assert_refused(client.post("/save", json=PAGE, headers=bearer(unknown)), 401, "invalid_token")
+        provider.shutdown()
+        provider.server_close()
+        down = create_app({"CHANGEFEED_DB": db_path,
+                           "CHANGEFEED_JWKS_URL": f"http://127.0.0.1:{provider.server_port}/jwks.json"}).test_client()
+        answer = down.post("/save", json=PAGE, headers=bearer(signed))
+        assert answer.status_code == 503 and answer.get_json()["error"] == "unavailable"
+    finally:
+        provider.server_close()
