@@ -20,6 +20,7 @@ from marshmallow import ValidationError
 
 import auth
 import errors
+import openapi
 import settings
 from errors import ApiError, ShuttingDown
 from auth import TokenVerifier
@@ -99,6 +100,7 @@ def create_app(test_config=None):
         return changes_schema.load(request.args)
 
     errors.register(app)
+    document = openapi.build(app)
     verifier = app.extensions["changefeed.auth"] = TokenVerifier(app.config)
     auth.register_cli(app, verifier)
     allowed_origins = parse_origins(app.config["CHANGEFEED_CORS_ORIGINS"])
@@ -199,6 +201,11 @@ def create_app(test_config=None):
         response = Response(status=204)
         response.delete_cookie(auth.READ_COOKIE, path="/", httponly=True, samesite="Strict")
         return response
+
+    @app.get("/openapi.json")
+    def openapi_document():
+        """The API as an OpenAPI 3.1 document."""
+        return document
 
     @app.get("/healthz")
     def healthz():

@@ -40,7 +40,7 @@ class Slug(fields.String):
     """A page name: letters, digits and hyphens, folded to lower case so Home is home."""
 
     def __init__(self, **kwargs):
-        super().__init__(validate=validate_slug, **kwargs)
+        super().__init__(validate=validate_slug, metadata={"pattern": f"^{SLUG.pattern}$"}, **kwargs)
 
     def _deserialize(self, value, attr, data, **kwargs):
         return super()._deserialize(value, attr, data, **kwargs).lower()

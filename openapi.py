@@ -1,0 +1,164 @@
+"""The API as an OpenAPI 3.1 document, built from the schemas the endpoints validate with.
+
+apispec's marshmallow plugin turns the same SaveSchema, ChangesQuerySchema and
+EventsQuerySchema that refuse bad requests into the document's parameters and
+bodies; the query parameters are written out here (with the patterns the
+schemas enforce, which marshmallow keeps in Python's regex dialect), and
+tests/test_openapi.py checks they name exactly the schemas' fields. The
+answers (which the views build by hand, for speed) are described here once.
+"""
+
+from apispec import APISpec
+from apispec.ext.marshmallow import MarshmallowPlugin
+from marshmallow import Schema, fields
+
+from schemas import EPOCH, IDEMPOTENCY_KEY, MAX_INTEGER, SLUG, Count, SaveSchema
+
+
+class ErrorSchema(Schema):
+    """Every error: a short stable phrase, what happened and what to do, and details."""
+
+    error = fields.String(required=True, metadata={"example": "invalid request"})
+    message = fields.String(required=True)
+    fields_ = fields.Dict(data_key="fields", keys=fields.String(), values=fields.List(fields.String()),
+                          metadata={"description": "each bad field (or header) and its reasons (422)"})
+    version = fields.Integer(metadata={"description": "the stored version (409)"})
+    checks = fields.Dict(keys=fields.String(), values=fields.String(), metadata={"description": "what is not ready"})
+
+
+class SavedSchema(Schema):
+    slug = fields.String(required=True)
+    version = fields.Integer(required=True, metadata={"minimum": 1})
+    updated_at = fields.String(required=True, metadata={"format": "date-time"})
+    epoch = fields.String(required=True)
+
+
+class ChangeSchema(Schema):
+    """A /changes answer; `html`, `data` and `updated_at` only when `changed` is true."""
+
+    changed = fields.Boolean(required=True)
+    version = fields.Integer(required=True, metadata={"minimum": 0})
+    html = fields.String()
+    data = fields.Raw(allow_none=True, metadata={"description": "the JSON value saved"})
+    updated_at = fields.String(metadata={"format": "date-time"})
+    epoch = fields.String(required=True)
+
+
+def _header(description, schema=None):
+    return {"description": description, "schema": schema or {"type": "string"}}
+
+
+RETRY_AFTER = _header("seconds to wait before asking again", {"type": "integer", "minimum": 0})
+WWW_AUTHENTICATE = _header('RFC 6750: Bearer realm="changefeed", error="invalid_token" | "insufficient_scope"')
+
+
+def _error(description, **headers):
+    answer = {"description": description, "content": {"application/json": {"schema": "Error"}}}
+    if headers:
+        answer["headers"] = headers
+    return answer
+
+
+ERRORS = {
+    "400": _error("malformed JSON, an empty body, or a Host name not in CHANGEFEED_TRUSTED_HOSTS"),
+    "401": _error("no valid token (access control on)", **{"WWW-Authenticate": WWW_AUTHENTICATE}),
+    "403": _error("a slug outside the token's rights, or a write from another site's page",
+                  **{"WWW-Authenticate": WWW_AUTHENTICATE}),
+    "413": _error("body over CHANGEFEED_MAX_BODY_BYTES"),
+    "415": _error("body neither JSON nor form fields"),
+    "422": _error("a field or header is invalid: `fields` names each, with its reasons"),
+    "503": _error("busy, not saved, outcome unknown, unavailable, or shutting down (see `error`)",
+                  **{"Retry-After": RETRY_AFTER}),
+}
+
+
+def _errors(*codes):
+    return {code: ERRORS[code] for code in codes}
+
+
+def build(app):
+    """Return the OpenAPI document of `app` as a dict."""
+    plugin = MarshmallowPlugin()
+    spec = APISpec(title="changefeed", version="1", openapi_version="3.1.0", plugins=[plugin], info={
+        "description": "Save a page; every open tab learns of the new version at once. See the README.",
+    })
+    plugin.map_to_openapi_type(Count, "integer", None)
+    spec.components.schema("Error", schema=ErrorSchema)
+    spec.components.schema("Saved", schema=SavedSchema)
+    spec.components.schema("Change", schema=ChangeSchema)
+    spec.components.schema("SaveRequest", schema=SaveSchema(max_html_bytes=0, max_data_bytes=0))
+    spec.components.security_scheme("bearer", {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"})
+    spec.components.security_scheme("readCookie", {"type": "apiKey", "in": "cookie", "name": "changefeed_read"})
+    count = {"type": "integer", "minimum": 0, "maximum": MAX_INTEGER}
+    slug = {"in": "query", "name": "slug", "required": True,
+            "schema": {"type": "string", "pattern": f"^{SLUG.pattern}$"}}
+    epoch = {"in": "query", "name": "epoch", "schema": {"type": "string", "pattern": f"^{EPOCH.pattern[:-2]}$"}}
+    optional_auth = [{}, {"bearer": []}, {"readCookie": []}]
+
+    spec.path("/save", operations={"post": {
+        "summary": "Store a new version of a page (its version goes up by exactly 1)",
+        "security": [{}, {"bearer": []}],
+        "parameters": [{"in": "header", "name": "Idempotency-Key", "schema": {
+            "type": "string", "pattern": f"^{IDEMPOTENCY_KEY.pattern[:-2]}$"},
+            "description": "a retry with the same key returns the first answer and saves nothing more"}],
+        "requestBody": {"required": True, "content": {
+            "application/json": {"schema": "SaveRequest"},
+            "application/x-www-form-urlencoded": {"schema": {"type": "object", "required": ["slug", "html"],
+                                                             "properties": {"slug": {"type": "string"},
+                                                                            "html": {"type": "string"},
+                                                                            "data": {"type": "string"},
+                                                                            "base_version": {"type": "string"}}}}}},
+        "responses": {
+            "200": {"description": "stored", "content": {"application/json": {"schema": "Saved"}},
+                    "headers": {"Idempotent-Replayed": _header("`true` when this answers an earlier request")}},
+            "409": _error("stale base_version: `version` is the stored one"),
+            **_errors("400", "401", "403", "413", "415", "422", "503")},
+    }})
+    spec.path("/changes", operations={"get": {
+        "summary": "Is the page newer than `since`? Then here it is (with `wait`: a long-poll)",
+        "security": optional_auth,
+        "parameters": [slug, {"in": "query", "name": "since", "schema": count}, epoch,
+                       {"in": "query", "name": "wait", "schema": {"type": "integer", "minimum": 0, "maximum": 60}}],
+        "responses": {
+            "200": {"description": "the page's state for `since`",
+                    "content": {"application/json": {"schema": "Change"}},
+                    "headers": {"ETag": _header("changes whenever the answer would")}},
+            "304": {"description": "unchanged since the ETag sent in If-None-Match"},
+            **_errors("400", "401", "403", "422", "503")},
+    }})
+    spec.path("/events", operations={"get": {
+        "summary": "Each new version of a page, as Server-Sent Events",
+        "security": optional_auth,
+        "parameters": [slug, {"in": "query", "name": "since", "schema": count}, epoch,
+                       {"in": "header", "name": "Last-Event-ID", "schema": {"type": "string"},
+                        "description": "<epoch>:<version> of the last event received (or a version)"}],
+        "responses": {
+            "200": {"description": "`id: <epoch>:<version>`, `event: change`, `data:` a /changes answer",
+                    "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+            **_errors("400", "401", "403", "422", "503")},
+    }})
+    spec.path("/session", operations={
+        "post": {"summary": "Trade a bearer token for the read-only cookie (for EventSource)",
+                 "security": [{"bearer": []}],
+                 "responses": {"204": {"description": "cookie set", "headers": {"Set-Cookie": _header(
+                     "changefeed_read; HttpOnly; SameSite=Strict")}},
+                     "404": _error("access control is off"), **_errors("401")}},
+        "delete": {"summary": "Forget the read cookie", "responses": {"204": {"description": "cookie removed"}}},
+    })
+    spec.path("/healthz", operations={"get": {"summary": "The process answers (liveness)", "responses": {
+        "200": {"description": "ok", "content": {"application/json": {"schema": {
+            "type": "object", "properties": {"status": {"const": "ok"}}}}}}}}})
+    spec.path("/readyz", operations={"get": {
+        "summary": "The process can serve: its database reads and its watcher looks (readiness)",
+        "responses": {"200": {"description": "ready", "content": {"application/json": {"schema": {
+            "type": "object", "properties": {"status": {"const": "ready"}, "epoch": {"type": "string"}}}}}},
+            "503": _error("not ready: `checks` says what", **{"Retry-After": RETRY_AFTER})}}})
+    spec.path("/openapi.json", operations={"get": {"summary": "This document", "responses": {
+        "200": {"description": "OpenAPI 3.1", "content": {"application/json": {"schema": {"type": "object"}}}}}}})
+    spec.path("/", operations={"get": {
+        "summary": "The demo page: an editor and a viewer of one slug",
+        "parameters": [{**slug, "required": False},
+                       {"in": "query", "name": "transport", "schema": {"enum": ["poll", "longpoll", "sse"]}}],
+        "responses": {"200": {"description": "html", "content": {"text/html": {"schema": {"type": "string"}}}},
+                      **_errors("400", "422")}}})
+    return spec.to_dict()
