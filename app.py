@@ -80,7 +80,8 @@ def create_app(test_config=None):
     limits = dict(max_html_bytes=app.config["CHANGEFEED_MAX_HTML_BYTES"],
                   max_data_bytes=app.config["CHANGEFEED_MAX_DATA_BYTES"])
     save_schema, save_form_schema = SaveSchema(**limits), SaveFormSchema(**limits)
-    changes_schema, page_schema = ChangesQuerySchema(), PageQuerySchema()
+    changes_schema = ChangesQuerySchema(max_wait_s=app.config["CHANGEFEED_MAX_WAIT_S"])
+    page_schema = PageQuerySchema()
     events_schema, last_event_id_schema = EventsQuerySchema(), LastEventIdSchema()
     idempotency_key_schema = IdempotencyKeySchema()
 

@@ -118,7 +118,8 @@ def build(app):
         "summary": "Is the page newer than `since`? Then here it is (with `wait`: a long-poll)",
         "security": optional_auth,
         "parameters": [slug, {"in": "query", "name": "since", "schema": count}, epoch,
-                       {"in": "query", "name": "wait", "schema": {"type": "integer", "minimum": 0, "maximum": 60}}],
+                       {"in": "query", "name": "wait", "schema": {
+                           "type": "integer", "minimum": 0, "maximum": app.config["CHANGEFEED_MAX_WAIT_S"]}}],
         "responses": {
             "200": {"description": "the page's state for `since`",
                     "content": {"application/json": {"schema": "Change"}},

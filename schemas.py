@@ -116,8 +116,13 @@ class ChangesQuerySchema(Schema):
     since = Count(load_default=0)
     epoch = fields.String(load_default=None, validate=validate.Regexp(
         EPOCH, error="Must be the epoch of an earlier answer (letters, digits, - and _)."))
-    wait = Count(load_default=0, validate=validate.Range(
-        max=MAX_WAIT_S, error=f"Must be a whole number of seconds from 0 to {MAX_WAIT_S}."))
+    wait = Count(load_default=0)
+
+    def __init__(self, max_wait_s=MAX_WAIT_S, **kwargs):
+        super().__init__(**kwargs)
+        self.max_wait_s = max_wait_s  # CHANGEFEED_MAX_WAIT_S
+        self.fields["wait"].validators = [validate.Range(
+            max=max_wait_s, error=f"Must be a whole number of seconds from 0 to {max_wait_s}.")]
 
 
 class EventsQuerySchema(Schema):

@@ -26,6 +26,8 @@ SETTINGS = [
      "Largest `data` a save accepts, serialized as compact JSON, in UTF-8 bytes."),
     ("CHANGEFEED_MAX_BODY_BYTES", 8 * MiB,
      "Largest request body; anything bigger is refused with 413 before it is read."),
+    ("CHANGEFEED_MAX_WAIT_S", 60,
+     "Longest `wait` a long-poll may ask for (seconds); keep it under your proxy's read timeout."),
     ("CHANGEFEED_WATCH_INTERVAL_MS", 10,
      "How often each server process looks for saves made by the others (milliseconds)."),
     ("CHANGEFEED_SSE_HEARTBEAT_MS", 15_000,

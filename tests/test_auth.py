@@ -21,6 +21,17 @@ def token(write=("docs-*",), read=("*",), key=SECRET, algorithm="HS256", exp_in=
     return jwt.encode(body, key, algorithm=algorithm)
 
 
+def tampered():
+    """A valid token whose payload was edited afterwards to grant every slug: its signature no longer fits."""
+    import base64
+    import json
+
+    header, _, signature = token(write=("docs-*",)).split(".")
+    payload = json.dumps({"sub": "editor-1", "exp": int(time.time()) + 300,
+                          "changefeed": {"read": ["*"], "write": ["*"]}}).encode()
+    return ".".join([header, base64.urlsafe_b64encode(payload).rstrip(b"=").decode(), signature])
+
+
 def bearer(value):
     return {"Authorization": f"Bearer {value}"}
 
@@ -50,6 +61,7 @@ UNAUTHORIZED = [
     ("not bearer", {"Authorization": f"Basic {SECRET}"}),
     ("garbage", bearer("not.a.jwt")),
     ("bad signature", bearer(token(key="another-secret-" + "f" * 64))),
+    ("tampered", bearer(tampered())),
     ("expired", bearer(token(exp_in=-120))),  # past the 30 s leeway
     ("no exp", bearer(token(exp_in=None))),
     ("alg none", bearer(jwt.encode({"sub": "x", "exp": int(time.time()) + 60,
@@ -91,7 +103,8 @@ def test_reads_stay_public_unless_configured(make_client):
     assert client.get("/").status_code == 200
 
 
-@pytest.mark.parametrize("path", ["/changes?slug=docs-intro", "/events?slug=docs-intro"])
+@pytest.mark.parametrize("path", ["/changes?slug=docs-intro", "/changes?slug=docs-intro&wait=1",
+                                  "/events?slug=docs-intro"], ids=["poll", "long-poll", "events"])
 def test_with_auth_reads_every_read_needs_read_rights(make_client, path):
     client = make_client(CHANGEFEED_AUTH_READS=1)
     for name, headers in UNAUTHORIZED:
