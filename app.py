@@ -109,13 +109,14 @@ def create_app(test_config=None):
         CORS(app, origins=sorted(allowed_origins), supports_credentials=True, max_age=600,
              allow_headers=CORS_REQUEST_HEADERS, expose_headers=CORS_RESPONSE_HEADERS)
 
-    @app.before_request
     def same_site_writes_only():
+        """Every write view calls this first; reads (the hot poll path) pay nothing for it."""
         refuse_cross_site_writes(request, allowed_origins)
 
     @app.post("/save")
     def save():
         """Store a new version of a page and answer {slug, version, updated_at}."""
+        same_site_writes_only()
         rights = verifier.verify(request.headers.get("Authorization")) if verifier.enabled else None
         if request.mimetype == "application/json":
             item = save_schema.load(json_body())
@@ -187,6 +188,7 @@ def create_app(test_config=None):
 
         The cookie lives as long as the token; DELETE /session ends it.
         """
+        same_site_writes_only()
         if not verifier.enabled:
             raise ApiError(404, "not found", "Access control is off: reads need no session.")
         rights = verifier.verify(request.headers.get("Authorization"))
@@ -199,6 +201,7 @@ def create_app(test_config=None):
     @app.delete("/session")
     def end_session():
         """Forget the read cookie (signing out, or another token)."""
+        same_site_writes_only()
         response = Response(status=204)
         response.delete_cookie(auth.READ_COOKIE, path="/", httponly=True, samesite="Strict")
         return response
