@@ -60,8 +60,21 @@ class Rights:
         return self.expires_at - time.time()
 
 
+def _patterns(value):
+    """The entries of a right: a list of strings (a lone string is one entry, anything else none).
+
+    Never tuple() of a string: "docs-*" would become the entries d, o, c, s, -
+    and *, and the last one grants every slug.
+    """
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, list):
+        return tuple(entry for entry in value if isinstance(entry, str))
+    return ()
+
+
 def _matches(pattern, slug):
-    pattern = str(pattern).lower()
+    pattern = pattern.lower()
     return pattern == "*" or pattern == slug or (pattern.endswith("*") and slug.startswith(pattern[:-1]))
 
 
@@ -105,8 +118,8 @@ class TokenVerifier:
         except jwt.InvalidTokenError as exc:
             raise AuthError(401, "invalid_token", f"The token was refused: {exc}.") from None
         rights = claims.get(CLAIM) if isinstance(claims.get(CLAIM), dict) else {}
-        return Rights(sub=claims.get("sub"), read=tuple(rights.get("read") or ()),
-                      write=tuple(rights.get("write") or ()), expires_at=float(claims["exp"]) + self.leeway)
+        return Rights(sub=claims.get("sub"), read=_patterns(rights.get("read")),
+                      write=_patterns(rights.get("write")), expires_at=float(claims["exp"]) + self.leeway)
 
     def read_rights(self, request):
         """The Rights of a read: from its Authorization header, or else from the read cookie."""

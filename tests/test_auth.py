@@ -230,3 +230,15 @@ def test_tokens_of_an_identity_provider_verify_with_its_jwks_url(db_path):
         assert answer.status_code == 503 and answer.get_json()["error"] == "unavailable"
     finally:
         provider.server_close()
+
+
+@pytest.mark.parametrize("write", ["docs-*", ["docs-*", 7, None], {"docs-*": True}, 42],
+                         ids=["a lone string", "non-strings in the list", "an object", "a number"])
+def test_a_malformed_rights_claim_grants_no_more_than_it_says(make_client, write):
+    client = make_client()
+    odd = jwt.encode({"sub": "x", "exp": int(time.time()) + 60, "changefeed": {"write": write}}, SECRET,
+                     algorithm="HS256")
+    assert_refused(client.post("/save", json={**PAGE, "slug": "home"}, headers=bearer(odd)), 403,
+                   "insufficient_scope")
+    expected = 200 if write in ("docs-*", ["docs-*", 7, None]) else 403
+    assert client.post("/save", json=PAGE, headers=bearer(odd)).status_code == expected
