@@ -191,9 +191,9 @@ def create_app(test_config=None):
         same_site_writes_only()
         if not verifier.enabled:
             raise ApiError(404, "not found", "Access control is off: reads need no session.")
-        rights = verifier.verify(request.headers.get("Authorization"))
+        token = auth.bearer_token(request.headers.get("Authorization"))
+        rights = verifier.verify_token(token)
         response = Response(status=204)
-        token = request.headers["Authorization"].partition(" ")[2].strip()
         response.set_cookie(auth.READ_COOKIE, token, max_age=max(0, int(rights.seconds_left())), path="/",
                             httponly=True, samesite="Strict", secure=request.is_secure)
         return response
@@ -230,8 +230,9 @@ def create_app(test_config=None):
             except Unavailable as exc:
                 problems["database"] = str(exc)
             else:
-                if notifier.health():
-                    problems["watcher"] = notifier.health()
+                watcher = notifier.health()
+                if watcher:
+                    problems["watcher"] = watcher
         if notifier.closed:
             problems["process"] = "shutting down"
         if problems:

@@ -60,6 +60,15 @@ class Rights:
         return self.expires_at - time.time()
 
 
+def bearer_token(authorization):
+    """The token of an `Authorization: Bearer <token>` header, or raise 401."""
+    scheme, _, token = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise AuthError(401, "invalid_token", "This needs a token: send Authorization: Bearer <token> "
+                                              "(a JWT from your identity provider, or `flask token create`).")
+    return token.strip()
+
+
 def _patterns(value):
     """The entries of a right: a list of strings (a lone string is one entry, anything else none).
 
@@ -98,13 +107,13 @@ class TokenVerifier:
 
     def verify(self, authorization):
         """Return the Rights of an `Authorization: Bearer <token>` header, or raise 401."""
-        scheme, _, token = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise AuthError(401, "invalid_token", "This needs a token: send Authorization: Bearer <token> "
-                                                  "(a JWT from your identity provider, or `flask token create`).")
+        return self.verify_token(bearer_token(authorization))
+
+    def verify_token(self, token):
+        """Return the Rights of a token, or raise 401 saying why it was refused."""
         try:
-            key = self._key or self._jwks.get_signing_key_from_jwt(token.strip()).key
-            claims = jwt.decode(token.strip(), key, algorithms=self.algorithms, issuer=self.issuer,
+            key = self._key or self._jwks.get_signing_key_from_jwt(token).key
+            claims = jwt.decode(token, key, algorithms=self.algorithms, issuer=self.issuer,
                                 audience=self.audience, leeway=self.leeway,
                                 options={"require": ["exp"], "verify_aud": self.audience is not None})
         except jwt.PyJWKClientConnectionError as exc:  # the provider's keys cannot be fetched: not the client's fault
@@ -125,7 +134,7 @@ class TokenVerifier:
         """The Rights of a read: from its Authorization header, or else from the read cookie."""
         header = request.headers.get("Authorization")
         if header is None and request.cookies.get(READ_COOKIE):
-            header = f"Bearer {request.cookies[READ_COOKIE]}"
+            return self.verify_token(request.cookies[READ_COOKIE])
         return self.verify(header)
 
     def mint(self, sub, read=(), write=(), ttl_s=3600):
