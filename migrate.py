@@ -40,6 +40,24 @@ UPGRADES = [
         );
         CREATE INDEX idempotency_keys_created_at ON idempotency_keys (created_at);
     """),
+    (4, """
+        CREATE TABLE storage (pages INTEGER NOT NULL, bytes INTEGER NOT NULL);
+        INSERT INTO storage SELECT count(*),
+            coalesce(sum(length(CAST(html AS BLOB)) + length(CAST(data AS BLOB))), 0) FROM page_versions;
+        CREATE TRIGGER storage_insert AFTER INSERT ON page_versions BEGIN
+            UPDATE storage SET pages = pages + 1,
+                bytes = bytes + length(CAST(new.html AS BLOB)) + length(CAST(new.data AS BLOB));
+        END;
+        CREATE TRIGGER storage_update AFTER UPDATE OF html, data ON page_versions BEGIN
+            UPDATE storage SET bytes = bytes
+                + length(CAST(new.html AS BLOB)) + length(CAST(new.data AS BLOB))
+                - length(CAST(old.html AS BLOB)) - length(CAST(old.data AS BLOB));
+        END;
+        CREATE TRIGGER storage_delete AFTER DELETE ON page_versions BEGIN
+            UPDATE storage SET pages = pages - 1,
+                bytes = bytes - length(CAST(old.html AS BLOB)) - length(CAST(old.data AS BLOB));
+        END;
+    """),
 ]
 LATEST = UPGRADES[-1][0]
 

@@ -36,3 +36,25 @@ CREATE TABLE idempotency_keys (
     created_at  REAL NOT NULL   -- unix time; keys older than the window are deleted
 );
 CREATE INDEX idempotency_keys_created_at ON idempotency_keys (created_at);
+
+-- How many pages and bytes (html and data, UTF-8) the database holds, kept
+-- by triggers in the same transaction as each save, so the limits on both
+-- (CHANGEFEED_MAX_PAGES, CHANGEFEED_MAX_STORED_BYTES) cost one row to read.
+CREATE TABLE storage (
+    pages INTEGER NOT NULL,
+    bytes INTEGER NOT NULL
+);
+INSERT INTO storage (pages, bytes) VALUES (0, 0);
+CREATE TRIGGER storage_insert AFTER INSERT ON page_versions BEGIN
+    UPDATE storage SET pages = pages + 1,
+        bytes = bytes + length(CAST(new.html AS BLOB)) + length(CAST(new.data AS BLOB));
+END;
+CREATE TRIGGER storage_update AFTER UPDATE OF html, data ON page_versions BEGIN
+    UPDATE storage SET bytes = bytes
+        + length(CAST(new.html AS BLOB)) + length(CAST(new.data AS BLOB))
+        - length(CAST(old.html AS BLOB)) - length(CAST(old.data AS BLOB));
+END;
+CREATE TRIGGER storage_delete AFTER DELETE ON page_versions BEGIN
+    UPDATE storage SET pages = pages - 1,
+        bytes = bytes - length(CAST(old.html AS BLOB)) - length(CAST(old.data AS BLOB));
+END;

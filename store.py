@@ -4,7 +4,8 @@ Views talk to a store through two calls, `save` and `changes`, and never build
 SQL; a PostgreSQL store is a second implementation of the same contract.
 
 A save ends in exactly one of: `Saved` (on disk), `Conflict`, `KeyReused` or
-`NotStored` (certainly not written; `Busy` is one kind), or `OutcomeUnknown`
+`NotStored` (certainly not written; `Busy` is one kind), `StorageFull`
+(refused by a limit: not written either), or `OutcomeUnknown`
 (it may or may not have been written: a retry with the same Idempotency-Key
 settles it). writers.py keeps that promise for grouped saves.
 """
@@ -147,6 +148,18 @@ class Busy(NotStored):
     """Other saves held the database past this one's busy timeout; it was not written."""
 
 
+class StorageFull(Exception):
+    """A save would take the database past its page or byte limit; nothing was written.
+
+    `limit` is "pages" or "stored_bytes"; saves that do not grow what is
+    stored (an existing page, no bigger) are still taken.
+    """
+
+    def __init__(self, limit, reason):
+        super().__init__(reason)
+        self.limit, self.reason = limit, reason
+
+
 class OutcomeUnknown(Exception):
     """The save may or may not have been written; nobody can tell from here."""
 
@@ -228,8 +241,9 @@ class SQLiteStore:
     """
 
     def __init__(self, path, synchronous="FULL", busy_timeout_ms=10_000, writer=None,
-                 idempotency_ttl_s=86_400):
+                 idempotency_ttl_s=86_400, max_pages=None, max_bytes=None):
         self.path = path
+        self._max_pages, self._max_bytes = max_pages, max_bytes
         self._synchronous = synchronous
         self._busy_timeout = busy_timeout_ms / 1000
         self._key_ttl = idempotency_ttl_s
@@ -472,6 +486,8 @@ class SQLiteStore:
             current = row[0] if row else 0
             if current != item.base_version:
                 return Conflict(current)
+        if self._max_pages is not None or self._max_bytes is not None:
+            (before,) = conn.execute("SELECT bytes FROM storage").fetchone()
         updated_at = utc_now()
         (version,) = conn.execute(
             "INSERT INTO page_versions (slug, html, data, version, updated_at, seq)"
@@ -482,10 +498,31 @@ class SQLiteStore:
             " RETURNING version",
             (item.slug, item.html, item.data, updated_at),
         ).fetchone()
+        if self._max_pages is not None or self._max_bytes is not None:
+            refused = self._over_limit(conn, version == 1, before)
+            if refused is not None:
+                conn.execute("ROLLBACK TO item")  # undo this save only; the caller releases the savepoint
+                return refused
         if item.key is not None:
             conn.execute("INSERT OR REPLACE INTO idempotency_keys VALUES (?, ?, ?, ?, ?, ?)",
                          (item.key, fingerprint, item.slug, version, updated_at, now))
         return Saved(item.slug, version, updated_at, epoch)
+
+    def _over_limit(self, conn, new_page, bytes_before):
+        """After a save, inside its savepoint: a StorageFull if it took the database past a limit.
+
+        The triggers of schema.sql have already counted it, so this reads one
+        row. Only saves that add a page or grow the bytes stored are refused:
+        a full database still takes new versions of its pages that are no bigger.
+        """
+        pages, stored = conn.execute("SELECT pages, bytes FROM storage").fetchone()
+        if new_page and self._max_pages is not None and pages > self._max_pages:
+            return StorageFull("pages", f"the service holds its most pages ({self._max_pages}, "
+                                        "CHANGEFEED_MAX_PAGES), so a new page cannot be added")
+        if self._max_bytes is not None and stored > self._max_bytes and stored > bytes_before:
+            return StorageFull("stored_bytes", f"the pages would hold more than {self._max_bytes} bytes "
+                                               "(CHANGEFEED_MAX_STORED_BYTES), so a page cannot grow or be added")
+        return None
 
     @staticmethod
     def _roll_back(conn):
