@@ -14,7 +14,7 @@
  * - transport: "poll" (GET /changes every 2 s, the default), "longpoll"
  *   (GET /changes?wait=, answered the moment a save lands) or "sse"
  *   (an EventSource on /events; falls back to long-poll when the server
- *   refuses streams, but not for a 503 with Retry-After, which means "later").
+ *   refuses streams, but not for a 503 or 429 with Retry-After: "later").
  * - since and epoch: the position already held (0 and null: none).
  *
  * After unsubscribe() nothing stays open and no callback runs.
@@ -313,8 +313,8 @@ const OPENERS = {
 /**
  * Ask /events why the stream would not open (EventSource never tells).
  *
- * A 503 with Retry-After (a server shutting down, a database not readable
- * yet) or a stream that opens now means "later"; another answer means this
+ * A 503 or 429 with Retry-After (a server shutting down, a database not
+ * readable yet, too many streams open) or a stream that opens now means "later"; another answer means this
  * server or a proxy refuses streams ({refused: true}); no answer, the server is down.
  */
 async function probeStream(url, signal) {
@@ -329,8 +329,9 @@ async function probeStream(url, signal) {
       return {status: response.status, error: `GET /events answered ${response.status}`};
     }
     const seconds = Number(response.headers.get("Retry-After"));
-    if (response.status === 503 && response.headers.has("Retry-After") && Number.isFinite(seconds)) {
-      return {retryAfterMs: seconds * 1000, error: `GET /events answered 503`};
+    const later = response.status === 503 || response.status === 429;  // 429: this client holds too many streams
+    if (later && response.headers.has("Retry-After") && Number.isFinite(seconds)) {
+      return {retryAfterMs: seconds * 1000, error: `GET /events answered ${response.status}`};
     }
     return {refused: true};
   } catch {
