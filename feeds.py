@@ -15,6 +15,7 @@ never a stream that hears nothing forever.
 import logging
 import time
 
+import metrics
 from store import Unavailable
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,8 @@ def long_poll(store, notifier, slug, since, epoch, wait_s):
     if change.changed or wait_s <= 0 or (epoch is not None and change.epoch != epoch):
         return change
     epoch = change.epoch
-    with notifier.subscribe(slug) as subscription:
+    # An open wait from here on (metrics): a poll answered above held nothing.
+    with notifier.subscribe(slug) as subscription, metrics.OPEN_LONG_POLLS.track_inprogress():
         change = store.changes(slug, since, epoch)  # again: a save may have landed before we subscribed
         deadline = time.monotonic() + wait_s
         while not change.changed and change.epoch == epoch and not notifier.closed:
@@ -61,7 +63,7 @@ def event_stream(store, notifier, slug, since, epoch, retry_ms, lasts_s=None):
     ends_at = None if lasts_s is None else time.monotonic() + lasts_s
     yield f"retry: {retry_ms}\n\n".encode()
     try:
-        with notifier.subscribe(slug) as subscription:
+        with notifier.subscribe(slug) as subscription, metrics.OPEN_STREAMS.track_inprogress():
             change = store.changes(slug, since, epoch)
             if epoch is not None and change.epoch != epoch:
                 since = -1  # whatever this database holds is news, even version 0

@@ -14,6 +14,7 @@ import threading
 import time
 from contextlib import contextmanager
 
+import metrics
 from store import Unavailable, after_fork_in_child
 
 log = logging.getLogger(__name__)
@@ -59,23 +60,31 @@ class Notifier:
         """
         self.start()
         subscription = Subscription()
-        self._subscriptions.setdefault(slug, set()).add(subscription)
+        subscribers = self._subscriptions.setdefault(slug, set())
+        if not subscribers:
+            metrics.WATCHED_SLUGS.inc()
+        subscribers.add(subscription)
+        metrics.SUBSCRIBERS.inc()
         try:
             yield subscription
         finally:
+            metrics.SUBSCRIBERS.dec()
             subscribers = self._subscriptions.get(slug)
             if subscribers is not None:
                 subscribers.discard(subscription)
                 if not subscribers:
                     del self._subscriptions[slug]
+                    metrics.WATCHED_SLUGS.dec()
 
     def watched(self, slug):
         """Whether anyone in this process waits on `slug`."""
         return slug in self._subscriptions
 
     def deliver(self, slug, change):
-        for subscription in list(self._subscriptions.get(slug, ())):
+        subscriptions = list(self._subscriptions.get(slug, ()))
+        for subscription in subscriptions:
             subscription.deliver(change)
+        metrics.DELIVERIES.inc(len(subscriptions))
 
     def start(self):
         """Begin learning of saves (a no-op here; subclasses start their watcher)."""
@@ -210,7 +219,9 @@ class SQLiteNotifier(Notifier):
             return False
         for slug, _version, seq in saves:
             if self.watched(slug):
-                self.deliver(slug, self._store.changes(slug, 0))
+                change = self._store.changes(slug, 0)
+                self.deliver(slug, change)
+                metrics.watcher_delivered(change.updated_at)
             self._seq = seq
         return True
 

@@ -18,6 +18,7 @@ when its commit had already begun.
 import time
 from functools import partial
 
+import metrics
 from store import Busy, NotStored, OutcomeUnknown
 
 # A commit that has begun normally ends in milliseconds; a caller waits this
@@ -32,6 +33,7 @@ class DirectWriter:
         self._save_batch = save_batch
 
     def save(self, item, deadline):
+        metrics.COMMIT_BATCH.observe(1)
         return _outcome(self._save_batch([item], deadline)[0])
 
 
@@ -114,6 +116,7 @@ class GroupCommit:
                 batch = self._take_batch()
                 if not batch:
                     continue
+                metrics.COMMIT_BATCH.observe(len(batch))
                 deadline = min(waiting.deadline for waiting in batch)
                 commit = self._thread.spawn(self._save_batch, [waiting.item for waiting in batch], deadline)
                 commit.rawlink(partial(_hand_out, batch))
