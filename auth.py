@@ -8,6 +8,7 @@ with the public key as an HMAC secret. Rights live in one claim:
     {"sub": "editor-1", "exp": ..., "changefeed": {"read": ["*"], "write": ["docs-*", "home"]}}
 
 Each entry is a slug, or a prefix ending in `*`; `*` alone is every slug.
+`"metrics": true` in the claim lets a scraper read GET /metrics (metrics.py).
 Errors follow RFC 6750: 401 `invalid_token` for a missing, unreadable,
 forged or expired token, 403 `insufficient_scope` for a slug outside its
 rights, each with a `WWW-Authenticate: Bearer` header.
@@ -17,7 +18,9 @@ import time
 from dataclasses import dataclass
 
 import jwt
+from flask import has_request_context, request
 
+import logs
 from errors import ApiError
 from store import Unavailable
 
@@ -47,6 +50,7 @@ class Rights:
     read: tuple
     write: tuple
     expires_at: float  # unix time
+    metrics: bool = False  # may read GET /metrics: `"metrics": true` in the claim
 
     def require(self, right, slug):
         """Raise 403 unless this token may `right` ("read" or "write") the page `slug`."""
@@ -54,6 +58,14 @@ class Rights:
             raise AuthError(403, "insufficient_scope",
                             f"This token ({self.sub or 'no sub'}) may not {right} the page {slug!r}: "
                             f"ask its issuer for one whose `{CLAIM}` claim lists it under `{right}`.")
+        return self
+
+    def require_metrics(self):
+        """Raise 403 unless this token may read GET /metrics."""
+        if not self.metrics:
+            raise AuthError(403, "insufficient_scope",
+                            f"This token ({self.sub or 'no sub'}) may not read the metrics: ask its issuer "
+                            f"for one whose `{CLAIM}` claim has `\"metrics\": true`.")
         return self
 
     def seconds_left(self):
@@ -126,9 +138,12 @@ class TokenVerifier:
             raise AuthError(401, "invalid_token", "The token's signature is not valid for this service.") from None
         except jwt.InvalidTokenError as exc:
             raise AuthError(401, "invalid_token", f"The token was refused: {exc}.") from None
+        if has_request_context():  # who made this request, for its log lines (logs.py)
+            request.environ[logs.SUB] = claims.get("sub")
         rights = claims.get(CLAIM) if isinstance(claims.get(CLAIM), dict) else {}
         return Rights(sub=claims.get("sub"), read=_patterns(rights.get("read")),
-                      write=_patterns(rights.get("write")), expires_at=float(claims["exp"]) + self.leeway)
+                      write=_patterns(rights.get("write")), expires_at=float(claims["exp"]) + self.leeway,
+                      metrics=rights.get("metrics") is True)
 
     def read_rights(self, request):
         """The Rights of a read: from its Authorization header, or else from the read cookie."""
@@ -137,12 +152,14 @@ class TokenVerifier:
             return self.verify_token(request.cookies[READ_COOKIE])
         return self.verify(header)
 
-    def mint(self, sub, read=(), write=(), ttl_s=3600):
+    def mint(self, sub, read=(), write=(), ttl_s=3600, metrics=False):
         """Sign a token with the configured secret (for `flask token create`)."""
         if not self.secret:
             raise RuntimeError("set CHANGEFEED_JWT_SECRET to mint tokens here (a public key only verifies)")
         claims = {"sub": sub, "iat": int(time.time()), "exp": int(time.time() + ttl_s),
                   CLAIM: {"read": list(read), "write": list(write)}}
+        if metrics:
+            claims[CLAIM]["metrics"] = True
         if self.issuer:
             claims["iss"] = self.issuer
         if self.audience:
@@ -162,8 +179,9 @@ def register_cli(app, verifier):
     @click.option("--sub", required=True, help="who the token names, e.g. editor-1")
     @click.option("--read", "read", multiple=True, help="slugs or prefixes* it may read (repeatable)")
     @click.option("--write", "write", multiple=True, help="slugs or prefixes* it may write (repeatable)")
+    @click.option("--metrics", is_flag=True, help="it may read GET /metrics")
     @click.option("--ttl", default="1h", help="how long it lasts: 90s, 15m, 1h, 7d")
-    def create(sub, read, write, ttl):
+    def create(sub, read, write, ttl, metrics):
         """Print a token for --sub with the given rights, valid for --ttl."""
         units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
         try:
@@ -171,6 +189,6 @@ def register_cli(app, verifier):
         except (ValueError, IndexError):
             raise click.BadParameter(f"{ttl!r}: use a number with s, m, h or d, e.g. 1h", param_hint="--ttl")
         try:
-            click.echo(verifier.mint(sub, read, write, seconds))
+            click.echo(verifier.mint(sub, read, write, seconds, metrics))
         except RuntimeError as exc:
             raise click.ClickException(str(exc)) from None

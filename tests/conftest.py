@@ -76,8 +76,9 @@ def free_port():
 class Server:
     """The service under gunicorn, as production runs it, on a free loopback port."""
 
-    def __init__(self, db_path, log_path, workers=2, env=None, args=()):
+    def __init__(self, db_path, log_path, workers=2, env=None, args=(), app="app:create_app()"):
         self.db_path, self.log_path, self.workers, self.args = db_path, log_path, workers, list(args)
+        self.app = app  # what gunicorn serves: the service, or a test's app built on it
         self.env = {**os.environ, "CHANGEFEED_DB": db_path, **(env or {})}
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -89,7 +90,7 @@ class Server:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py",
              "--bind", f"127.0.0.1:{self.port}", "--workers", str(self.workers),
-             *self.args, "app:create_app()"],
+             *self.args, self.app],
             cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group, so kill() reaches every worker
         )
@@ -130,8 +131,8 @@ def make_server(db_path, tmp_path):
     """Start real gunicorn servers on the test's database; stop them afterwards."""
     servers = []
 
-    def make_server(workers=2, env=None, args=()):
-        server = Server(db_path, str(tmp_path / f"gunicorn-{len(servers)}.log"), workers, env, args)
+    def make_server(workers=2, env=None, args=(), app="app:create_app()"):
+        server = Server(db_path, str(tmp_path / f"gunicorn-{len(servers)}.log"), workers, env, args, app)
         servers.append(server)
         return server.start()
 

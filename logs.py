@@ -1,0 +1,278 @@
+"""Logs: a request id, an access log of one structured line per request, a line per save.
+
+- The request id ties what a client was told (an error's `request_id`, its
+  `X-Request-Id` header) to what the server logged, and to nginx's own log
+  when nginx passes its `$request_id`. It is made only when something needs
+  it (an error answer, a log line), so an unchanged poll, the hot path, pays
+  nothing for it.
+- The access log (CHANGEFEED_ACCESS_LOG=json or kv) is a WSGI middleware
+  around the whole app, installed only when asked for: off, nothing of it
+  runs. It writes a request's line when the server closes the response, the
+  only moment a stream's or a long-poll's duration and size are known, and
+  straight to standard output, as gunicorn's `--access-logfile -` would:
+  through Python's logging, each line cost about three times as much.
+- No line ever holds a secret or a page: no body, no header but the id, and
+  the value of a token-like query parameter is replaced by REDACTED.
+- Under gunicorn and `flask run` nobody configures Python's logging, so the
+  app's lines would be lost (info) or bare (warnings): `configure` sends them
+  to gunicorn's error log (stderr) with their level and logger name. When
+  logging is already configured (pytest's caplog, gunicorn --log-config) it
+  adds nothing, so no line is written twice.
+"""
+
+import json
+import logging
+import os
+import re
+import sys
+import time
+from urllib.parse import quote, unquote_plus
+
+from flask import request
+from flask.logging import default_handler
+
+from clients import CLIENT, client_address, parse_networks
+
+# Keys of the WSGI environ that carry what a log line needs past the view.
+REQUEST_ID = "changefeed.request_id"
+SUB = "changefeed.sub"  # the `sub` of the token verified for this request (auth.py sets it)
+
+# What a proxy's X-Request-Id may be; anything else (a forged log line, a
+# megabyte) is ignored and replaced by an id of our own.
+VALID_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+# Query parameters whose values are credentials: never written to a log.
+SECRET_PARAMS = frozenset({"token", "access_token", "jwt"})
+
+ACCESS_FORMATS = ("off", "json", "kv")
+LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
+          "error": logging.ERROR, "critical": logging.CRITICAL}
+
+# gunicorn's own error-log format, plus the logger's name: one log reads as one.
+ERROR_LOG_FORMAT = logging.Formatter("%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s",
+                                     "[%Y-%m-%d %H:%M:%S %z]")
+
+saves_log = logging.getLogger("changefeed.saves")
+
+
+def request_id(environ=None):
+    """Return this request's id: the proxy's X-Request-Id when sane, else a new random one; made once."""
+    if environ is None:
+        environ = request.environ
+    rid = environ.get(REQUEST_ID)
+    if rid is None:
+        sent = environ.get("HTTP_X_REQUEST_ID")
+        # 64 random bits: unique enough to find one request among a day's, and about 0.5 µs.
+        rid = environ[REQUEST_ID] = sent if sent and VALID_ID.fullmatch(sent) else os.urandom(8).hex()
+    return rid
+
+
+def register(app):
+    """Set up logging at CHANGEFEED_LOG_LEVEL, and the access log when CHANGEFEED_ACCESS_LOG asks for it."""
+    level = app.config["CHANGEFEED_LOG_LEVEL"].lower()
+    if level not in LEVELS:
+        raise SystemExit(f"CHANGEFEED_LOG_LEVEL must be one of {', '.join(LEVELS)}, "
+                         f"got {app.config['CHANGEFEED_LOG_LEVEL']!r}")
+    access = app.config["CHANGEFEED_ACCESS_LOG"]
+    if access not in ACCESS_FORMATS:
+        raise SystemExit(f"CHANGEFEED_ACCESS_LOG must be one of {', '.join(ACCESS_FORMATS)}, got {access!r}")
+    configure(LEVELS[level])
+    logging.getLogger("changefeed").setLevel(LEVELS[level])
+    app.logger.setLevel(LEVELS[level])
+    # Flask's own handler would write app.logger's lines a second time, next to the root's.
+    app.logger.removeHandler(default_handler)
+    if access != "off":
+        app.wsgi_app = AccessLog(app.wsgi_app, _json_line if access == "json" else _kv,
+                                 parse_networks(app.config["CHANGEFEED_TRUSTED_PROXIES"]))
+
+
+def configure(level):
+    """Send every logger's lines to the error log, unless logging is configured already (then change nothing)."""
+    root = logging.getLogger()
+    if root.handlers:  # pytest (caplog), gunicorn --log-config, a host app, or an earlier create_app
+        return
+    root.addHandler(_Stream(_error_log_stream, ERROR_LOG_FORMAT))
+    root.setLevel(level)
+
+
+def _error_log_stream():
+    """Where gunicorn writes its error log (stderr, or its --error-logfile); stderr without gunicorn."""
+    for handler in logging.getLogger("gunicorn.error").handlers:
+        if isinstance(handler, logging.StreamHandler):
+            return handler.stream
+    return sys.stderr
+
+
+class _Stream(logging.StreamHandler):
+    """A StreamHandler that looks up its stream at each line.
+
+    gunicorn reopens its log file on SIGUSR1, and pytest swaps sys.stderr for
+    each test: a stream kept from start-up would then be a closed file.
+    """
+
+    def __init__(self, find_stream, formatter):
+        logging.Handler.__init__(self)
+        self._find_stream = find_stream
+        self.setFormatter(formatter)
+
+    @property
+    def stream(self):
+        return self._find_stream()
+
+
+def saved(page):
+    """Log one line for a save that was answered 200: which page, version, who, which request; never its content."""
+    if saves_log.isEnabledFor(logging.INFO):
+        environ = request.environ
+        fields = {"slug": page.slug, "version": page.version, "sub": environ.get(SUB),
+                  "request_id": request_id(environ)}
+        if page.replayed:  # a retry answered from its Idempotency-Key: no new version was written
+            fields["replayed"] = True
+        saves_log.info("saved %s", _kv(fields))
+
+
+class AccessLog:
+    """WSGI middleware: one line per request, written when the server closes the response.
+
+    Every answer then carries X-Request-Id, as the line does: the id a client
+    reports is the one to search for.
+    """
+
+    def __init__(self, app, format_line, proxies=()):
+        self.app, self.format_line, self.proxies = app, format_line, proxies
+
+    def write(self, line):
+        """Write one line to standard output (looked up each time: pytest and others swap it)."""
+        stream = sys.stdout
+        try:
+            stream.write(line + "\n")
+            stream.flush()
+        except (OSError, ValueError):  # stdout closed or gone: losing the line beats failing the request
+            pass
+
+    def __call__(self, environ, start_response):
+        started = time.perf_counter()
+        rid = request_id(environ)
+        response = _LoggedResponse(self, environ, started)
+
+        def start(status, headers, exc_info=None):
+            response.status = status
+            if not any(name.lower() == "x-request-id" for name, _ in headers):
+                headers.append(("X-Request-Id", rid))
+            return start_response(status, headers, exc_info)
+
+        try:
+            response.iterable = self.app(environ, start)
+        except BaseException:  # a bug below Flask, which answers every error, or a worker stopping: log it anyway
+            response.close()
+            raise
+        return response
+
+
+class _LoggedResponse:
+    """The app's answer, counting the bytes the server took, and logging the request when closed."""
+
+    __slots__ = ("log", "environ", "started", "status", "iterable", "sent", "closed")
+
+    def __init__(self, log, environ, started):
+        self.log, self.environ, self.started = log, environ, started
+        self.status, self.iterable, self.sent, self.closed = None, (), 0, False
+
+    def __iter__(self):
+        for chunk in self.iterable:
+            yield chunk
+            # The server asks for the next chunk only once it has written this one: a
+            # write that failed (the client left) is not counted.
+            self.sent += len(chunk)
+
+    def close(self):
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            close = getattr(self.iterable, "close", None)
+            if close is not None:
+                close()
+        finally:
+            self.log.write(self.log.format_line(self.fields()))
+
+    def fields(self):
+        """The line's fields, in the order a person reads them."""
+        environ = self.environ
+        return {
+            "time": _utc_now(),
+            "method": environ.get("REQUEST_METHOD"),
+            "path": _target(environ),
+            "status": int(self.status[:3]) if self.status else 0,  # 0: no answer was sent
+            "duration_ms": round((time.perf_counter() - self.started) * 1000, 3),
+            "bytes": self.sent,
+            "client": environ.get(CLIENT) or client_address(environ, self.log.proxies),
+            "request_id": environ.get(REQUEST_ID),
+            "sub": environ.get(SUB),
+        }
+
+
+_clock = (None, "")  # the last second formatted, and its text: strftime once a second, not per line
+
+
+def _utc_now():
+    """Now, in ISO 8601 UTC with milliseconds, as the API's `updated_at`."""
+    global _clock
+    now = time.time()
+    second, text = _clock
+    if int(now) != second:
+        second = int(now)
+        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        _clock = second, text
+    return f"{text}.{int(now * 1000) % 1000:03d}Z"
+
+
+SAFE_PATH = re.compile(r"[A-Za-z0-9/:@!$&'()*+,;=._~-]*")
+
+
+def _target(environ):
+    """The path and query as sent, with the value of every credential parameter replaced by REDACTED."""
+    path = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
+    if not SAFE_PATH.fullmatch(path):
+        # WSGI gives the path percent-decoded, as latin-1: encode it back, so it stays one printable token.
+        path = quote(path.encode("latin-1", "replace"), safe="/:@!$&'()*+,;=-._~")
+    query = environ.get("QUERY_STRING")
+    if not query:
+        return path
+    lowered = query.lower()
+    if "token" not in lowered and "jwt" not in lowered and "%" not in query:  # no credential can be named
+        return f"{path}?{query}"
+    parts = query.split("&")
+    for n, part in enumerate(parts):
+        name, equals, _ = part.partition("=")
+        if equals and unquote_plus(name).lower() in SECRET_PARAMS:
+            parts[n] = f"{name}=REDACTED"
+    return f"{path}?{'&'.join(parts)}"
+
+
+# One JSON object on one line (every control and non-ASCII character escaped);
+# one encoder for all lines, as json.dumps with separators makes one per call.
+_json_line = json.JSONEncoder(separators=(",", ":")).encode
+
+
+# A kv value needs no quotes when it is printable ASCII without space, `"`, `=` or `\`.
+BARE = re.compile(r"[!#-<>-\[\]-~]+")
+
+
+def _kv(fields):
+    """key=value pairs (logfmt); a value that needs it is a JSON string, so a line can never be split or forged."""
+    pairs = []
+    for key, value in fields.items():
+        if value is None:
+            continue
+        if value is True or value is False:
+            value = "true" if value else "false"
+        elif isinstance(value, (int, float)):
+            value = str(value)
+        else:  # text, or whatever else a token's `sub` claim holds
+            value = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
+            if not BARE.fullmatch(value):
+                value = json.dumps(value)
+        pairs.append(f"{key}={value}")
+    return " ".join(pairs)
+
