@@ -1,0 +1,167 @@
+"""The gunicorn worker: gevent's WSGI server, with time limits on what a client sends and reads.
+
+gunicorn's `keepalive` and `timeout` do not reach the `gevent_pywsgi`
+worker: it would wait forever for a request's headers, a body trickled a byte
+at a time, the next request on an idle kept-alive connection, or a client
+that stopped reading an event stream. Each of those holds a socket, a file
+descriptor and a greenlet; enough of them take a worker's every descriptor
+(slowloris). This worker bounds each one:
+
+- the first byte of a request: within the header timeout on a new
+  connection, the keep-alive timeout on a reused one (then it is closed);
+- the request line and headers: within the header timeout of their first
+  byte (else 408 and closed);
+- the body: within the body timeout of the headers (else 408 and closed);
+- every write: a client that takes nothing for the send timeout is dropped.
+
+A long-poll or stream waits as long as it likes between writes: it is exempt
+while it is what it claims to be, a client reading what it asked for. Served
+with `flask run`, none of this applies (a development server).
+"""
+
+import json
+import socket
+
+import gevent
+from gunicorn.workers.ggevent import GeventPyWSGIWorker, PyWSGIHandler
+from werkzeug.exceptions import RequestTimeout
+
+import metrics
+import settings
+
+
+class HeaderTimeout(socket.timeout):
+    """The request line and headers did not arrive in time (an OSError: gevent then just closes)."""
+
+
+def _timeout_answer(message):
+    body = json.dumps({"error": "request timeout", "message": message}).encode()
+    return (b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n"
+            b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body)) + body
+
+
+HEADER_TIMEOUT_ANSWER = _timeout_answer(
+    "The request line and headers took too long to arrive; send the whole request at once.")
+
+
+class Handler(PyWSGIHandler):
+    """One client connection, with the limits of the module docstring."""
+
+    _deadline = None  # the header timer of the request being read, if one was needed
+    _served = False  # whether a request was served on this connection (then it is kept alive)
+
+    def read_requestline(self):
+        limits = self.server.limits
+        self.socket.settimeout(limits["keepalive_s"] if self._served else limits["header_s"])
+        try:
+            waiting = self.rfile.peek(1)  # the first byte; socket.timeout ends the connection quietly
+        finally:
+            self.socket.settimeout(None)
+        # A poll arrives in one packet: with its headers all here, nothing can stall, no timer needed.
+        if waiting and b"\r\n\r\n" not in waiting:
+            self._deadline = gevent.Timeout.start_new(limits["header_s"], HeaderTimeout("headers took too long"))
+        try:
+            return super().read_requestline()
+        except HeaderTimeout:  # gevent would close without a word: say why first
+            metrics.refused("header_timeout")
+            try:
+                self.socket.sendall(HEADER_TIMEOUT_ANSWER)
+            except OSError:
+                pass
+            return ""  # the connection ends
+
+    def read_request(self, raw_requestline):
+        try:
+            return super().read_request(raw_requestline)
+        finally:
+            self._stop_deadline()
+
+    def handle_one_request(self):
+        try:
+            return super().handle_one_request()
+        finally:
+            self._stop_deadline()
+            self._served = True
+
+    def _stop_deadline(self):
+        if self._deadline is not None:
+            self._deadline.close()
+            self._deadline = None
+
+    def _handle_client_error(self, ex):
+        if isinstance(ex, HeaderTimeout):
+            metrics.refused("header_timeout")
+            self.close_connection = True
+            return ("408", HEADER_TIMEOUT_ANSWER)
+        return super()._handle_client_error(ex)
+
+    def get_environ(self):
+        environ = super().get_environ()
+        limits = self.server.limits
+        if self.content_length or environ.get("HTTP_TRANSFER_ENCODING", "").lower() == "chunked":
+            environ["wsgi.input"] = DeadlineInput(self, environ["wsgi.input"], limits["body_s"])
+        # Writes: a client that takes nothing for this long is gone, or is holding the socket on purpose.
+        self.socket.settimeout(limits["send_s"])
+        return environ
+
+    def handle_error(self, t, v, tb):
+        if isinstance(v, socket.timeout):  # a write timed out: the client stopped reading
+            metrics.refused("send_timeout")
+            self.close_connection = True
+            return
+        super().handle_error(t, v, tb)
+
+
+class DeadlineInput:
+    """A request body that must arrive before a deadline, however it is read."""
+
+    def __init__(self, handler, stream, timeout_s):
+        self._handler, self._stream = handler, stream
+        self._ends_at = gevent.get_hub().loop.now() + timeout_s
+
+    def _call(self, method, *args):
+        remaining = self._ends_at - gevent.get_hub().loop.now()
+        try:
+            with gevent.Timeout(max(remaining, 0.001), HeaderTimeout("body took too long")):
+                return method(*args)
+        except HeaderTimeout:
+            metrics.refused("body_timeout")
+            # The rest of the body is not worth waiting for: gevent must not read it, and the connection ends.
+            self._stream._chunked_input_error = True
+            self._handler.close_connection = True
+            raise RequestTimeout("The request body took too long to arrive; send it at once.") from None
+
+    def read(self, length=None):
+        return self._call(self._stream.read, length)
+
+    def readline(self, size=None):
+        return self._call(self._stream.readline, size)
+
+    def readlines(self, hint=None):
+        return self._call(self._stream.readlines, hint)
+
+    def __iter__(self):
+        return iter(self.readline, b"")
+
+    def _discard(self):
+        self._stream._discard()
+
+
+class Worker(GeventPyWSGIWorker):
+    """gunicorn's gevent_pywsgi worker with the limits above (worker_class = "worker.Worker")."""
+
+    wsgi_handler = Handler
+
+    def run(self):
+        config = settings.from_environ()
+        limits = {"header_s": config["CHANGEFEED_HEADER_TIMEOUT_S"],
+                  "body_s": config["CHANGEFEED_BODY_TIMEOUT_S"],
+                  "keepalive_s": config["CHANGEFEED_KEEPALIVE_S"],
+                  "send_s": config["CHANGEFEED_SEND_TIMEOUT_S"]}
+
+        class Server(self.server_class):
+            pass
+
+        Server.limits = limits
+        self.server_class = Server
+        super().run()
