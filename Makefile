@@ -1,5 +1,7 @@
 # changefeed: `make run` serves the demo, `make test` runs every test,
-# `make bench` measures it (`make bench QUICK=1`: a few seconds).
+# `make bench` measures it (`make bench QUICK=1`: a few seconds),
+# `make soak` runs 10 minutes of mixed load and checks for errors and leaks
+# (`make soak DURATION=90`: shorter).
 # Each creates the virtualenv and installs pinned dependencies first.
 
 PYTHON ?= python3
@@ -8,7 +10,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 5000
 
-.PHONY: run test bench install clean
+.PHONY: run test bench soak install clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +34,9 @@ test: $(VENV)/.test-deps
 
 bench: $(VENV)/.test-deps
 	$(BIN)/python bench/run.py $(if $(QUICK),--quick)
+
+soak: $(VENV)/.test-deps
+	$(BIN)/python bench/soak.py $(if $(DURATION),--duration $(DURATION))
 
 clean:
 	rm -rf $(VENV) .pytest_cache test-artifacts

@@ -12,7 +12,6 @@ Run it with `python migrate.py && flask run`, or in production with
 """
 
 import json
-from functools import lru_cache
 
 from flask import Flask, Response, render_template, request
 from flask_cors import CORS
@@ -20,11 +19,15 @@ from marshmallow import ValidationError
 
 import auth
 import errors
+import logs
+import metrics
 import openapi
 import settings
 from errors import ApiError, ShuttingDown
 from auth import TokenVerifier
 from feeds import event_stream, long_poll
+from clients import parse_networks
+from limits import Held, QueryCache, WaitGate
 from notify import SQLiteNotifier
 from origins import parse_list, parse_origins, refuse_cross_site_writes
 from schemas import (ChangesQuerySchema, EventsQuerySchema, IdempotencyKeySchema, LastEventIdSchema,
@@ -67,12 +70,15 @@ def create_app(test_config=None):
     hosts = parse_list(app.config["CHANGEFEED_TRUSTED_HOSTS"])
     app.config["TRUSTED_HOSTS"] = None if "*" in hosts else sorted(hosts)
     app.json.sort_keys = False
+    logs.register(app)  # first, so whatever follows logs with a level and a name; the access log if asked
 
     store = app.extensions["changefeed.store"] = SQLiteStore(
         app.config["CHANGEFEED_DB"],
         synchronous=app.config["CHANGEFEED_SQLITE_SYNCHRONOUS"],
         busy_timeout_ms=app.config["CHANGEFEED_BUSY_TIMEOUT_MS"],
         idempotency_ttl_s=app.config["CHANGEFEED_IDEMPOTENCY_TTL_S"],
+        max_pages=app.config["CHANGEFEED_MAX_PAGES"],
+        max_bytes=app.config["CHANGEFEED_MAX_STORED_BYTES"],
     )
     notifier = app.extensions["changefeed.notifier"] = SQLiteNotifier(
         store, interval_s=app.config["CHANGEFEED_WATCH_INTERVAL_MS"] / 1000,
@@ -89,21 +95,17 @@ def create_app(test_config=None):
         """Once this worker shuts down, each answer ends its connection, so clients move on."""
         return [*headers, ("Connection", "close")] if notifier.closed else headers
 
-    @lru_cache(maxsize=10_000)
-    def load_changes_query(query_string):
-        """Validate the query of /changes once per distinct query string.
-
-        Pollers repeat the same URL every few seconds until a save changes
-        their `since`; validation is a pure function of the query string, so
-        its answer is kept (a refusal is not: it raises, and is not cached).
-        The view only reads the answer.
-        """
-        return changes_schema.load(request.args)
+    changes_queries = app.extensions["changefeed.queries"] = QueryCache(
+        changes_schema.load, changes_schema.fields, app.config["CHANGEFEED_QUERY_CACHE_BYTES"])
+    waits = app.extensions["changefeed.waits"] = WaitGate(
+        app.config["CHANGEFEED_MAX_WAITS_PER_WORKER"], app.config["CHANGEFEED_MAX_WAITS_PER_CLIENT"],
+        parse_networks(app.config["CHANGEFEED_TRUSTED_PROXIES"]), on_refusal=metrics.refused)
 
     errors.register(app)
     document = openapi.build(app)
     verifier = app.extensions["changefeed.auth"] = TokenVerifier(app.config)
     auth.register_cli(app, verifier)
+    metrics.register(app)  # GET /metrics, unless CHANGEFEED_METRICS=off
     allowed_origins = parse_origins(app.config["CHANGEFEED_CORS_ORIGINS"])
     if allowed_origins:  # none by default: no page of another site may call the API
         CORS(app, origins=sorted(allowed_origins), supports_credentials=True, max_age=600,
@@ -134,7 +136,8 @@ def create_app(test_config=None):
         key = request.headers.get("Idempotency-Key")
         if key is not None:
             key = idempotency_key_schema.load({"Idempotency-Key": key})["key"]
-        saved = store.save(item["slug"], item["html"], item["data"], item["base_version"], key)
+        saved = metrics.timed_save(store.save, item["slug"], item["html"], item["data"], item["base_version"], key)
+        logs.saved(saved)
         body = {"slug": saved.slug, "version": saved.version, "updated_at": saved.updated_at,
                 "epoch": saved.epoch}
         return body, closing([("Idempotent-Replayed", "true")] if saved.replayed else [])
@@ -142,14 +145,18 @@ def create_app(test_config=None):
     @app.get("/changes")
     def changes():
         """Answer whether the page is newer than `since`, and if so with its content."""
-        query = load_changes_query(request.query_string)
+        query = changes_queries.get(request)  # the view only reads it
         wait = query["wait"]
         if verifier.reads:  # a long-poll never outlives its token
             rights = verifier.read_rights(request).require("read", query["slug"])
             wait = max(0, min(wait, int(rights.seconds_left())))
         if wait and notifier.closed:
             raise ShuttingDown()
-        change = long_poll(store, notifier, query["slug"], query["since"], query["epoch"], wait)
+        if wait:
+            with waits.holding(request.environ):
+                change = long_poll(store, notifier, query["slug"], query["since"], query["epoch"], wait)
+        else:  # a plain poll holds nothing: not counted
+            change = long_poll(store, notifier, query["slug"], query["since"], query["epoch"], 0)
         changed = change.changed
         if wait and notifier.closed and not changed:
             raise ShuttingDown()  # the wait was cut short: not an answer to re-ask at once
@@ -158,7 +165,9 @@ def create_app(test_config=None):
         if_none_match = request.environ.get("HTTP_IF_NONE_MATCH")
         # A browser sends back exactly the tag it got: compare that first, parse only otherwise.
         if if_none_match and (if_none_match == headers[0][1] or request.if_none_match.contains(etag)):
+            metrics.POLLS_304[wait > 0].inc()
             return Response(status=304, headers=headers)
+        metrics.POLLS_200[wait > 0].inc()
         body = change.answer if changed else change.unchanged
         return Response(body, content_type="application/json", headers=headers)
 
@@ -177,10 +186,12 @@ def create_app(test_config=None):
             since, epoch = last["since"], last["epoch"]
         if notifier.closed:
             raise ShuttingDown()
+        release = waits.enter(request.environ)
         stream = event_stream(store, notifier, query["slug"], since, epoch, app.config["CHANGEFEED_SSE_RETRY_MS"],
                               lasts_s)
         # The stream yields bytes ready to send: no need for werkzeug to re-encode each one.
-        return Response(stream, mimetype="text/event-stream", headers=EVENTS_HEADERS, direct_passthrough=True)
+        return Response(Held(stream, release), mimetype="text/event-stream", headers=EVENTS_HEADERS,
+                        direct_passthrough=True)
 
     @app.post("/session")
     def session():

@@ -1,15 +1,18 @@
-"""One JSON error shape for every failure: {"error", "message", ...details}.
+"""One JSON error shape for every failure: {"error", "message", ...details, "request_id"}.
 
 `error` is a short stable phrase a program can test; `message` tells a person
 what went wrong and what to do. Every 4xx and 5xx the service sends, including
 werkzeug's own 404/405/413 and unexpected exceptions, goes through `envelope`.
+`request_id` (also the `X-Request-Id` header) is what to quote in a bug
+report: the server's log lines about the request carry it.
 """
 
 from flask import current_app, jsonify, request
 from marshmallow import ValidationError
 from werkzeug.exceptions import HTTPException, SecurityError
 
-from store import Busy, Conflict, KeyReused, NotStored, OutcomeUnknown, Unavailable
+import logs
+from store import Busy, Conflict, KeyReused, NotStored, OutcomeUnknown, StorageFull, Unavailable
 
 
 class ShuttingDown(Exception):
@@ -26,9 +29,11 @@ class ApiError(Exception):
 
 def envelope(status, error, message, headers=None, **details):
     """Build the JSON error response every failure uses."""
-    response = jsonify({"error": error, "message": message, **details})
+    rid = logs.request_id()
+    response = jsonify({"error": error, "message": message, **details, "request_id": rid})
     response.status_code = status
     response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers["X-Request-Id"] = rid
     response.headers.update(headers or {})
     return response
 
@@ -86,9 +91,17 @@ def register(app):
         return envelope(503, "not saved", f"This save was not stored: {exc.reason}. "
                         "Nothing was written; retry once the cause is fixed.", headers={"Retry-After": "5"})
 
+    @app.errorhandler(StorageFull)
+    def storage_full(exc):
+        field = "slug" if exc.limit == "pages" else "html"
+        return envelope(507, "storage full",
+                        f"This save was not stored: {exc.reason}. Pages already stored can still be "
+                        "saved at their size or smaller; to add more, delete pages or raise the limit.",
+                        limit=exc.limit, fields={field: [exc.reason]})
+
     @app.errorhandler(OutcomeUnknown)
     def outcome_unknown(exc):
-        app.logger.warning("save outcome unknown: %s", exc)
+        app.logger.warning("save outcome unknown: %s request_id=%s", exc, logs.request_id())
         return envelope(503, "outcome unknown",
                         "This save may or may not have been stored. Retry it with the same "
                         "Idempotency-Key (it is then stored exactly once), or read GET /changes "
@@ -115,10 +128,15 @@ def register(app):
     @app.errorhandler(HTTPException)
     def http_error(exc):
         headers = {"Allow": ", ".join(exc.valid_methods)} if exc.code == 405 else None
+        if exc.code == 408:  # the rest of the body is not read: the connection cannot carry another request
+            headers = {"Connection": "close"}
         return envelope(exc.code, exc.name.lower(), _http_message(exc), headers=headers)
 
     @app.errorhandler(Exception)
     def unexpected(exc):
-        app.logger.exception("unexpected error on %s %s", request.method, request.path)
+        # The one traceback of this request (Flask does not log an error a handler answered;
+        # gunicorn never sees it), with the id the 500 answer carries too.
+        app.logger.exception("unexpected error on %s %r request_id=%s", request.method, request.path,
+                             logs.request_id())  # %r: a path cannot forge a log line
         return envelope(500, "internal error",
                         "The server failed to answer this request; the error is logged. Try again.")

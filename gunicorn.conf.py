@@ -7,7 +7,10 @@ the variables read below) without editing this file.
 import gc
 import multiprocessing
 import os
+import resource
+import shutil
 import signal
+import tempfile
 
 # Loopback by default; put nginx in front (see README) or set CHANGEFEED_BIND.
 bind = os.environ.get("CHANGEFEED_BIND", "127.0.0.1:8000")
@@ -23,7 +26,10 @@ workers = int(os.environ.get("CHANGEFEED_WORKERS", multiprocessing.cpu_count()))
 # HTTP faster than gunicorn's plain "gevent" worker (see bench/README.md).
 # Raise the open-files limit (ulimit -n) above worker_connections for that
 # many clients.
-worker_class = "gevent_pywsgi"
+# worker.Worker is gevent_pywsgi with time limits on slow and idle clients
+# (CHANGEFEED_HEADER_TIMEOUT_S, _BODY_TIMEOUT_S, _KEEPALIVE_S, _SEND_TIMEOUT_S):
+# gunicorn's own `keepalive` and `timeout` do not reach gevent's server.
+worker_class = "worker.Worker"
 worker_connections = int(os.environ.get("CHANGEFEED_WORKER_CONNECTIONS", 20_000))
 
 # With gevent this is the worker's heartbeat to the master, not a request
@@ -34,18 +40,28 @@ timeout = 30
 # other requests get this long to finish.
 graceful_timeout = 10
 
-# Reuse connections from nginx or pollers for a few seconds.
-keepalive = 5
-
-# No access log, as gunicorn's own default: nginx in front logs requests, and
-# a log line per poll costs a third of the throughput (bench/README.md). For
-# one, run with GUNICORN_CMD_ARGS="--access-logfile -". Request bodies (page
-# contents) are never logged.
+# No gunicorn access log: the app writes its own when CHANGEFEED_ACCESS_LOG is
+# `json` or `kv` (logs.py: one structured line per request, with the request
+# id, written when a stream or long-poll ends, token parameters redacted).
+# It is off by default: nginx in front logs requests, and a line per poll
+# costs throughput. Request bodies (page contents) are never logged.
 accesslog = None
 
 # No runtime control socket: nothing here uses it, and several servers on one
 # machine (tests, benchmarks) would contend for its single default path.
 control_socket_disable = True
+
+# GET /metrics adds up every worker's counts (metrics.py): each process writes
+# its own to files in PROMETHEUS_MULTIPROC_DIR. Unless that names a folder,
+# each server gets a private one, made here as the master loads this file:
+# before anything imports prometheus-client (it picks its mode on import) and
+# before the workers fork, so they inherit it. A reload (SIGHUP) runs this
+# file again in the same master, which keeps its folder; on_exit removes it.
+METRICS_DIR_OWNER = "CHANGEFEED_METRICS_DIR_OWNER"  # the pid of the master that made the folder
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get(METRICS_DIR_OWNER) not in (None, str(os.getpid())):
+    # None named, or the folder of the server that started this one (its own, which it removes): a new one.
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="changefeed-metrics-")
+    os.environ[METRICS_DIR_OWNER] = str(os.getpid())
 
 
 def on_starting(server):
@@ -64,6 +80,13 @@ def on_starting(server):
     except RuntimeError as exc:  # SchemaOutOfDate, SchemaTooNew: their message says what to do
         raise SystemExit(f"error: {exc}") from None
     os.environ[MASTER_CHECKED] = "1"  # inherited by the workers
+
+    # Each open stream is a descriptor: allow as many as the system lets this
+    # user (`ulimit -Hn`, LimitNOFILE= in systemd). Each worker fits its cap
+    # of open waits under what it gets (limits.descriptor_budget).
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def post_worker_init(worker):
@@ -85,3 +108,16 @@ def post_worker_init(worker):
         previous(signum, frame)
 
     signal.signal(signal.SIGTERM, close_then_exit)
+
+
+def child_exit(server, worker):
+    """In the master, once a worker exited: its open streams leave the gauges; its counts stay in the totals."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server):
+    """Remove the metrics folder this master made (never one PROMETHEUS_MULTIPROC_DIR named)."""
+    if os.environ.get(METRICS_DIR_OWNER) == str(os.getpid()):
+        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)

@@ -24,6 +24,8 @@ class ErrorSchema(Schema):
                           metadata={"description": "each bad field (or header) and its reasons (422)"})
     version = fields.Integer(metadata={"description": "the stored version (409)"})
     checks = fields.Dict(keys=fields.String(), values=fields.String(), metadata={"description": "what is not ready"})
+    request_id = fields.String(required=True, metadata={
+        "description": "this request's id, also its X-Request-Id header: the server's log lines carry it"})
 
 
 class SavedSchema(Schema):
@@ -50,13 +52,14 @@ def _header(description, schema=None):
 
 RETRY_AFTER = _header("seconds to wait before asking again", {"type": "integer", "minimum": 0})
 WWW_AUTHENTICATE = _header('RFC 6750: Bearer realm="changefeed", error="invalid_token" | "insufficient_scope"')
+REQUEST_ID = _header("this request's id: the proxy's X-Request-Id when it sent a sane one (1-128 of "
+                     "A-Z a-z 0-9 . _ : -), else one of the server's; the body's `request_id`",
+                     {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}$"})
 
 
 def _error(description, **headers):
-    answer = {"description": description, "content": {"application/json": {"schema": "Error"}}}
-    if headers:
-        answer["headers"] = headers
-    return answer
+    return {"description": description, "content": {"application/json": {"schema": "Error"}},
+            "headers": {"X-Request-Id": REQUEST_ID, **headers}}
 
 
 ERRORS = {
@@ -64,11 +67,15 @@ ERRORS = {
     "401": _error("no valid token (access control on)", **{"WWW-Authenticate": WWW_AUTHENTICATE}),
     "403": _error("a slug outside the token's rights, or a write from another site's page",
                   **{"WWW-Authenticate": WWW_AUTHENTICATE}),
+    "408": _error("the headers or body took too long to arrive (gunicorn); nothing written"),
     "413": _error("body over CHANGEFEED_MAX_BODY_BYTES"),
     "415": _error("body neither JSON nor form fields"),
     "422": _error("a field or header is invalid: `fields` names each, with its reasons"),
-    "503": _error("busy, not saved, outcome unknown, unavailable, or shutting down (see `error`)",
+    "429": _error("this client holds CHANGEFEED_MAX_WAITS_PER_CLIENT open streams and long-polls",
                   **{"Retry-After": RETRY_AFTER}),
+    "503": _error("busy, not saved, outcome unknown, unavailable, server full, or shutting down (see `error`)",
+                  **{"Retry-After": RETRY_AFTER}),
+    "507": _error("storage full: a new page past CHANGEFEED_MAX_PAGES, or past CHANGEFEED_MAX_STORED_BYTES"),
 }
 
 
@@ -112,7 +119,7 @@ def build(app):
             "200": {"description": "stored", "content": {"application/json": {"schema": "Saved"}},
                     "headers": {"Idempotent-Replayed": _header("`true` when this answers an earlier request")}},
             "409": _error("stale base_version: `version` is the stored one"),
-            **_errors("400", "401", "403", "413", "415", "422", "503")},
+            **_errors("400", "401", "403", "408", "413", "415", "422", "503", "507")},
     }})
     spec.path("/changes", operations={"get": {
         "summary": "Is the page newer than `since`? Then here it is (with `wait`: a long-poll)",
@@ -125,7 +132,7 @@ def build(app):
                     "content": {"application/json": {"schema": "Change"}},
                     "headers": {"ETag": _header("changes whenever the answer would")}},
             "304": {"description": "unchanged since the ETag sent in If-None-Match"},
-            **_errors("400", "401", "403", "422", "503")},
+            **_errors("400", "401", "403", "422", "429", "503")},
     }})
     spec.path("/events", operations={"get": {
         "summary": "Each new version of a page, as Server-Sent Events",
@@ -136,7 +143,7 @@ def build(app):
         "responses": {
             "200": {"description": "`id: <epoch>:<version>`, `event: change`, `data:` a /changes answer",
                     "content": {"text/event-stream": {"schema": {"type": "string"}}}},
-            **_errors("400", "401", "403", "422", "503")},
+            **_errors("400", "401", "403", "422", "429", "503")},
     }})
     spec.path("/session", operations={
         "post": {"summary": "Trade a bearer token for the read-only cookie (for EventSource)",
@@ -156,6 +163,15 @@ def build(app):
             "503": _error("not ready: `checks` says what", **{"Retry-After": RETRY_AFTER})}}})
     spec.path("/openapi.json", operations={"get": {"summary": "This document", "responses": {
         "200": {"description": "OpenAPI 3.1", "content": {"application/json": {"schema": {"type": "object"}}}}}}})
+    if app.config["CHANGEFEED_METRICS"] != "off":
+        spec.path("/metrics", operations={"get": {
+            "summary": "Prometheus metrics, summed over the server's processes (see the README)",
+            "security": [{}, {"bearer": []}],
+            "responses": {"200": {"description": "the Prometheus text format (OpenMetrics when the Accept header "
+                                                 "asks for it)", "content": {
+                "text/plain": {"schema": {"type": "string"}},
+                "application/openmetrics-text": {"schema": {"type": "string"}}}},
+                **_errors("400", "401", "403")}}})
     spec.path("/", operations={"get": {
         "summary": "The demo page: an editor and a viewer of one slug",
         "parameters": [{**slug, "required": False},

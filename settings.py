@@ -28,6 +28,28 @@ SETTINGS = [
      "Largest request body; anything bigger is refused with 413 before it is read."),
     ("CHANGEFEED_MAX_WAIT_S", 60,
      "Longest `wait` a long-poll may ask for (seconds); keep it under your proxy's read timeout."),
+    ("CHANGEFEED_HEADER_TIMEOUT_S", 10,
+     "A request's line and headers must arrive within this, else 408 and the connection ends (gunicorn; seconds)."),
+    ("CHANGEFEED_BODY_TIMEOUT_S", 30,
+     "A request's body must arrive within this of its headers, else 408 and the connection ends (gunicorn; seconds)."),
+    ("CHANGEFEED_KEEPALIVE_S", 5,
+     "An idle kept-alive connection is closed after this (gunicorn; seconds)."),
+    ("CHANGEFEED_SEND_TIMEOUT_S", 30,
+     "A client that reads nothing of an answer or stream for this long is dropped (gunicorn; seconds)."),
+    ("CHANGEFEED_MAX_WAITS_PER_WORKER", 10_000,
+     "Open event streams and long-polls one server process holds; past it, 503 with Retry-After. "
+     "Lowered to fit the process's open-files limit."),
+    ("CHANGEFEED_MAX_WAITS_PER_CLIENT", 100,
+     "Open event streams and long-polls of one client address in one server process; past it, 429."),
+    ("CHANGEFEED_TRUSTED_PROXIES", "127.0.0.1,::1",
+     "Addresses or networks (10.0.0.0/8) of proxies whose X-Forwarded-For names the client, comma-separated; "
+     "`none`: trust no proxy."),
+    ("CHANGEFEED_MAX_PAGES", 100_000,
+     "Most pages (slugs) the database holds; a save of a new slug past it gets 507."),
+    ("CHANGEFEED_MAX_STORED_BYTES", 1024 * MiB,
+     "Most bytes of html and data all pages hold together; a save that would grow them past it gets 507."),
+    ("CHANGEFEED_QUERY_CACHE_BYTES", 4 * MiB,
+     "Memory each server process may spend remembering validated /changes queries (bytes)."),
     ("CHANGEFEED_WATCH_INTERVAL_MS", 10,
      "How often each server process looks for saves made by the others (milliseconds)."),
     ("CHANGEFEED_SSE_HEARTBEAT_MS", 15_000,
@@ -51,8 +73,16 @@ SETTINGS = [
     ("CHANGEFEED_JWT_LEEWAY_S", 30, "Clock skew allowed when checking `exp` (seconds)."),
     ("CHANGEFEED_AUTH_READS", 0,
      "1: /changes and /events need a token with `read` on the slug too (with access control on)."),
+    ("CHANGEFEED_METRICS", "on",
+     "GET /metrics (Prometheus): `on` (with access control on, it needs a token whose `changefeed` claim "
+     "has `\"metrics\": true`), `public` (open even with access control on) or `off` (404)."),
     ("CHANGEFEED_SSE_RETRY_MS", 2_000,
      "Reconnection delay an event stream suggests to EventSource (milliseconds)."),
+    ("CHANGEFEED_ACCESS_LOG", "off",
+     "One line per request on standard output: `json`, `kv` (key=value) or `off` "
+     "(nginx in front logs requests, and a line per poll costs throughput)."),
+    ("CHANGEFEED_LOG_LEVEL", "info",
+     "Least severe level the service logs (to gunicorn's error log, stderr): debug, info, warning, error."),
 ]
 
 DEFAULTS = {name: default for name, default, _ in SETTINGS}
