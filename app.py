@@ -154,7 +154,8 @@ def create_app(test_config=None):
             raise ShuttingDown()
         if wait:
             with waits.holding(request.environ):
-                change = long_poll(store, notifier, query["slug"], query["since"], query["epoch"], wait)
+                change = long_poll(store, notifier, query["slug"], query["since"], query["epoch"], wait,
+                                   request.environ.get("changefeed.on_disconnect"))
         else:  # a plain poll holds nothing: not counted
             change = long_poll(store, notifier, query["slug"], query["since"], query["epoch"], 0)
         changed = change.changed
@@ -188,7 +189,7 @@ def create_app(test_config=None):
             raise ShuttingDown()
         release = waits.enter(request.environ)
         stream = event_stream(store, notifier, query["slug"], since, epoch, app.config["CHANGEFEED_SSE_RETRY_MS"],
-                              lasts_s)
+                              lasts_s, request.environ.get("changefeed.on_disconnect"))
         # The stream yields bytes ready to send: no need for werkzeug to re-encode each one.
         return Response(Held(stream, release), mimetype="text/event-stream", headers=EVENTS_HEADERS,
                         direct_passthrough=True)

@@ -14,6 +14,7 @@ never a stream that hears nothing forever.
 
 import logging
 import time
+from contextlib import contextmanager
 
 import metrics
 from store import Unavailable
@@ -23,21 +24,33 @@ log = logging.getLogger(__name__)
 HEARTBEAT = b": heartbeat\n\n"
 
 
-def long_poll(store, notifier, slug, since, epoch, wait_s):
+@contextmanager
+def _ends_when_gone(subscription, on_disconnect):
+    """Have the server end `subscription`'s wait when its client disconnects (gunicorn: worker.py)."""
+    cancel = on_disconnect(subscription.leave) if on_disconnect is not None else None
+    try:
+        yield
+    finally:
+        if cancel is not None:
+            cancel()
+
+
+def long_poll(store, notifier, slug, since, epoch, wait_s, on_disconnect=None):
     """Return the page's state for a client at `since` of `epoch`, waiting up to `wait_s` for news.
 
-    Ends early, unchanged, when the worker shuts down or the database is
-    replaced (a new epoch: the client starts over).
+    Ends early, unchanged, when the worker shuts down, the database is
+    replaced (a new epoch: the client starts over) or the client went away.
     """
     change = store.changes(slug, since, epoch)
     if change.changed or wait_s <= 0 or (epoch is not None and change.epoch != epoch):
         return change
     epoch = change.epoch
     # An open wait from here on (metrics): a poll answered above held nothing.
-    with notifier.subscribe(slug) as subscription, metrics.OPEN_LONG_POLLS.track_inprogress():
+    with (notifier.subscribe(slug) as subscription, _ends_when_gone(subscription, on_disconnect),
+          metrics.OPEN_LONG_POLLS.track_inprogress()):
         change = store.changes(slug, since, epoch)  # again: a save may have landed before we subscribed
         deadline = time.monotonic() + wait_s
-        while not change.changed and change.epoch == epoch and not notifier.closed:
+        while not change.changed and change.epoch == epoch and not notifier.closed and not subscription.gone:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not subscription.wait(remaining):
                 break
@@ -49,7 +62,7 @@ def long_poll(store, notifier, slug, since, epoch, wait_s):
     return change
 
 
-def event_stream(store, notifier, slug, since, epoch, retry_ms, lasts_s=None):
+def event_stream(store, notifier, slug, since, epoch, retry_ms, lasts_s=None, on_disconnect=None):
     """Yield the text/event-stream of `slug`: each newer version as one `change` event.
 
     The notifier wakes every subscription once per heartbeat interval; a wake
@@ -58,12 +71,13 @@ def event_stream(store, notifier, slug, since, epoch, retry_ms, lasts_s=None):
     database is replaced (a new epoch) the stream starts over from version 0,
     as it does for a client resuming from a version of another epoch. With
     `lasts_s` (the seconds its token has left) it ends then, and the client
-    reconnects with a fresh token.
+    reconnects with a fresh token. It ends, too, as soon as the client goes.
     """
     ends_at = None if lasts_s is None else time.monotonic() + lasts_s
     yield f"retry: {retry_ms}\n\n".encode()
     try:
-        with notifier.subscribe(slug) as subscription, metrics.OPEN_STREAMS.track_inprogress():
+        with (notifier.subscribe(slug) as subscription, _ends_when_gone(subscription, on_disconnect),
+              metrics.OPEN_STREAMS.track_inprogress()):
             change = store.changes(slug, since, epoch)
             if epoch is not None and change.epoch != epoch:
                 since = -1  # whatever this database holds is news, even version 0
@@ -76,6 +90,8 @@ def event_stream(store, notifier, slug, since, epoch, retry_ms, lasts_s=None):
                     yield change.event
                     sent = change.version
                 subscription.wait(None if ends_at is None else max(0.0, ends_at - time.monotonic()))
+                if subscription.gone:
+                    return
                 change = subscription.latest
                 if change is None or (change.version <= sent and change.epoch == epoch):
                     change = store.changes(slug, max(sent, 0))

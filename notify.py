@@ -25,6 +25,7 @@ class Subscription:
 
     def __init__(self):
         self.latest = None  # the newest Change delivered, or None
+        self.gone = False  # the client closed its connection: stop waiting for it
         self._woken = threading.Event()
 
     def deliver(self, change):
@@ -40,6 +41,11 @@ class Subscription:
         return woken
 
     def wake(self):
+        self._woken.set()
+
+    def leave(self):
+        """The client went away: end the wait now (called from the server's disconnect watcher)."""
+        self.gone = True
         self._woken.set()
 
 

@@ -12,7 +12,10 @@ descriptor and a greenlet; enough of them take a worker's every descriptor
 - the request line and headers: within the header timeout of their first
   byte (else 408 and closed);
 - the body: within the body timeout of the headers (else 408 and closed);
-- every write: a client that takes nothing for the send timeout is dropped.
+- every write: a client that takes nothing for the send timeout is dropped;
+- a long-poll or stream whose client closed its end ends at once, instead of
+  at its next write (an event, or a heartbeat 15 s later): its place among
+  the client's open waits is given back, and its descriptor freed.
 
 A long-poll or stream waits as long as it likes between writes: it is exempt
 while it is what it claims to be, a client reading what it asked for. Served
@@ -102,7 +105,34 @@ class Handler(PyWSGIHandler):
             environ["wsgi.input"] = DeadlineInput(self, environ["wsgi.input"], limits["body_s"])
         # Writes: a client that takes nothing for this long is gone, or is holding the socket on purpose.
         self.socket.settimeout(limits["send_s"])
+        environ["changefeed.on_disconnect"] = self.on_disconnect
         return environ
+
+    def on_disconnect(self, callback):
+        """Call `callback()` once the client closes its end of the connection; return a cancel().
+
+        For a request that waits (a long-poll, a stream): nothing more is
+        read from the socket meanwhile, so its becoming readable means the
+        end of it, unless the client already sent its next request (then
+        there is no telling: stop looking). One libev watcher, no greenlet.
+        """
+        raw = self.socket._sock  # gevent's own non-blocking socket: a peek never waits
+        watcher = gevent.get_hub().loop.io(raw.fileno(), 1)
+
+        def readable():
+            try:
+                if raw.recv(1, socket.MSG_PEEK):
+                    watcher.stop()  # a next request, not a goodbye
+                    return
+            except BlockingIOError:
+                return
+            except OSError:
+                pass  # reset by the peer: gone as well
+            watcher.stop()
+            callback()
+
+        watcher.start(readable)
+        return watcher.close
 
     def handle_error(self, t, v, tb):
         if isinstance(v, socket.timeout):  # a write timed out: the client stopped reading
