@@ -24,6 +24,7 @@ with `flask run`, none of this applies (a development server).
 
 import json
 import socket
+from functools import partial
 
 import gevent
 from gunicorn.workers.ggevent import GeventPyWSGIWorker, PyWSGIHandler
@@ -105,34 +106,11 @@ class Handler(PyWSGIHandler):
             environ["wsgi.input"] = DeadlineInput(self, environ["wsgi.input"], limits["body_s"])
         # Writes: a client that takes nothing for this long is gone, or is holding the socket on purpose.
         self.socket.settimeout(limits["send_s"])
-        environ["changefeed.on_disconnect"] = self.on_disconnect
+        # Bound to the socket, not to this handler: the handler holds the environ, and a
+        # handler's method in it would be a reference cycle, kept (with its buffers) until
+        # the garbage collector's rare full pass (gunicorn.conf.py makes those rare).
+        environ["changefeed.on_disconnect"] = partial(on_disconnect, self.socket._sock)
         return environ
-
-    def on_disconnect(self, callback):
-        """Call `callback()` once the client closes its end of the connection; return a cancel().
-
-        For a request that waits (a long-poll, a stream): nothing more is
-        read from the socket meanwhile, so its becoming readable means the
-        end of it, unless the client already sent its next request (then
-        there is no telling: stop looking). One libev watcher, no greenlet.
-        """
-        raw = self.socket._sock  # gevent's own non-blocking socket: a peek never waits
-        watcher = gevent.get_hub().loop.io(raw.fileno(), 1)
-
-        def readable():
-            try:
-                if raw.recv(1, socket.MSG_PEEK):
-                    watcher.stop()  # a next request, not a goodbye
-                    return
-            except BlockingIOError:
-                return
-            except OSError:
-                pass  # reset by the peer: gone as well
-            watcher.stop()
-            callback()
-
-        watcher.start(readable)
-        return watcher.close
 
     def handle_error(self, t, v, tb):
         if isinstance(v, socket.timeout):  # a write timed out: the client stopped reading
@@ -140,6 +118,37 @@ class Handler(PyWSGIHandler):
             self.close_connection = True
             return
         super().handle_error(t, v, tb)
+
+
+def on_disconnect(raw, callback):
+    """Call `callback()` once the client closes its end of the connection `raw`; return a cancel().
+
+    For a request that waits (a long-poll, a stream): nothing more is read
+    from the socket meanwhile, so its becoming readable means the end of it,
+    unless the client already sent its next request (then there is no
+    telling: stop looking). One libev watcher, no greenlet. `raw` is gevent's
+    own non-blocking socket, so a peek never waits.
+    """
+    watcher = gevent.get_hub().loop.io(raw.fileno(), 1)
+
+    def readable():
+        try:
+            if raw.recv(1, socket.MSG_PEEK):
+                watcher.stop()  # a next request, not a goodbye
+                return
+        except BlockingIOError:
+            return
+        except OSError:
+            pass  # reset by the peer: gone as well
+        watcher.stop()
+        callback()
+
+    def cancel():
+        watcher.close()
+        watcher.callback = None  # readable() refers to the watcher: break the cycle now
+
+    watcher.start(readable)
+    return cancel
 
 
 class DeadlineInput:
