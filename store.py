@@ -217,7 +217,121 @@ def _forget_parents():
 os.register_at_fork(after_in_child=_forget_parents)
 
 
-class SQLiteStore:
+class PageStore:
+    """The steps of a save that both engines share, run inside the engine's own transaction.
+
+    A subclass gives its SQL (these statements, with `?` placeholders, and
+    its three upserts), its database error class, and `_fatal`: whether an
+    error lost the whole transaction rather than one save's savepoint.
+    Everything else a client can observe (versions, conflicts, keys,
+    limits) is decided here once, so SQLite and PostgreSQL answer alike.
+    """
+
+    Error = Exception
+    EPOCH = "SELECT value FROM epoch"
+    FORGET_KEYS = "DELETE FROM idempotency_keys WHERE created_at <= ?"
+    FIND_KEY = ("SELECT fingerprint, slug, version, updated_at FROM idempotency_keys"
+                " WHERE key = ? AND created_at > ?")
+    KEEP_KEY = ("INSERT INTO idempotency_keys (key, fingerprint, slug, version, updated_at, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET fingerprint = excluded.fingerprint,"
+                " slug = excluded.slug, version = excluded.version, updated_at = excluded.updated_at,"
+                " created_at = excluded.created_at")
+    VERSION = "SELECT version FROM page_versions WHERE slug = ?"
+    STORAGE = "SELECT pages, bytes FROM storage"
+    # (slug, html, data, updated_at) -> version: first save 1, then +1, whatever the last.
+    UPSERT = None
+    # (slug, html, data, updated_at) -> version 1, or no row when the page exists (base_version 0).
+    INSERT_NEW = None
+    # (html, data, updated_at, slug, base_version) -> base + 1, or no row when the stored version is another.
+    UPDATE_FROM = None
+
+    _max_pages = _max_bytes = None
+    _key_ttl = 86_400
+
+    def _fatal(self, conn, exc):  # pragma: no cover - each engine says
+        raise NotImplementedError
+
+    def _reason(self, exc):
+        return f"the database failed ({exc})"
+
+    def _apply_all(self, conn, items):
+        """Apply each item in a savepoint of its own; raise when the whole transaction is lost."""
+        now = time.time()
+        # Read in the transaction, so each answer names the database that holds its save.
+        (epoch,) = conn.execute(self.EPOCH).fetchone()
+        self.epoch = epoch
+        if any(item.key is not None for item in items):
+            conn.execute(self.FORGET_KEYS, (now - self._key_ttl,))
+        outcomes = []
+        for item in items:
+            conn.execute("SAVEPOINT item")
+            try:
+                outcomes.append(self._apply(conn, item, now, epoch))
+            except self.Error as exc:
+                if self._fatal(conn, exc):
+                    raise
+                conn.execute("ROLLBACK TO SAVEPOINT item")
+                outcomes.append(NotStored(self._reason(exc)))
+            conn.execute("RELEASE SAVEPOINT item")
+        return outcomes
+
+    def _apply(self, conn, item, now, epoch):
+        """Write one save inside the caller's transaction; a stale base writes nothing.
+
+        The base version is checked by the write itself (an UPDATE of that
+        version, an INSERT of a page that must not exist), so two engines
+        with different locking (SQLite's one writer, PostgreSQL's row locks)
+        never let two saves from the same base both land.
+        """
+        if item.key is not None:
+            fingerprint = item.fingerprint()
+            row = conn.execute(self.FIND_KEY, (item.key, now - self._key_ttl)).fetchone()
+            if row is not None:
+                if row[0] != fingerprint:
+                    return KeyReused(item.key)
+                return Saved(row[1], row[2], row[3], epoch, replayed=True)
+        limited = self._max_pages is not None or self._max_bytes is not None
+        if limited:
+            before = conn.execute(self.STORAGE).fetchone()[1]
+        updated_at = utc_now()
+        if item.base_version is None:
+            row = conn.execute(self.UPSERT, (item.slug, item.html, item.data, updated_at)).fetchone()
+        elif item.base_version == 0:
+            row = conn.execute(self.INSERT_NEW, (item.slug, item.html, item.data, updated_at)).fetchone()
+        else:
+            row = conn.execute(self.UPDATE_FROM,
+                               (item.html, item.data, updated_at, item.slug, item.base_version)).fetchone()
+        if row is None:
+            current = conn.execute(self.VERSION, (item.slug,)).fetchone()
+            return Conflict(current[0] if current else 0)
+        (version,) = row
+        if limited:
+            refused = self._over_limit(conn, version == 1, before)
+            if refused is not None:
+                conn.execute("ROLLBACK TO SAVEPOINT item")  # undo this save only; the caller releases the savepoint
+                return refused
+        if item.key is not None:
+            conn.execute(self.KEEP_KEY, (item.key, fingerprint, item.slug, version, updated_at, now))
+        return Saved(item.slug, version, updated_at, epoch)
+
+    def _over_limit(self, conn, new_page, bytes_before):
+        """After a save, inside its savepoint: a StorageFull if it took the database past a limit.
+
+        Triggers have already counted it, so this reads one row. Only saves
+        that add a page or grow the bytes stored are refused: a full
+        database still takes new versions of its pages that are no bigger.
+        """
+        pages, stored = conn.execute(self.STORAGE).fetchone()
+        if new_page and self._max_pages is not None and pages > self._max_pages:
+            return StorageFull("pages", f"the service holds its most pages ({self._max_pages}, "
+                                        "CHANGEFEED_MAX_PAGES), so a new page cannot be added")
+        if self._max_bytes is not None and stored > self._max_bytes and stored > bytes_before:
+            return StorageFull("stored_bytes", f"the pages would hold more than {self._max_bytes} bytes "
+                                               "(CHANGEFEED_MAX_STORED_BYTES), so a page cannot grow or be added")
+        return None
+
+
+class SQLiteStore(PageStore):
     """Pages in one SQLite file, shared safely by many threads and processes.
 
     Every save runs inside a `BEGIN IMMEDIATE` transaction (under gevent
@@ -239,6 +353,19 @@ class SQLiteStore:
     When the file vanishes or is replaced, saves are refused until it is
     back, and the pool then starts over on whatever file is at the path.
     """
+
+    Error = sqlite3.Error
+    _NEXT_SEQ = "(SELECT coalesce(max(seq), 0) + 1 FROM page_versions)"
+    UPSERT = ("INSERT INTO page_versions (slug, html, data, version, updated_at, seq)"
+              f" VALUES (?, ?, ?, 1, ?, {_NEXT_SEQ})"
+              " ON CONFLICT (slug) DO UPDATE SET html = excluded.html,"
+              " data = excluded.data, version = page_versions.version + 1,"
+              " updated_at = excluded.updated_at, seq = excluded.seq"
+              " RETURNING version")
+    INSERT_NEW = ("INSERT INTO page_versions (slug, html, data, version, updated_at, seq)"
+                  f" VALUES (?, ?, ?, 1, ?, {_NEXT_SEQ}) ON CONFLICT (slug) DO NOTHING RETURNING version")
+    UPDATE_FROM = (f"UPDATE page_versions SET html = ?, data = ?, version = version + 1, updated_at = ?,"
+                   f" seq = {_NEXT_SEQ} WHERE slug = ? AND version = ? RETURNING version")
 
     def __init__(self, path, synchronous="FULL", busy_timeout_ms=10_000, writer=None,
                  idempotency_ttl_s=86_400, max_pages=None, max_bytes=None):
@@ -448,81 +575,12 @@ class SQLiteStore:
             raise
         return outcomes, True
 
-    def _apply_all(self, conn, items):
-        """Apply each item in a savepoint of its own; raise when the whole transaction is lost."""
-        now = time.time()
-        # Read in the transaction, so each answer names the database that holds its save.
-        (epoch,) = conn.execute("SELECT value FROM epoch").fetchone()
-        self.epoch = epoch
-        if any(item.key is not None for item in items):
-            conn.execute("DELETE FROM idempotency_keys WHERE created_at <= ?", (now - self._key_ttl,))
-        outcomes = []
-        for item in items:
-            conn.execute("SAVEPOINT item")
-            try:
-                outcomes.append(self._apply(conn, item, now, epoch))
-            except sqlite3.Error as exc:
-                if not conn.in_transaction:
-                    raise
-                conn.execute("ROLLBACK TO item")
-                outcomes.append(NotStored(_reason(exc)))
-            conn.execute("RELEASE item")
-        return outcomes
+    def _fatal(self, conn, exc):
+        """SQLite gave up the whole transaction (disk full, I/O error), not just one statement."""
+        return not conn.in_transaction
 
-    def _apply(self, conn, item, now, epoch):
-        """Upsert one save inside the caller's transaction; a stale base writes nothing."""
-        if item.key is not None:
-            fingerprint = item.fingerprint()
-            row = conn.execute(
-                "SELECT fingerprint, slug, version, updated_at FROM idempotency_keys"
-                " WHERE key = ? AND created_at > ?", (item.key, now - self._key_ttl),
-            ).fetchone()
-            if row is not None:
-                if row[0] != fingerprint:
-                    return KeyReused(item.key)
-                return Saved(row[1], row[2], row[3], epoch, replayed=True)
-        if item.base_version is not None:
-            row = conn.execute("SELECT version FROM page_versions WHERE slug = ?", (item.slug,)).fetchone()
-            current = row[0] if row else 0
-            if current != item.base_version:
-                return Conflict(current)
-        if self._max_pages is not None or self._max_bytes is not None:
-            (before,) = conn.execute("SELECT bytes FROM storage").fetchone()
-        updated_at = utc_now()
-        (version,) = conn.execute(
-            "INSERT INTO page_versions (slug, html, data, version, updated_at, seq)"
-            " VALUES (?, ?, ?, 1, ?, (SELECT coalesce(max(seq), 0) + 1 FROM page_versions))"
-            " ON CONFLICT (slug) DO UPDATE SET html = excluded.html,"
-            " data = excluded.data, version = page_versions.version + 1,"
-            " updated_at = excluded.updated_at, seq = excluded.seq"
-            " RETURNING version",
-            (item.slug, item.html, item.data, updated_at),
-        ).fetchone()
-        if self._max_pages is not None or self._max_bytes is not None:
-            refused = self._over_limit(conn, version == 1, before)
-            if refused is not None:
-                conn.execute("ROLLBACK TO item")  # undo this save only; the caller releases the savepoint
-                return refused
-        if item.key is not None:
-            conn.execute("INSERT OR REPLACE INTO idempotency_keys VALUES (?, ?, ?, ?, ?, ?)",
-                         (item.key, fingerprint, item.slug, version, updated_at, now))
-        return Saved(item.slug, version, updated_at, epoch)
-
-    def _over_limit(self, conn, new_page, bytes_before):
-        """After a save, inside its savepoint: a StorageFull if it took the database past a limit.
-
-        The triggers of schema.sql have already counted it, so this reads one
-        row. Only saves that add a page or grow the bytes stored are refused:
-        a full database still takes new versions of its pages that are no bigger.
-        """
-        pages, stored = conn.execute("SELECT pages, bytes FROM storage").fetchone()
-        if new_page and self._max_pages is not None and pages > self._max_pages:
-            return StorageFull("pages", f"the service holds its most pages ({self._max_pages}, "
-                                        "CHANGEFEED_MAX_PAGES), so a new page cannot be added")
-        if self._max_bytes is not None and stored > self._max_bytes and stored > bytes_before:
-            return StorageFull("stored_bytes", f"the pages would hold more than {self._max_bytes} bytes "
-                                               "(CHANGEFEED_MAX_STORED_BYTES), so a page cannot grow or be added")
-        return None
+    def _reason(self, exc):
+        return _reason(exc)
 
     @staticmethod
     def _roll_back(conn):
