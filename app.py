@@ -72,17 +72,8 @@ def create_app(test_config=None):
     app.json.sort_keys = False
     logs.register(app)  # first, so whatever follows logs with a level and a name; the access log if asked
 
-    store = app.extensions["changefeed.store"] = SQLiteStore(
-        app.config["CHANGEFEED_DB"],
-        synchronous=app.config["CHANGEFEED_SQLITE_SYNCHRONOUS"],
-        busy_timeout_ms=app.config["CHANGEFEED_BUSY_TIMEOUT_MS"],
-        idempotency_ttl_s=app.config["CHANGEFEED_IDEMPOTENCY_TTL_S"],
-        max_pages=app.config["CHANGEFEED_MAX_PAGES"],
-        max_bytes=app.config["CHANGEFEED_MAX_STORED_BYTES"],
-    )
-    notifier = app.extensions["changefeed.notifier"] = SQLiteNotifier(
-        store, interval_s=app.config["CHANGEFEED_WATCH_INTERVAL_MS"] / 1000,
-        heartbeat_s=app.config["CHANGEFEED_SSE_HEARTBEAT_MS"] / 1000)
+    store, notifier = open_store(app.config)
+    app.extensions["changefeed.store"], app.extensions["changefeed.notifier"] = store, notifier
     limits = dict(max_html_bytes=app.config["CHANGEFEED_MAX_HTML_BYTES"],
                   max_data_bytes=app.config["CHANGEFEED_MAX_DATA_BYTES"])
     save_schema, save_form_schema = SaveSchema(**limits), SaveFormSchema(**limits)
@@ -262,6 +253,29 @@ def create_app(test_config=None):
         return html, PAGE_HEADERS
 
     return app
+
+
+def open_store(config):
+    """The store and notifier the settings ask for: PostgreSQL with its URL, else the SQLite file.
+
+    Nothing above these two objects knows which engine runs. psycopg is
+    imported only here, once gevent has patched the process (gunicorn's
+    workers load the app after patching), so it waits cooperatively.
+    """
+    common = dict(busy_timeout_ms=config["CHANGEFEED_BUSY_TIMEOUT_MS"],
+                  idempotency_ttl_s=config["CHANGEFEED_IDEMPOTENCY_TTL_S"],
+                  max_pages=config["CHANGEFEED_MAX_PAGES"], max_bytes=config["CHANGEFEED_MAX_STORED_BYTES"])
+    heartbeat_s = config["CHANGEFEED_SSE_HEARTBEAT_MS"] / 1000
+    if config["CHANGEFEED_DATABASE_URL"]:
+        from pglisten import PostgresNotifier
+        from pgstore import PostgresStore
+
+        store = PostgresStore(config["CHANGEFEED_DATABASE_URL"], pool_size=config["CHANGEFEED_DATABASE_POOL_SIZE"],
+                              pool_timeout_ms=config["CHANGEFEED_DATABASE_POOL_TIMEOUT_MS"], **common)
+        return store, PostgresNotifier(store, heartbeat_s=heartbeat_s)
+    store = SQLiteStore(config["CHANGEFEED_DB"], synchronous=config["CHANGEFEED_SQLITE_SYNCHRONOUS"], **common)
+    return store, SQLiteNotifier(store, interval_s=config["CHANGEFEED_WATCH_INTERVAL_MS"] / 1000,
+                                 heartbeat_s=heartbeat_s)
 
 
 def json_body():

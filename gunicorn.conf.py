@@ -10,6 +10,8 @@ import os
 import resource
 import shutil
 import signal
+import subprocess
+import sys
 import tempfile
 
 # Loopback by default; put nginx in front (see README) or set CHANGEFEED_BIND.
@@ -75,10 +77,19 @@ def on_starting(server):
     from settings import from_environ
     from store import MASTER_CHECKED, check_database
 
-    try:
-        check_database(from_environ()["CHANGEFEED_DB"])
-    except RuntimeError as exc:  # SchemaOutOfDate, SchemaTooNew: their message says what to do
-        raise SystemExit(f"error: {exc}") from None
+    settings = from_environ()
+    if settings["CHANGEFEED_DATABASE_URL"]:
+        # In a child process: psycopg imported here, before gevent patched the
+        # workers forked from this master, would block them on every query.
+        checked = subprocess.run([sys.executable, "migrate.py", "--check"], cwd=os.path.dirname(__file__) or ".",
+                                 capture_output=True, text=True)
+        if checked.returncode:
+            raise SystemExit(checked.stderr.strip() or "error: the database check failed")
+    else:
+        try:
+            check_database(settings["CHANGEFEED_DB"])
+        except RuntimeError as exc:  # SchemaOutOfDate, SchemaTooNew: their message says what to do
+            raise SystemExit(f"error: {exc}") from None
     os.environ[MASTER_CHECKED] = "1"  # inherited by the workers
 
     # Each open stream is a descriptor: allow as many as the system lets this

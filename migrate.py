@@ -1,6 +1,9 @@
 """Create or upgrade the changefeed database: `python migrate.py`.
 
-The schema version lives in SQLite's `PRAGMA user_version`. A new database
+It works on SQLite (CHANGEFEED_DB, the default) or, when
+CHANGEFEED_DATABASE_URL is set, on PostgreSQL. On SQLite the schema version
+lives in `PRAGMA user_version`; on PostgreSQL in the table `schema_version`,
+and hosts migrating at once take turns on an advisory lock. A new database
 gets `schema.sql` (the latest schema) at once; an older one gets each pending
 upgrade in turn. Each step runs in one transaction together with the bump of
 that number, so a failing step leaves the database as it was and stays
@@ -15,6 +18,7 @@ old one start over instead of waiting for versions that went backwards.
 import argparse
 import sqlite3
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from settings import from_environ
@@ -61,13 +65,24 @@ UPGRADES = [
 ]
 LATEST = UPGRADES[-1][0]
 
+# PostgreSQL's schema began at SQLite's version 4: the same number means the
+# same tables. A new version appends an upgrade here too, with the same number.
+POSTGRES_SCHEMA = (HERE / "schema_postgres.sql").read_text()
+POSTGRES_UPGRADES = []
+POSTGRES_CHANNEL = "changefeed"  # what saves NOTIFY and every host's listener LISTENs to
+MIGRATE_LOCK = 0x63686e66  # pg_advisory_lock key: "chnf"
+
 
 def schema_version(conn):
     """Return the schema version recorded in the database (0 when new)."""
     return conn.execute("PRAGMA user_version").fetchone()[0]
 
 
-class SchemaTooNew(RuntimeError):
+class CannotMigrate(RuntimeError):
+    """The database cannot be brought to this code's schema; the message says why and what to do."""
+
+
+class SchemaTooNew(CannotMigrate):
     """The database was made by a newer changefeed than this one."""
 
 
@@ -102,6 +117,74 @@ def migrate(path):
         conn.close()
 
 
+def describe(url):
+    """Name a PostgreSQL database for messages and logs, without its password."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        info = conninfo_to_dict(url)
+    except Exception:  # noqa: BLE001 - an unreadable URL is named as such, never echoed
+        return "PostgreSQL (CHANGEFEED_DATABASE_URL cannot be parsed)"
+    host = info.get("host", "localhost")
+    port = info.get("port", "5432")
+    user = f"{info['user']}@" if info.get("user") else ""
+    return f"postgresql://{user}{host}:{port}/{info.get('dbname', '')}"
+
+
+def postgres_schema_version(conn):
+    """Return the schema version recorded in a PostgreSQL database (0 when new)."""
+    (table,) = conn.execute("SELECT to_regclass('schema_version')").fetchone()
+    if table is None:
+        return 0
+    row = conn.execute("SELECT max(version) FROM schema_version").fetchone()
+    return row[0] or 0
+
+
+@contextmanager
+def _postgres(url):
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True, connect_timeout=10, application_name="changefeed-migrate") as conn:
+        yield conn
+
+
+def migrate_postgres(url):
+    """Bring the PostgreSQL database at `url` to the latest schema; return the version it was at.
+
+    Each step and the record of its version commit together (PostgreSQL's
+    DDL is transactional), so a failed step leaves the database as it was.
+    """
+    with _postgres(url) as conn:
+        (encoding,) = conn.execute("SHOW server_encoding").fetchone()
+        if encoding != "UTF8":
+            raise CannotMigrate(f"database {describe(url)} has encoding {encoding}: changefeed needs UTF8 "
+                               "(CREATE DATABASE ... ENCODING 'UTF8' TEMPLATE template0); nothing was changed")
+        conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATE_LOCK,))  # held until the connection ends
+        found = postgres_schema_version(conn)
+        if found > LATEST:
+            raise SchemaTooNew(too_new_message(describe(url), found))
+        if found == 0:
+            steps = [(LATEST, POSTGRES_SCHEMA)]
+        else:
+            steps = [(v, sql) for v, sql in POSTGRES_UPGRADES if v > found]
+        for version, sql in steps:
+            with conn.transaction():
+                conn.execute(sql)
+                conn.execute("DELETE FROM schema_version")
+                conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (version,))
+        return found
+
+
+def new_epoch_postgres(url):
+    """Give the PostgreSQL database a new epoch, and wake every host's listener to re-read its pages."""
+    with _postgres(url) as conn, conn.transaction():
+        (value,) = conn.execute(
+            "UPDATE epoch SET value = substr(md5(random()::text || clock_timestamp()::text), 1, 16)"
+            " RETURNING value").fetchone()
+        conn.execute("SELECT pg_notify(%s, '*')", (POSTGRES_CHANNEL,))
+        return value
+
+
 def new_epoch(path):
     """Give the database at `path` a new epoch; return it."""
     conn = sqlite3.connect(path, isolation_level=None)
@@ -119,12 +202,23 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Create or upgrade the changefeed database (CHANGEFEED_DB).")
     parser.add_argument("--new-epoch", action="store_true",
                         help="after migrating, give the database a new epoch (run this after restoring a backup)")
+    parser.add_argument("--check", action="store_true",
+                        help="change nothing; exit 1, saying what to do, unless the database is at the latest schema")
     args = parser.parse_args(argv)
-    path = from_environ()["CHANGEFEED_DB"]
+    settings = from_environ()
+    url = settings["CHANGEFEED_DATABASE_URL"]
+    path = describe(url) if url else settings["CHANGEFEED_DB"]
+    if args.check:
+        return check(url, path)
     try:
-        found = migrate(path)
-    except SchemaTooNew as exc:
+        found = migrate_postgres(url) if url else migrate(path)
+    except CannotMigrate as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # the database cannot be reached: say so in one line, no traceback
+        if not url:
+            raise
+        print(f"error: cannot migrate {path}: {exc}".rstrip(), file=sys.stderr)
         return 1
     if found == LATEST:
         print(f"{path}: already at schema version {LATEST}; nothing to do.")
@@ -133,7 +227,36 @@ def main(argv=None):
     else:
         print(f"{path}: upgraded from schema version {found} to {LATEST}.")
     if args.new_epoch:
-        print(f"{path}: new epoch {new_epoch(path)}; clients start over from version 0.")
+        value = new_epoch_postgres(url) if url else new_epoch(path)
+        print(f"{path}: new epoch {value}; clients start over from version 0.")
+    return 0
+
+
+def check(url, path):
+    """Say whether the service can start on this database (gunicorn's master asks, before forking)."""
+    try:
+        if url:
+            with _postgres(url) as conn:
+                found = postgres_schema_version(conn)
+        else:
+            if not Path(path).exists():
+                found = 0
+            else:
+                conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+                try:
+                    found = schema_version(conn)
+                finally:
+                    conn.close()
+    except Exception as exc:  # noqa: BLE001 - unreachable or unreadable: one line saying what
+        print(f"error: cannot read {path}: {exc}".rstrip(), file=sys.stderr)
+        return 1
+    if found > LATEST:
+        print(f"error: {too_new_message(path, found)}", file=sys.stderr)
+        return 1
+    if found < LATEST:
+        print(f"error: database {path} is at schema version {found}, this code needs {LATEST}: "
+              "run `python migrate.py` (with the same settings)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -3,8 +3,8 @@
 A notifier keeps, per process, the subscriptions of the long-polls and event
 streams it serves, and delivers each new version of a page to the
 subscriptions of that page only. How it learns of saves depends on the store:
-`SQLiteNotifier` runs one watcher per process over the database file; a
-PostgreSQL notifier would LISTEN instead. Either way a save costs one wake-up
+`SQLiteNotifier` runs one watcher per process over the database file;
+`pglisten.PostgresNotifier` LISTENs instead. Either way a save costs one wake-up
 per subscriber of that page, and nothing for the subscribers of other pages.
 """
 
@@ -91,6 +91,15 @@ class Notifier:
         for subscription in subscriptions:
             subscription.deliver(change)
         metrics.DELIVERIES.inc(len(subscriptions))
+
+    def refresh(self, store, slug):
+        """Read the page once and hand it to every subscription of `slug` in this process."""
+        change = store.changes(slug, 0)
+        self.deliver(slug, change)
+        metrics.watcher_delivered(change.updated_at)
+
+    def watched_slugs(self):
+        return list(self._subscriptions)
 
     def start(self):
         """Begin learning of saves (a no-op here; subclasses start their watcher)."""
@@ -225,9 +234,7 @@ class SQLiteNotifier(Notifier):
             return False
         for slug, _version, seq in saves:
             if self.watched(slug):
-                change = self._store.changes(slug, 0)
-                self.deliver(slug, change)
-                metrics.watcher_delivered(change.updated_at)
+                self.refresh(self._store, slug)
             self._seq = seq
         return True
 

@@ -79,6 +79,8 @@ class SaveSchema(Schema):
     def check_sizes(self, item, **kwargs):
         """Enforce the size limits and serialize `data` once, as it will be stored."""
         size = utf8_size(item["html"], "html")
+        if "\x00" in item["html"]:  # PostgreSQL's text cannot hold it; refused on SQLite too, so both agree
+            raise ValidationError({"html": ["Contains a NUL character (U+0000), which cannot be stored; remove it."]})
         if size > self.max_html_bytes:
             raise ValidationError(
                 {"html": [f"Must be at most {self.max_html_bytes} bytes of UTF-8 (got {size})."]}

@@ -14,6 +14,14 @@ MiB = 1024 * KiB
 SETTINGS = [
     ("CHANGEFEED_DB", "instance/changefeed.sqlite3",
      "Path of the SQLite database file (created by `python migrate.py`)."),
+    ("CHANGEFEED_DATABASE_URL", "",
+     "PostgreSQL instead of SQLite, for several hosts sharing one database: a libpq URL such as "
+     "postgresql://changefeed@db.internal/changefeed (a password is better in PGPASSWORD or ~/.pgpass)."),
+    ("CHANGEFEED_DATABASE_POOL_SIZE", 10,
+     "PostgreSQL connections each server process may hold open, besides its one listening connection."),
+    ("CHANGEFEED_DATABASE_POOL_TIMEOUT_MS", 2_000,
+     "How long a read waits for a free PostgreSQL connection (or for the database to answer a "
+     "connection attempt) before answering 503 (milliseconds)."),
     ("CHANGEFEED_SQLITE_SYNCHRONOUS", "FULL",
      "SQLite `synchronous` setting: FULL survives power loss, NORMAL only a crash of the process."),
     ("CHANGEFEED_BUSY_TIMEOUT_MS", 10_000,

@@ -247,6 +247,14 @@ class PageStore:
 
     _max_pages = _max_bytes = None
     _key_ttl = 86_400
+    _busy_timeout = 10.0
+    _writer = None
+
+    def save(self, slug, html, data, base_version=None, key=None):
+        """Store a new version of `slug`, one more than the last, or raise what became of it."""
+        writer = self._writer or self._choose_writer()
+        deadline = time.monotonic() + self._busy_timeout
+        return writer.save(SaveRequest(slug, html, data, base_version, key), deadline)
 
     def _fatal(self, conn, exc):  # pragma: no cover - each engine says
         raise NotImplementedError
@@ -472,12 +480,6 @@ class SQLiteStore(PageStore):
         """Lend a pooled connection for one `with` block."""
         return _Lent(self)
 
-    def save(self, slug, html, data, base_version=None, key=None):
-        """Store a new version of `slug`, one more than the last, or raise what became of it."""
-        writer = self._writer or self._choose_writer()
-        deadline = time.monotonic() + self._busy_timeout
-        return writer.save(SaveRequest(slug, html, data, base_version, key), deadline)
-
     def _choose_writer(self):
         """Pick how saves reach save_batch in this process: after fork, after gevent patched it."""
         import writers
@@ -569,7 +571,7 @@ class SQLiteStore(PageStore):
                 failed = NotStored(_reason(exc))
             else:  # e.g. an fsync that failed: the commit may still be on disk
                 failed = OutcomeUnknown(f"the commit failed: {exc}")
-            return [_unless_settled(outcome, failed) for outcome in outcomes], False
+            return [unless_settled(outcome, failed) for outcome in outcomes], False
         except BaseException:
             self._roll_back(conn)
             raise
@@ -656,7 +658,7 @@ class _Lent:
         self._store._give_back(self._conn, healthy=exc_type is None)
 
 
-def _unless_settled(outcome, failed):
+def unless_settled(outcome, failed):
     """What a failed commit means for one item: only a new version is affected."""
     if isinstance(outcome, Saved) and not outcome.replayed:
         return type(failed)(*failed.args)  # each caller gets its own exception object

@@ -52,15 +52,18 @@ class GroupCommit:
     MAX_BATCH = 200      # bounds one transaction's size and the wait of the saves in it
     MAX_WAITING = 2_000  # past this many waiting saves, a new one is refused at once (503 busy)
 
-    def __init__(self, save_batch):
+    def __init__(self, save_batch, native_thread=True):
         import gevent
         from gevent.event import AsyncResult
         from gevent.threadpool import ThreadPool
 
         # Imported once, not per save.
         self._spawn, self._result, self._Timeout = gevent.spawn, AsyncResult, gevent.Timeout
+        self._wait = gevent.wait
         self._save_batch = save_batch
-        self._thread = ThreadPool(1)
+        # SQLite blocks the thread that commits: a native one, so greenlets go on. A
+        # driver that waits cooperatively (psycopg under gevent) commits in a greenlet.
+        self._run = ThreadPool(1).spawn if native_thread else gevent.spawn
         self._waiting = []  # [_Waiting] not yet taken by a commit
         self._committer = None  # the greenlet feeding the commit thread, while there is work
 
@@ -118,9 +121,9 @@ class GroupCommit:
                     continue
                 metrics.COMMIT_BATCH.observe(len(batch))
                 deadline = min(waiting.deadline for waiting in batch)
-                commit = self._thread.spawn(self._save_batch, [waiting.item for waiting in batch], deadline)
+                commit = self._run(self._save_batch, [waiting.item for waiting in batch], deadline)
                 commit.rawlink(partial(_hand_out, batch))
-                commit.wait()  # one transaction at a time
+                self._wait([commit])  # one transaction at a time
         finally:
             self._committer = None
 
@@ -139,13 +142,18 @@ def _hand_out(batch, commit):
             waiting.result.set(outcome)
 
 
-def for_this_process():
-    """GroupCommit when gevent runs this process (gunicorn), else DirectWriter."""
+def for_this_process(native_thread=True):
+    """GroupCommit when gevent runs this process (gunicorn), else DirectWriter.
+
+    `native_thread`: whether commits block their thread (SQLite) and so need one of their own.
+    """
     try:
         from gevent import monkey
     except ImportError:
         return DirectWriter
-    return GroupCommit if monkey.is_module_patched("threading") else DirectWriter
+    if not monkey.is_module_patched("threading"):
+        return DirectWriter
+    return partial(GroupCommit, native_thread=native_thread)
 
 
 def _outcome(outcome):

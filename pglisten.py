@@ -1,0 +1,149 @@
+"""Wake-ups across hosts: each server process LISTENs to the saves of every host.
+
+A save's transaction sends one NOTIFY with the slugs and versions it wrote
+(pgstore.py); PostgreSQL delivers it, once committed, to every connection
+listening on the channel, on every host. Each process holds one such
+connection, outside the pool and used for nothing else, and wakes its own
+long-polls and streams of those slugs, reading each changed page once for
+all of them, as the SQLite watcher does.
+
+Notifications are not durable: a dropped connection or a restarted server
+loses those sent meanwhile. So the listener reconnects with backoff and,
+once it listens again, re-reads every page it has subscribers on: a change
+made while it was deaf is delivered then, never missed. Streams and
+long-polls also re-read the page on each heartbeat tick (feeds.py), which
+bounds what any missed wake-up could cost.
+"""
+
+import json
+import logging
+import random
+import threading
+import time
+
+import psycopg
+
+from notify import Notifier
+from pgstore import CHANNEL, EVERYTHING, KEEPALIVES, _one_line
+from store import Unavailable, after_fork_in_child
+
+log = logging.getLogger(__name__)
+
+APPLICATION_NAME = "changefeed-listener"  # what operators see in pg_stat_activity
+LOOK_S = 1.0  # the longest the listener waits for a notification before it looks around
+BACKOFF_BASE_S, BACKOFF_CAP_S = 0.1, 5.0
+
+
+class PostgresNotifier(Notifier):
+    """Learns of saves made on any host from PostgreSQL's NOTIFY."""
+
+    def __init__(self, store, heartbeat_s=15.0):
+        super().__init__(heartbeat_s)
+        self._store = store
+        self._lock = threading.Lock()
+        self._running = False
+        self._conn = None  # handed from start() to the listener
+        self.last_look = None  # monotonic time the listener last heard from its connection
+        self.problem = None  # what the listener last failed on, while it fails
+        self.reconnects = 0
+        after_fork_in_child(self)
+
+    def _forget_parent(self):
+        self._running, self._conn, self.last_look = False, None, None
+
+    def _connect(self):
+        """Open the listening connection and LISTEN: from then on no notification is lost."""
+        conn = psycopg.connect(self._store.url, autocommit=True, application_name=APPLICATION_NAME,
+                               connect_timeout=5, **KEEPALIVES)
+        try:
+            conn.execute(f"LISTEN {CHANNEL}")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def start(self):
+        """LISTEN now, in the caller, before it reads the store; then listen in the background.
+
+        A save committed after the caller's read is then notified to us; one
+        committed before it is in what the caller read.
+        """
+        if self._running:
+            return
+        with self._lock:
+            if self._running or self.closed:
+                return
+            try:
+                self._conn = self._connect()
+            except psycopg.Error as exc:
+                self.problem = f"cannot listen on {self._store.name}: {_one_line(exc)}"
+                raise Unavailable(self.problem) from None
+            self._running, self.problem, self.last_look = True, None, time.monotonic()
+            threading.Thread(target=self._listen, name="changefeed-listener", daemon=True).start()
+
+    def health(self):
+        """Say what is wrong with this process's listener, or None when it heard from its connection lately."""
+        if self.problem:
+            return self.problem
+        if not self._running:
+            return "the listener is not running"
+        stale_after = 5 * LOOK_S
+        if self.last_look is not None and time.monotonic() - self.last_look > stale_after:
+            return f"the listener has not heard from {self._store.name} for over {stale_after:g} s"
+        return None
+
+    def _listen(self):
+        conn, self._conn = self._conn, None
+        next_beat = time.monotonic() + self.heartbeat_s
+        failures = 0
+        try:
+            while not self.closed:
+                try:
+                    if conn is None:
+                        conn = self._connect()
+                        self.reconnects += 1
+                        self.refresh_all()  # what was saved while we were not listening
+                        log.warning("listener listening again on %s after %d failure(s)", self._store.name, failures)
+                    self._hear(conn, min(LOOK_S, max(0.0, next_beat - time.monotonic())))
+                    if time.monotonic() >= next_beat:
+                        next_beat = time.monotonic() + self.heartbeat_s
+                        conn.execute("SELECT 1")  # a connection that died quietly fails here
+                        self.wake_all()
+                except Exception as exc:  # noqa: BLE001 - the listener must outlive any failure
+                    if not failures:
+                        log.warning("listener lost %s (%s); reconnecting with backoff",
+                                    self._store.name, _one_line(exc))
+                    failures += 1
+                    self.problem = f"the listener failed {failures} time(s) in a row: {_one_line(exc)}"
+                    conn = _close(conn)
+                    # Full jitter: hosts that lost the server together do not return together.
+                    time.sleep(random.uniform(0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** failures)))
+                else:
+                    failures, self.problem, self.last_look = 0, None, time.monotonic()
+        finally:
+            _close(conn)
+            self._running = False
+
+    def _hear(self, conn, timeout):
+        """Deliver what is notified within `timeout`: each watched page read once per notification."""
+        for notify in conn.notifies(timeout=timeout):
+            if notify.payload == EVERYTHING:
+                self.refresh_all()
+                continue
+            for slug in {slug for slug, _version in json.loads(notify.payload)}:
+                if self.watched(slug):
+                    self.refresh(self._store, slug)
+
+    def refresh_all(self):
+        """Re-read every page someone here waits on (after a gap in listening, or a new epoch)."""
+        for slug in self.watched_slugs():
+            self.refresh(self._store, slug)
+
+
+def _close(conn):
+    if conn is not None:
+        try:
+            conn.close()
+        except Exception:  # noqa: BLE001
+            pass
+    return None

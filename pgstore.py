@@ -1,0 +1,281 @@
+"""Pages in PostgreSQL: the store contract (store.py) for several hosts sharing one database.
+
+The same answers as SQLiteStore, from the same save steps (store.PageStore):
+first save 1, then exactly +1, the same conflicts, keys and limits. What
+differs is how the engine is reached and how failures read:
+
+- Connections come from a pool (psycopg_pool), one per server process,
+  opened on first use, so a process forked by gunicorn opens its own.
+  psycopg waits cooperatively under gevent (it must be imported after
+  gevent patched the process, which gunicorn's workers do before loading
+  the app).
+- A save's transaction ends with one NOTIFY naming the slugs and versions
+  it wrote (never the page: a payload holds at most 8000 bytes), which
+  every host's listener (pglisten.py) hears. Group commit still applies:
+  one transaction, one NOTIFY and one commit for all the saves a process
+  has waiting, which matters here as PostgreSQL commits notifying
+  transactions one at a time.
+- The database unreachable, or every pooled connection busy for too long,
+  is `Unavailable` for a read and `NotStored` for a save (503 with
+  Retry-After); a connection lost while COMMIT was under way is
+  `OutcomeUnknown`. Broken connections are dropped and the pool reconnects
+  by itself once the server is back.
+"""
+
+import json
+import os
+import threading
+import time
+
+import psycopg
+from psycopg import errors, pq
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+import migrate
+from migrate import SchemaTooNew, describe
+from store import (MASTER_CHECKED, Busy, Change, NotStored, OutcomeUnknown, PageStore, SchemaOutOfDate,
+                   Saved, Unavailable, after_fork_in_child, unless_settled)
+
+CHANNEL = migrate.POSTGRES_CHANNEL
+MAX_PAYLOAD = 7_900  # bytes; PostgreSQL refuses a NOTIFY payload of 8000 or more
+EVERYTHING = "*"  # a payload meaning "re-read every page you watch" (too many slugs, or a new epoch)
+# Sent when a host connects: a dead peer is noticed in about 30 s, not 2 hours.
+KEEPALIVES = dict(keepalives=1, keepalives_idle=10, keepalives_interval=5, keepalives_count=3)
+_ALIVE = (pq.TransactionStatus.INTRANS, pq.TransactionStatus.INERROR)
+
+
+def _pg(sql):
+    """PageStore's statements use `?` placeholders; psycopg wants `%s`."""
+    return sql.replace("?", "%s")
+
+
+def notify_payload(saved):
+    """The NOTIFY payload of a transaction's saves: [[slug, version], ...], or `*` when too long."""
+    payload = json.dumps([[s.slug, s.version] for s in saved], separators=(",", ":"))
+    return payload if len(payload) <= MAX_PAYLOAD else EVERYTHING
+
+
+class PostgresStore(PageStore):
+    """Pages in a PostgreSQL database shared by every process of every host.
+
+    Row locks keep concurrent saves of one page in order: the upsert of a
+    page waits for the transaction holding its row, then adds one to what
+    that one wrote, so no version is lost or given twice. The save steps
+    check a base version inside the write itself (store.PageStore._apply).
+    """
+
+    Error = psycopg.Error
+    EPOCH, FORGET_KEYS, FIND_KEY, KEEP_KEY, VERSION, STORAGE = map(_pg, (
+        PageStore.EPOCH, PageStore.FORGET_KEYS, PageStore.FIND_KEY, PageStore.KEEP_KEY, PageStore.VERSION,
+        PageStore.STORAGE))
+    UPSERT = ("INSERT INTO page_versions AS p (slug, html, data, version, updated_at) VALUES (%s, %s, %s, 1, %s)"
+              " ON CONFLICT (slug) DO UPDATE SET html = excluded.html, data = excluded.data,"
+              " version = p.version + 1, updated_at = excluded.updated_at RETURNING version")
+    INSERT_NEW = ("INSERT INTO page_versions (slug, html, data, version, updated_at) VALUES (%s, %s, %s, 1, %s)"
+                  " ON CONFLICT (slug) DO NOTHING RETURNING version")
+    UPDATE_FROM = ("UPDATE page_versions SET html = %s, data = %s, version = version + 1, updated_at = %s"
+                   " WHERE slug = %s AND version = %s RETURNING version")
+    CHANGES = ("SELECT e.value, p.version, p.updated_at,"
+               " CASE WHEN p.version > %(since)s OR e.value <> %(epoch)s THEN p.html END,"
+               " CASE WHEN p.version > %(since)s OR e.value <> %(epoch)s THEN p.data END"
+               " FROM epoch e LEFT JOIN page_versions p ON p.slug = %(slug)s")
+
+    generation = 0  # no file to be replaced: the watcher's "new file" check never fires
+
+    def __init__(self, url, busy_timeout_ms=10_000, writer=None, idempotency_ttl_s=86_400,
+                 max_pages=None, max_bytes=None, pool_size=10, pool_timeout_ms=2_000):
+        self.url = url
+        self.name = describe(url)
+        self._max_pages, self._max_bytes = max_pages, max_bytes
+        self._busy_timeout = busy_timeout_ms / 1000
+        self._key_ttl = idempotency_ttl_s
+        self._pool_size, self._pool_timeout = pool_size, pool_timeout_ms / 1000
+        self._writer_class = writer
+        self._writer = None
+        self._pool = None
+        self._pool_lock = threading.Lock()
+        self._checking = False  # a sweep of the pool's idle connections is under way
+        self.epoch = None
+        try:
+            self.epoch = self._open_check()
+        except Unavailable:
+            # Unreachable now: gunicorn's master saw it usable, so serve 503 until it is back.
+            if os.environ.get(MASTER_CHECKED) != "1":
+                raise
+        after_fork_in_child(self)
+
+    def _open_check(self):
+        """Refuse a database this code cannot use; return its epoch."""
+        try:
+            with psycopg.connect(self.url, autocommit=True, connect_timeout=max(1, int(self._pool_timeout))) as conn:
+                found = migrate.postgres_schema_version(conn)
+                if found > migrate.LATEST:
+                    raise SchemaTooNew(migrate.too_new_message(self.name, found))
+                if found < migrate.LATEST:
+                    raise SchemaOutOfDate(
+                        f"database {self.name} is at schema version {found}, this code needs "
+                        f"{migrate.LATEST}: run `python migrate.py` (with the same CHANGEFEED_DATABASE_URL)")
+                return conn.execute(self.EPOCH).fetchone()[0]
+        except psycopg.OperationalError as exc:
+            raise Unavailable(f"cannot reach {self.name}: {_one_line(exc)}") from None
+
+    def _forget_parent(self):
+        """In a forked child: the parent's pool and its connections are not ours to use or close."""
+        self._pool, self._writer, self._pool_lock = None, None, threading.Lock()
+
+    def _connections(self):
+        """This process's pool, opened on first use (after fork, after gevent patched)."""
+        pool = self._pool
+        if pool is None:
+            with self._pool_lock:
+                if self._pool is None:
+                    self._pool = ConnectionPool(
+                        self.url, min_size=1, max_size=self._pool_size, timeout=self._pool_timeout,
+                        open=False, name="changefeed",
+                        kwargs={"autocommit": True, "application_name": "changefeed", **KEEPALIVES})
+                    self._pool.open(wait=False)
+                pool = self._pool
+        return pool
+
+    def _lost(self):
+        """A pooled connection failed: have the pool test its idle ones now, not one failed request each."""
+        if self._checking or self._pool is None:
+            return
+        self._checking = True
+
+        def sweep():
+            try:
+                self._pool.check()
+            except Exception:  # noqa: BLE001 - a sweep is a courtesy; the pool discards bad ones anyway
+                pass
+            finally:
+                self._checking = False
+
+        threading.Thread(target=sweep, name="changefeed-pool-check", daemon=True).start()
+
+    def check_file(self):
+        """There is no file to lose: whether the database answers is ping()'s to say."""
+        return None
+
+    def close(self):
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+
+    def _fatal(self, conn, exc):
+        """Whether an error lost the transaction (or the connection), not just one save's savepoint."""
+        return (isinstance(exc, (psycopg.OperationalError, errors.LockNotAvailable))
+                or conn.info.transaction_status not in _ALIVE)
+
+    def _reason(self, exc):
+        return f"the database refused it ({_one_line(exc)})"
+
+    # -- saves ---------------------------------------------------------------------------------
+
+    def _choose_writer(self):
+        import writers
+
+        # psycopg waits cooperatively: the commit runs in a greenlet, not a native thread.
+        self._writer = (self._writer_class or writers.for_this_process(native_thread=False))(self.save_batch)
+        return self._writer
+
+    def save_batch(self, items, deadline):
+        """Apply saves [SaveRequest] in one transaction with one NOTIFY, before `deadline`.
+
+        Returns each item's outcome (a Saved, or the exception saying what
+        became of it); never raises for a database error.
+        """
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return [Busy("it waited its whole busy timeout") for _ in items]
+        pool = self._connections()
+        try:
+            conn = pool.getconn(timeout=min(remaining, self._busy_timeout))
+        except PoolTimeout as exc:
+            return [NotStored(f"no connection to {self.name} within the busy timeout "
+                              f"({_one_line(exc)})") for _ in items]
+        try:
+            return self._transaction(conn, items, deadline)
+        finally:
+            pool.putconn(conn)  # the pool closes a broken connection, and rolls back an open transaction
+
+    def _transaction(self, conn, items, deadline):
+        remaining_ms = max(1, int((deadline - time.monotonic()) * 1000))
+        try:
+            conn.execute("BEGIN")
+            # Waiting for another host's row lock counts against the save's deadline, as SQLite's busy timeout.
+            conn.execute(f"SET LOCAL lock_timeout = {remaining_ms}")
+            outcomes = self._apply_all(conn, items)
+            saved = [outcome for outcome in outcomes if isinstance(outcome, Saved) and not outcome.replayed]
+            if saved:
+                conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, notify_payload(saved)))
+        except errors.LockNotAvailable as exc:
+            _roll_back(conn)
+            return [Busy(f"another save held the page past the busy timeout ({_one_line(exc)})") for _ in items]
+        except psycopg.Error as exc:
+            _roll_back(conn)
+            if isinstance(exc, psycopg.OperationalError):
+                self._lost()
+            return [NotStored(f"{self.name} failed before the commit ({_one_line(exc)})") for _ in items]
+        except BaseException:
+            _roll_back(conn)
+            raise
+        try:
+            conn.execute("COMMIT")
+        except psycopg.Error as exc:
+            if isinstance(exc, psycopg.OperationalError) or conn.closed:
+                self._lost()  # the connection went while COMMIT was on its way: it may have landed
+                failed = OutcomeUnknown(f"the connection to {self.name} was lost during the commit "
+                                        f"({_one_line(exc)})")
+            else:  # the server refused the commit: it rolled back
+                failed = NotStored(f"{self.name} refused the commit ({_one_line(exc)})")
+            return [unless_settled(outcome, failed) for outcome in outcomes]
+        return outcomes
+
+    # -- reads ---------------------------------------------------------------------------------
+
+    def changes(self, slug, since, epoch=None):
+        """Return the page's state for a client at version `since` of database `epoch` (one statement).
+
+        A pooled connection that turns out dead (the server restarted) is
+        dropped and the read tried once more on another, so a restart of
+        PostgreSQL costs its clients nothing once it is back.
+        """
+        params = {"since": since, "slug": slug, "epoch": epoch}
+        for attempt in (1, 2):
+            try:
+                with self._connections().connection() as conn:
+                    row = conn.execute(self.CHANGES, params).fetchone()
+                break
+            except PoolTimeout as exc:
+                raise Unavailable(f"no connection to {self.name} ({_one_line(exc)})") from None
+            except psycopg.Error as exc:
+                self._lost()
+                if attempt == 2 or not isinstance(exc, psycopg.OperationalError):
+                    raise Unavailable(f"{self.name} failed: {_one_line(exc)}") from None
+        self.epoch = row[0]
+        if row[1] is None:
+            return Change(row[0], 0)
+        return Change(*row)
+
+    def ping(self):
+        """Read from the database once; raise Unavailable when it cannot be read."""
+        try:
+            with self._connections().connection() as conn:
+                self.epoch = conn.execute(self.EPOCH).fetchone()[0]
+        except (psycopg.Error, PoolTimeout) as exc:
+            self._lost()
+            raise Unavailable(f"{self.name}: {_one_line(exc)}") from None
+
+
+def _roll_back(conn):
+    if not conn.closed and conn.info.transaction_status in _ALIVE:
+        try:
+            conn.execute("ROLLBACK")
+        except psycopg.Error:
+            pass  # the pool discards the connection when it comes back broken
+
+
+def _one_line(exc):
+    """An exception's message on one line (libpq's span several)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
