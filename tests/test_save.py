@@ -95,10 +95,17 @@ def test_stale_base_version_is_a_conflict_and_writes_nothing(save, client):
 
 
 def test_html_and_data_are_stored_verbatim(save, client):
-    html = "<script>alert(1)</script>\x00 \u2028 '\"\\"
-    save(html=html, data="</script>")
+    html = "<script>alert(1)</script>\x01 \u2028 '\"\\ \U0001F600"
+    save(html=html, data={"nul": "\x00", "text": "</script>"})
     change = client.get("/changes?slug=home").get_json()
-    assert (change["html"], change["data"]) == (html, "</script>")
+    assert (change["html"], change["data"]) == (html, {"nul": "\x00", "text": "</script>"})
+
+
+def test_html_with_a_nul_character_is_refused_and_nothing_is_written(save, client):
+    response = save(html="a\x00b")
+    assert response.status_code == 422
+    assert "NUL" in response.get_json()["fields"]["html"][0]
+    assert client.get("/changes?slug=home").get_json()["version"] == 0
 
 
 def keyed(client, key, slug="home", html="<h1>Hi</h1>", **extra):
