@@ -433,6 +433,11 @@ class SQLiteStore(PageStore):
         self._idle = []
         self._writer = None
 
+    def close(self):
+        """Close the pooled connections (tests; a server's process simply ends)."""
+        while self._idle:
+            self._idle.pop().close()
+
     def check_file(self):
         """Notice a database file that vanished or was replaced; return what is wrong, or None.
 
@@ -639,9 +644,7 @@ class SQLiteStore(PageStore):
 
 def check_database(path):
     """Raise SchemaOutOfDate or SchemaTooNew, saying what to do, unless this code can use `path`."""
-    store = SQLiteStore(path)
-    while store._idle:
-        store._idle.pop().close()
+    SQLiteStore(path).close()
 
 
 class _Lent:

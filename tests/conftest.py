@@ -1,6 +1,13 @@
-"""Shared fixtures: a fresh migrated SQLite file per test, the app, and real servers."""
+"""Shared fixtures: a fresh migrated database per test (SQLite, or PostgreSQL too), the app, and real servers.
+
+A test module marked `pytestmark = pytest.mark.engines` runs each of its
+tests on both stores: a SQLite file, and a PostgreSQL database of the
+test's own on the server at CHANGEFEED_TEST_DATABASE_URL. A test there that
+reads the SQLite file itself is marked `sqlite_only`.
+"""
 
 import http.client
+import itertools
 import json
 import os
 import queue
@@ -19,17 +26,119 @@ import pytest
 import requests
 
 from app import create_app
-from migrate import migrate
+from migrate import migrate, migrate_postgres
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# A user who may CREATE DATABASE: each test gets a database of its own, dropped afterwards.
+TEST_DATABASE_URL = os.environ.get("CHANGEFEED_TEST_DATABASE_URL") or "postgresql://127.0.0.1:5432/test"
+ENGINES = ("sqlite", "postgres")
+
+
+def pytest_generate_tests(metafunc):
+    """Run the tests of modules marked `engines` once per store, unless marked `sqlite_only`."""
+    node = metafunc.definition
+    if ("engine" in metafunc.fixturenames and node.get_closest_marker("engines")
+            and not node.get_closest_marker("sqlite_only")):
+        metafunc.parametrize("engine", ENGINES)
+
 
 @pytest.fixture
-def db_path(tmp_path):
-    """A migrated SQLite database in a temporary folder."""
-    path = str(tmp_path / "changefeed.sqlite3")
-    migrate(path)
-    return path
+def engine():
+    """The store a test runs on: SQLite, unless its module asks for both."""
+    return "sqlite"
+
+
+_postgres_problem = []  # [None] once the server answered, [reason] once it did not
+
+
+def require_postgres():
+    """Return nothing when the test PostgreSQL answers; skip (or fail, in CI) with one line when not."""
+    if not _postgres_problem:
+        import psycopg
+
+        try:
+            psycopg.connect(TEST_DATABASE_URL, autocommit=True, connect_timeout=3).close()
+            _postgres_problem.append(None)
+        except psycopg.Error as exc:
+            _postgres_problem.append(
+                f"PostgreSQL tests need a server: start one on 127.0.0.1:5432, or set "
+                f"CHANGEFEED_TEST_DATABASE_URL=postgresql://user@host/db (a user who may CREATE DATABASE) "
+                f"({' '.join(str(exc).split())[:160]})")
+    reason = _postgres_problem[0]
+    if reason:
+        if os.environ.get("CHANGEFEED_REQUIRE_POSTGRES") == "1":
+            pytest.fail(f"{reason}; CHANGEFEED_REQUIRE_POSTGRES=1 makes this a failure", pytrace=False)
+        pytest.skip(reason)
+
+
+class Database:
+    """One test's database: a SQLite file, or a PostgreSQL database made for the test.
+
+    `query` runs SQL with `?` placeholders on either, for tests that look
+    at what was stored without going through the service.
+    """
+
+    def __init__(self, engine, path=None, url=None):
+        self.engine, self.path, self.url = engine, path, url
+
+    @property
+    def config(self):
+        """The settings that point the service at this database (and only this one)."""
+        if self.engine == "sqlite":
+            return {"CHANGEFEED_DB": self.path, "CHANGEFEED_DATABASE_URL": ""}
+        return {"CHANGEFEED_DATABASE_URL": self.url}
+
+    def query(self, sql, params=()):
+        if self.engine == "sqlite":
+            conn = sqlite3.connect(self.path)
+            try:
+                with conn:
+                    return conn.execute(sql, params).fetchall()
+            finally:
+                conn.close()
+        import psycopg
+
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            cursor = conn.execute(sql.replace("?", "%s"), params)
+            return cursor.fetchall() if cursor.description else []
+
+    def epoch(self):
+        return self.query("SELECT value FROM epoch")[0][0]
+
+
+_database_numbers = itertools.count()
+
+
+@pytest.fixture
+def database(engine, tmp_path):
+    """A migrated database of the test's own, on the test's engine."""
+    if engine == "sqlite":
+        path = str(tmp_path / "changefeed.sqlite3")
+        migrate(path)
+        yield Database("sqlite", path=path)
+        return
+    require_postgres()
+    import psycopg
+    from psycopg.conninfo import make_conninfo
+
+    name = f"changefeed_test_{os.getpid()}_{next(_database_numbers)}"
+    with psycopg.connect(TEST_DATABASE_URL, autocommit=True) as admin:
+        admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        admin.execute(f"CREATE DATABASE {name}")
+    url = make_conninfo(TEST_DATABASE_URL, dbname=name)
+    migrate_postgres(url)
+    yield Database("postgres", url=url)
+    with psycopg.connect(TEST_DATABASE_URL, autocommit=True) as admin:
+        admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture
+def db_path(database):
+    """The SQLite file of a test that reads or changes the file itself."""
+    if database.engine != "sqlite":
+        raise RuntimeError("this test works on the SQLite file: mark it pytest.mark.sqlite_only")
+    return database.path
 
 
 def read_epoch(db_path):
@@ -42,13 +151,21 @@ def read_epoch(db_path):
 
 
 @pytest.fixture
-def epoch(db_path):
-    return read_epoch(db_path)
+def epoch(database):
+    return database.epoch()
 
 
 @pytest.fixture
-def app(db_path):
-    return create_app({"CHANGEFEED_DB": db_path, "TESTING": True})
+def app(database):
+    app = create_app({**database.config, "TESTING": True})
+    yield app
+    close_app(app)
+
+
+def close_app(app):
+    """Let go of what an app holds: its watcher or listener, and its database connections."""
+    app.extensions["changefeed.notifier"].close()
+    app.extensions["changefeed.store"].close()
 
 
 @pytest.fixture
@@ -76,10 +193,11 @@ def free_port():
 class Server:
     """The service under gunicorn, as production runs it, on a free loopback port."""
 
-    def __init__(self, db_path, log_path, workers=2, env=None, args=(), app="app:create_app()"):
-        self.db_path, self.log_path, self.workers, self.args = db_path, log_path, workers, list(args)
+    def __init__(self, database, log_path, workers=2, env=None, args=(), app="app:create_app()"):
+        self.database, self.log_path, self.workers, self.args = database, log_path, workers, list(args)
+        self.db_path = database.path
         self.app = app  # what gunicorn serves: the service, or a test's app built on it
-        self.env = {**os.environ, "CHANGEFEED_DB": db_path, **(env or {})}
+        self.env = {**os.environ, **database.config, **(env or {})}
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process = None
@@ -127,12 +245,12 @@ class Server:
 
 
 @pytest.fixture
-def make_server(db_path, tmp_path):
+def make_server(database, tmp_path):
     """Start real gunicorn servers on the test's database; stop them afterwards."""
     servers = []
 
     def make_server(workers=2, env=None, args=(), app="app:create_app()"):
-        server = Server(db_path, str(tmp_path / f"gunicorn-{len(servers)}.log"), workers, env, args, app)
+        server = Server(database, str(tmp_path / f"gunicorn-{len(servers)}.log"), workers, env, args, app)
         servers.append(server)
         return server.start()
 

@@ -2,7 +2,11 @@
 
 import sqlite3
 
+import pytest
+
 import migrate
+
+pytestmark = pytest.mark.engines
 
 
 def test_unknown_slug_is_version_0_unchanged(client, epoch):

@@ -1,10 +1,13 @@
 """POST /save: one row per slug, its version bumped by exactly 1 per save."""
 
+import pytest
 import re
 import sqlite3
 import time
 
 from app import create_app
+
+pytestmark = pytest.mark.engines
 
 ISO_MS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 
