@@ -94,6 +94,7 @@ def test_a_since_of_another_epoch_gets_the_whole_state(client, save, epoch):
     assert missing == {"changed": False, "version": 0, "epoch": epoch}  # version 0 of this database
 
 
+@pytest.mark.sqlite_only
 def test_a_database_restored_in_place_answers_with_its_new_epoch_and_older_versions(client, save, db_path, epoch,
                                                                                       tmp_path):
     save(html="<p>v1</p>")

@@ -2,10 +2,10 @@
 
 import pytest
 import re
-import sqlite3
 import time
 
 from app import create_app
+from conftest import close_app
 
 pytestmark = pytest.mark.engines
 
@@ -38,12 +38,11 @@ def test_slugs_are_independent(save):
     assert save(slug="b").get_json()["version"] == 1
 
 
-def test_one_row_per_slug(save, db_path):
+def test_one_row_per_slug(save, database):
     for _ in range(5):
         save(slug="one")
     save(slug="two")
-    rows = sqlite3.connect(db_path).execute(
-        "SELECT slug, version FROM page_versions ORDER BY slug").fetchall()
+    rows = database.query("SELECT slug, version FROM page_versions ORDER BY slug")
     assert rows == [("one", 5), ("two", 1)]
 
 
@@ -138,15 +137,16 @@ def test_an_idempotency_key_reused_for_another_request_is_refused_and_writes_not
     assert client.get("/changes?slug=other").get_json()["version"] == 0
 
 
-def test_an_idempotency_key_is_forgotten_after_its_window(db_path):
-    client = create_app({"CHANGEFEED_DB": db_path, "CHANGEFEED_IDEMPOTENCY_TTL_S": 0.3}).test_client()
+def test_an_idempotency_key_is_forgotten_after_its_window(database):
+    client = create_app({**database.config, "CHANGEFEED_IDEMPOTENCY_TTL_S": 0.3}).test_client()
     assert keyed(client, "k").get_json()["version"] == 1
     assert keyed(client, "k").headers.get("Idempotent-Replayed") == "true"
     time.sleep(0.4)
     later = keyed(client, "k")
     assert later.get_json()["version"] == 2 and "Idempotent-Replayed" not in later.headers
-    rows = sqlite3.connect(db_path).execute("SELECT count(*) FROM idempotency_keys").fetchone()[0]
+    rows = database.query("SELECT count(*) FROM idempotency_keys")[0][0]
     assert rows == 1  # the expired one was deleted, not kept alongside
+    close_app(client.application)
 
 
 def test_a_refused_save_does_not_use_up_its_idempotency_key(client):
