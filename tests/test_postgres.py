@@ -1,0 +1,218 @@
+"""What only PostgreSQL does: NOTIFY per transaction, the listener's reconnection, the database going away.
+
+Every test runs gunicorn on a PostgreSQL database of its own (the contract
+itself runs on both engines in the modules marked `engines`). The database
+"goes away" by refusing new connections and terminating the service's
+backends, which is what a restart or failover looks like from the service.
+"""
+
+import json
+import queue
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import psycopg
+import pytest
+import requests
+
+import migrate
+from conftest import ROOT, TEST_DATABASE_URL
+from pgstore import EVERYTHING, notify_payload
+from test_transports import http_save, start_long_poll, streams_per_worker
+
+QUIET = {"CHANGEFEED_SSE_HEARTBEAT_MS": "600000"}  # no heartbeat re-read: only a wake-up can deliver
+
+
+@pytest.fixture
+def engine():
+    return "postgres"
+
+
+def database_name(database):
+    return psycopg.conninfo.conninfo_to_dict(database.url)["dbname"]
+
+
+def admin(sql, params=()):
+    """Run SQL as the test server's administrator, outside any test database."""
+    with psycopg.connect(TEST_DATABASE_URL, autocommit=True) as conn:
+        cursor = conn.execute(sql, params)
+        return cursor.fetchall() if cursor.description else []
+
+
+def backends(database, application_name):
+    return admin("SELECT pid FROM pg_stat_activity WHERE datname = %s AND application_name = %s",
+                 (database_name(database), application_name))
+
+
+def cut_off(database, *application_names):
+    """Refuse new connections to the test's database and end the service's open ones."""
+    name = database_name(database)
+    admin(f"ALTER DATABASE {name} ALLOW_CONNECTIONS false")
+    admin("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND application_name = ANY(%s)",
+          (name, list(application_names)))
+
+
+def restore(database):
+    admin(f"ALTER DATABASE {database_name(database)} ALLOW_CONNECTIONS true")
+
+
+def test_each_serving_process_listens_on_one_connection_operators_can_name(make_server, open_stream, database):
+    server = make_server(workers=2)
+    streams = []
+    while len(streams) < 8 or min(streams_per_worker(server)) == 0:
+        assert len(streams) < 200, "the streams all went to one worker"
+        stream = open_stream(f"{server.url}/events?slug=seen")
+        stream.next()
+        streams.append(stream)
+    assert len(backends(database, "changefeed-listener")) == 2  # one per worker, however many streams
+
+
+def test_a_save_sends_one_notify_naming_slugs_and_versions_never_the_page(make_server, database):
+    server = make_server(workers=1)
+    heard = []
+    with psycopg.connect(database.url, autocommit=True) as listener:
+        listener.execute("LISTEN changefeed")
+        secret = f"page-body-{uuid.uuid4().hex}"
+        threads = [threading.Thread(target=http_save, args=(server, f"s{n % 3}", secret)) for n in range(30)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        heard = [n.payload for n in listener.notifies(timeout=1.0)]
+    pairs = [tuple(pair) for payload in heard for pair in json.loads(payload)]
+    assert sorted(pairs) == sorted((f"s{s}", v) for s in range(3) for v in range(1, 11))  # each save once
+    assert not any(secret in payload for payload in heard)
+    metrics = requests.get(f"{server.url}/metrics", timeout=10).text
+    transactions = next(float(line.split()[-1]) for line in metrics.splitlines()
+                        if line.startswith("changefeed_commit_batch_saves_count"))
+    assert len(heard) == transactions  # one NOTIFY per transaction, however many saves it holds
+
+
+def test_a_notification_too_long_for_postgresql_asks_every_listener_to_re_read():
+    saved = [type("Saved", (), {"slug": "x" * 120 + str(n), "version": n})() for n in range(200)]
+    assert notify_payload(saved) == EVERYTHING
+    assert json.loads(notify_payload(saved[:3])) == [[s.slug, s.version] for s in saved[:3]]
+
+
+def test_everything_makes_streams_re_read_their_pages(make_server, open_stream, database, epoch):
+    server = make_server(workers=1, env=QUIET)
+    stream = open_stream(f"{server.url}/events?slug=bulk")
+    stream.next()  # retry: subscribed
+    http_save(server, slug="bulk", html="one")
+    assert stream.next()["id"] == f"{epoch}:1"
+    # A change this process was never told about, then the catch-all notification.
+    database.query("UPDATE page_versions SET version = 2, html = 'two' WHERE slug = 'bulk'")
+    with psycopg.connect(database.url, autocommit=True) as conn:
+        conn.execute("NOTIFY changefeed, '*'")
+    event = stream.next(timeout=5)
+    assert (event["id"], event["data"]["html"]) == (f"{epoch}:2", "two")
+
+
+def test_a_save_made_while_the_listener_is_cut_off_is_delivered_once_it_listens_again(
+        make_server, open_stream, database, epoch):
+    server = make_server(workers=1, env=QUIET)
+    stream = open_stream(f"{server.url}/events?slug=gap")
+    stream.next()  # retry: subscribed
+    http_save(server, slug="gap", html="before")
+    assert stream.next()["id"] == f"{epoch}:1"
+    (listener,) = backends(database, "changefeed-listener")
+    cut_off(database, "changefeed-listener")  # its pooled connections stay: saves still land
+    try:
+        assert not admin("SELECT 1 FROM pg_stat_activity WHERE pid = %s", listener)
+        http_save(server, slug="gap", html="while deaf")  # notified to nobody
+        with pytest.raises(queue.Empty):
+            stream.next(timeout=1.5)
+        ready = requests.get(f"{server.url}/readyz", timeout=10)
+        assert ready.status_code == 503 and "watcher" in ready.json()["checks"]
+    finally:
+        restore(database)
+    event = stream.next(timeout=10)  # backoff at most 5 s, then it re-reads every watched page
+    assert (event["id"], event["data"]["html"]) == (f"{epoch}:2", "while deaf")
+    assert len(backends(database, "changefeed-listener")) == 1
+    http_save(server, slug="gap", html="after")
+    assert stream.next(timeout=5)["id"] == f"{epoch}:3"
+
+
+def test_the_database_going_away_is_a_503_and_the_service_recovers_by_itself(make_server, open_stream, database):
+    server = make_server(workers=2)
+    answers, stop = [], threading.Event()
+
+    def keep_saving():
+        session = requests.Session()
+        while not stop.is_set():
+            response = session.post(f"{server.url}/save", json={"slug": "flow", "html": "x"}, timeout=30)
+            answers.append((response.status_code, response.json(), response.headers.get("Retry-After")))
+
+    saver = threading.Thread(target=keep_saving)
+    saver.start()
+    try:
+        time.sleep(0.5)
+        cut_off(database, "changefeed", "changefeed-listener")
+        time.sleep(1.5)
+        poll = requests.get(f"{server.url}/changes?slug=flow&since=0", timeout=10)
+        ready = requests.get(f"{server.url}/readyz", timeout=10)
+        restore(database)
+        restored_at, deadline = len(answers), time.monotonic() + 15
+        while not any(a[0] == 200 for a in answers[restored_at:]):
+            assert time.monotonic() < deadline, f"saves did not recover: {answers[-3:]}"
+            time.sleep(0.1)
+    finally:
+        stop.set()
+        saver.join()
+    assert poll.status_code == 503 and poll.headers["Retry-After"] and poll.json()["error"] == "unavailable"
+    assert ready.status_code == 503 and "database" in ready.json()["checks"]
+    refused = [a for a in answers if a[0] != 200]
+    assert refused, "the saves never met the missing database"
+    assert {a[0] for a in refused} == {503} and all(a[2] for a in refused)
+    assert {a[1]["error"] for a in refused} <= {"not saved", "outcome unknown", "busy"}
+    acknowledged = [a[1]["version"] for a in answers if a[0] == 200]
+    assert acknowledged == sorted(set(acknowledged))  # one client, in order: no version given twice
+    (stored,) = database.query("SELECT version FROM page_versions WHERE slug = 'flow'")[0]
+    unknown = sum(a[1]["error"] == "outcome unknown" for a in refused)
+    assert len(acknowledged) <= stored <= len(acknowledged) + unknown  # nothing lost, nothing invented
+    assert requests.get(f"{server.url}/readyz", timeout=10).status_code == 200
+    stream = open_stream(f"{server.url}/events?slug=flow")
+    stream.next()  # retry
+    assert stream.next()["data"]["version"] == stored
+    finish = start_long_poll(server, "flow", stored, wait=20)
+    time.sleep(0.3)
+    http_save(server, slug="flow", html="after")
+    assert finish()["answer"]["version"] == stored + 1
+    assert "Traceback" not in server.log()
+
+
+def test_migrate_creates_then_leaves_a_postgresql_database_alone_and_records_its_version(tmp_path):
+    name = f"changefeed_migrate_{uuid.uuid4().hex[:12]}"
+    admin(f"CREATE DATABASE {name}")
+    try:
+        url = psycopg.conninfo.make_conninfo(TEST_DATABASE_URL, dbname=name)
+        env = {"CHANGEFEED_DATABASE_URL": url, "PATH": "/usr/bin:/bin"}
+
+        def run(*args):
+            return subprocess.run([sys.executable, "migrate.py", *args], cwd=ROOT, env=env,
+                                  capture_output=True, text=True, timeout=60)
+
+        check = run("--check")
+        assert check.returncode == 1 and "run `python migrate.py`" in check.stderr
+        first, second = run(), run()
+        assert "created at schema version" in first.stdout and "nothing to do" in second.stdout
+        assert run("--check").returncode == 0
+        with psycopg.connect(url) as conn:
+            assert migrate.postgres_schema_version(conn) == migrate.LATEST
+            before = conn.execute("SELECT value FROM epoch").fetchone()[0]
+        renewed = run("--new-epoch")
+        assert renewed.returncode == 0 and before not in renewed.stdout
+    finally:
+        admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def test_a_database_url_password_never_shows_in_messages():
+    url = "postgresql://someone:hunter2@127.0.0.1:1/nowhere"
+    assert "hunter2" not in migrate.describe(url)
+    failed = subprocess.run([sys.executable, "migrate.py"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                            env={"CHANGEFEED_DATABASE_URL": url, "PATH": "/usr/bin:/bin"})
+    assert failed.returncode == 1 and "cannot migrate postgresql://someone@127.0.0.1:1/nowhere" in failed.stderr
+    assert "hunter2" not in failed.stderr + failed.stdout
