@@ -161,7 +161,8 @@ def test_event_stream_survives_a_bad_save_elsewhere(server, open_stream, epoch):
 def streams_per_worker(server):
     """How many client connections each gunicorn worker holds open right now."""
     workers = psutil.Process(server.process.pid).children()
-    return [sum(c.status == psutil.CONN_ESTABLISHED for c in w.net_connections("tcp")) for w in workers]
+    return [sum(c.status == psutil.CONN_ESTABLISHED and c.laddr.port == server.port for c in w.net_connections("tcp"))
+            for w in workers]  # not its connections to PostgreSQL
 
 
 def test_every_subscriber_on_every_worker_sees_every_save(make_server, open_stream, epoch):
