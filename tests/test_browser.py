@@ -171,6 +171,19 @@ def test_push_transports_show_a_save_in_the_other_tab_at_once(open_tab, transpor
     side_by_side(a, b, context, ARTIFACTS / f"two-tabs-{transport}.png")
 
 
+@pytest.mark.parametrize("engine", ["postgres"])
+def test_tabs_on_two_instances_sharing_one_postgresql_see_each_others_saves(make_server, context, engine):
+    """Two hosts behind a load balancer: each tab talks to another instance, and both stay in step."""
+    one, other = make_server(), make_server()
+    a, b = Tab(context, one.url, "shared", "sse"), Tab(context, other.url, "shared", "sse")
+    for n, (writer, reader) in enumerate([(a, b), (b, a), (a, b)], start=1):
+        writer.edit(f"<h1>hop {n}</h1>")
+        writer.save()
+        reader.expect_viewer(f"hop {n}", timeout_s=2)
+        a.expect_version(n), b.expect_version(n)
+    side_by_side(a, b, context, ARTIFACTS / "two-tabs-two-instances.png")
+
+
 def test_sse_tabs_share_one_stream_and_a_new_leader_takes_over(open_tab, server):
     a = open_tab("sse")
     b = open_tab("sse")
