@@ -185,6 +185,35 @@ def new_epoch_postgres(url):
         return value
 
 
+def import_sqlite(path, url):
+    """Copy every page of the SQLite database at `path` into the empty PostgreSQL one at `url`; return how many.
+
+    Versions, times and the epoch come along, so a client that knew a page
+    at some version goes on from there against the new database, as if
+    nothing had moved. Idempotency keys do not: a retry after the move is
+    a new save. Refuses a database that already holds pages.
+    """
+    source = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        if schema_version(source) != LATEST:
+            raise CannotMigrate(f"{path} is not at schema version {LATEST}: run `python migrate.py` on it first "
+                                "(with CHANGEFEED_DB set and CHANGEFEED_DATABASE_URL unset)")
+        (epoch,) = source.execute("SELECT value FROM epoch").fetchone()
+        pages = source.execute("SELECT slug, html, data, version, updated_at FROM page_versions ORDER BY seq")
+        with _postgres(url) as conn, conn.transaction():
+            if conn.execute("SELECT 1 FROM page_versions LIMIT 1").fetchone():
+                raise CannotMigrate(f"{describe(url)} already holds pages; import into an empty database only")
+            conn.execute("UPDATE epoch SET value = %s", (epoch,))
+            with conn.cursor() as cursor:
+                cursor.executemany("INSERT INTO page_versions (slug, html, data, version, updated_at)"
+                                   " VALUES (%s, %s, %s, %s, %s)", pages)
+            (count,) = conn.execute("SELECT count(*) FROM page_versions").fetchone()
+            conn.execute("SELECT pg_notify(%s, '*')", (POSTGRES_CHANNEL,))
+        return count
+    finally:
+        source.close()
+
+
 def new_epoch(path):
     """Give the database at `path` a new epoch; return it."""
     conn = sqlite3.connect(path, isolation_level=None)
@@ -202,6 +231,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Create or upgrade the changefeed database (CHANGEFEED_DB).")
     parser.add_argument("--new-epoch", action="store_true",
                         help="after migrating, give the database a new epoch (run this after restoring a backup)")
+    parser.add_argument("--import-sqlite", metavar="PATH",
+                        help="after migrating the PostgreSQL database (CHANGEFEED_DATABASE_URL), copy into it "
+                             "every page of the SQLite database at PATH, with its versions and epoch")
     parser.add_argument("--check", action="store_true",
                         help="change nothing; exit 1, saying what to do, unless the database is at the latest schema")
     args = parser.parse_args(argv)
@@ -226,6 +258,16 @@ def main(argv=None):
         print(f"{path}: created at schema version {LATEST}.")
     else:
         print(f"{path}: upgraded from schema version {found} to {LATEST}.")
+    if args.import_sqlite:
+        if not url:
+            print("error: --import-sqlite copies into PostgreSQL: set CHANGEFEED_DATABASE_URL", file=sys.stderr)
+            return 1
+        try:
+            count = import_sqlite(args.import_sqlite, url)
+        except (CannotMigrate, sqlite3.Error) as exc:
+            print(f"error: {exc}; nothing was imported", file=sys.stderr)
+            return 1
+        print(f"{path}: imported {count} page(s) from {args.import_sqlite}, with their versions and epoch.")
     if args.new_epoch:
         value = new_epoch_postgres(url) if url else new_epoch(path)
         print(f"{path}: new epoch {value}; clients start over from version 0.")

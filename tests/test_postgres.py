@@ -19,7 +19,8 @@ import pytest
 import requests
 
 import migrate
-from conftest import ROOT, TEST_DATABASE_URL
+from app import create_app
+from conftest import ROOT, TEST_DATABASE_URL, close_app
 from pgstore import EVERYTHING, notify_payload
 from test_transports import http_save, start_long_poll, streams_per_worker
 
@@ -216,3 +217,24 @@ def test_a_database_url_password_never_shows_in_messages():
                             env={"CHANGEFEED_DATABASE_URL": url, "PATH": "/usr/bin:/bin"})
     assert failed.returncode == 1 and "cannot migrate postgresql://someone@127.0.0.1:1/nowhere" in failed.stderr
     assert "hunter2" not in failed.stderr + failed.stdout
+
+
+def test_pages_imported_from_sqlite_keep_their_versions_and_epoch_so_clients_go_on(database, client, tmp_path):
+    path = str(tmp_path / "old.sqlite3")
+    migrate.migrate(path)
+    old = create_app({"CHANGEFEED_DB": path, "CHANGEFEED_DATABASE_URL": "", "TESTING": True})
+    for n in range(3):
+        old.test_client().post("/save", json={"slug": "moved", "html": f"v{n + 1}", "data": {"n": n + 1}})
+    before = old.test_client().get("/changes?slug=moved&since=0").get_json()
+    close_app(old)
+    env = {"CHANGEFEED_DATABASE_URL": database.url, "PATH": "/usr/bin:/bin"}
+    imported = subprocess.run([sys.executable, "migrate.py", "--import-sqlite", path], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=60)
+    assert imported.returncode == 0 and "imported 1 page(s)" in imported.stdout, imported.stderr
+    assert client.get("/changes?slug=moved&since=0").get_json() == before
+    position = f"since=3&epoch={before['epoch']}"
+    assert client.get(f"/changes?slug=moved&{position}").get_json()["changed"] is False  # nothing to start over
+    assert client.post("/save", json={"slug": "moved", "html": "v4"}).get_json()["version"] == 4
+    again = subprocess.run([sys.executable, "migrate.py", "--import-sqlite", path], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=60)
+    assert again.returncode == 1 and "already holds pages" in again.stderr
