@@ -108,6 +108,8 @@ def post_worker_init(worker):
     # 55-61 ms -> 46-50 ms with 1,000 subscribers).
     gc.freeze()
     gc.set_threshold(20_000, 20, 20)
+    if "pgstore" in sys.modules:  # an app preloaded in the master imported psycopg before gevent came in
+        sys.modules["pgstore"].cooperate()
 
     notifier = getattr(worker.wsgi, "extensions", {}).get("changefeed.notifier")
     if notifier is None:  # another app served with this file, such as the bench's baseline

@@ -36,6 +36,27 @@ from migrate import SchemaTooNew, describe
 from store import (MASTER_CHECKED, Busy, Change, NotStored, OutcomeUnknown, PageStore, SchemaOutOfDate,
                    Saved, Unavailable, after_fork_in_child, unless_settled)
 
+
+def cooperate():
+    """Have psycopg wait for the server through gevent, if gevent patched this process.
+
+    psycopg picks how it waits when first imported: imported before gevent
+    patched the process (an app preloaded by gunicorn's master), it would
+    wait in C, and one slow query would stall every request of the worker.
+    gunicorn.conf.py calls this again in each worker once gevent is in.
+    """
+    try:
+        from gevent import monkey
+    except ImportError:  # pragma: no cover - gevent is a dependency
+        return
+    from psycopg import waiting
+
+    if monkey.is_module_patched("select") and waiting.wait is getattr(waiting, "wait_c", None):
+        waiting.wait = waiting.wait_poll  # select.poll, which gevent has patched
+
+
+cooperate()
+
 CHANNEL = migrate.POSTGRES_CHANNEL
 MAX_PAYLOAD = 7_900  # bytes; PostgreSQL refuses a NOTIFY payload of 8000 or more
 EVERYTHING = "*"  # a payload meaning "re-read every page you watch" (too many slugs, or a new epoch)

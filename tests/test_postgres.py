@@ -238,3 +238,22 @@ def test_pages_imported_from_sqlite_keep_their_versions_and_epoch_so_clients_go_
     again = subprocess.run([sys.executable, "migrate.py", "--import-sqlite", path], cwd=ROOT, env=env,
                            capture_output=True, text=True, timeout=60)
     assert again.returncode == 1 and "already holds pages" in again.stderr
+
+
+@pytest.mark.parametrize("args", [[], ["--preload"]], ids=["", "preload"])
+def test_a_save_waiting_for_a_lock_never_stalls_the_other_requests_of_its_worker(make_server, database, args):
+    server = make_server(workers=1, args=args)
+    http_save(server, slug="held")
+    with psycopg.connect(database.url) as blocker:  # a transaction holding the row every save updates
+        blocker.execute("UPDATE storage SET pages = pages")
+        saving = threading.Thread(target=requests.post, args=(f"{server.url}/save",),
+                                  kwargs={"json": {"slug": "held", "html": "waits"}, "timeout": 30})
+        saving.start()
+        time.sleep(0.5)  # the save now waits on PostgreSQL's lock, in this one worker
+        started = time.monotonic()
+        for _ in range(5):
+            assert requests.get(f"{server.url}/changes?slug=held&since=0", timeout=5).status_code == 200
+        assert time.monotonic() - started < 2.0
+        assert saving.is_alive()
+    saving.join(timeout=10)
+    assert requests.get(f"{server.url}/changes?slug=held&since=0", timeout=5).json()["version"] == 2
