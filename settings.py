@@ -20,8 +20,8 @@ SETTINGS = [
     ("CHANGEFEED_DATABASE_POOL_SIZE", 10,
      "PostgreSQL connections each server process may hold open, besides its one listening connection."),
     ("CHANGEFEED_DATABASE_POOL_TIMEOUT_MS", 2_000,
-     "How long a read waits for a free PostgreSQL connection (or for the database to answer a "
-     "connection attempt) before answering 503 (milliseconds)."),
+     "How long a read or save waits for a free PostgreSQL connection (or for the database to accept "
+     "one) before answering 503 (milliseconds)."),
     ("CHANGEFEED_SQLITE_SYNCHRONOUS", "FULL",
      "SQLite `synchronous` setting: FULL survives power loss, NORMAL only a crash of the process."),
     ("CHANGEFEED_BUSY_TIMEOUT_MS", 10_000,
