@@ -191,6 +191,18 @@ class PostgresStore(PageStore):
     def _reason(self, exc):
         return f"the database refused it ({_one_line(exc)})"
 
+    def _apply(self, conn, item, now, epoch):
+        """PageStore's save step, after the saves of one Idempotency-Key took turns.
+
+        Under READ COMMITTED two retries of one key on two processes would
+        both find no key and both save: two versions for one save. SQLite's
+        one writer never lets them overlap; here the second waits for this
+        lock, held until the first's transaction (which records the key) ends.
+        """
+        if item.key is not None:
+            conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (item.key,))
+        return super()._apply(conn, item, now, epoch)
+
     # -- saves ---------------------------------------------------------------------------------
 
     def _choose_writer(self):
@@ -211,10 +223,9 @@ class PostgresStore(PageStore):
             return [Busy("it waited its whole busy timeout") for _ in items]
         pool = self._connections()
         try:
-            conn = pool.getconn(timeout=min(remaining, self._busy_timeout))
-        except PoolTimeout as exc:
-            return [NotStored(f"no connection to {self.name} within the busy timeout "
-                              f"({_one_line(exc)})") for _ in items]
+            conn = pool.getconn(timeout=min(remaining, self._pool_timeout))
+        except PoolTimeout as exc:  # the database is down, or every connection is busy: say so soon
+            return [NotStored(f"no connection to {self.name} ({_one_line(exc)})") for _ in items]
         try:
             return self._transaction(conn, items, deadline)
         finally:
