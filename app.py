@@ -42,9 +42,22 @@ JSON_TYPES = {list: "an array", str: "a string", int: "a number", float: "a numb
               bool: "true or false", type(None): "null"}
 FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
 
-# Browsers and proxies may keep a /changes answer but must ask again (with
-# If-None-Match) before each reuse, so nobody is served a stale version.
-CHANGES_HEADERS = [("Cache-Control", "no-cache"), ("X-Content-Type-Options", "nosniff")]
+# Browsers revalidate every /changes answer (max-age=0: If-None-Match each
+# time). A shared cache may reuse one for a second: with deploy/nginx.conf's
+# micro-cache the thousand readers of a page, who ask the same URL, cost one
+# request here, and a reader sees a version at most that second late.
+CHANGES_HEADERS = [("Cache-Control", "public, max-age=0, s-maxage=1"), ("X-Content-Type-Options", "nosniff")]
+# ...except an unchanged answer to a long-poll (its wait ran out): its client
+# asks the same URL again at once, and a cached copy would answer it
+# "unchanged" at once, again and again. nginx alone may keep it for a second
+# (X-Accel-Expires: never passed on; before Cache-Control, or nginx 1.22 obeys
+# no-cache): deploy/nginx.conf keys each entry by the second the request came
+# in, so only the requests that waited along with this one get it, and none
+# waits for a new wait of its own; the re-ask, seconds later, finds nothing.
+CHANGES_UNCHANGED_WAIT_HEADERS = [("X-Accel-Expires", "1"), ("Cache-Control", "no-cache"),
+                                  ("X-Content-Type-Options", "nosniff")]
+# With access control on reads no shared cache may keep any answer: each is for its token only.
+CHANGES_PRIVATE_HEADERS = [("Cache-Control", "private, no-cache"), ("X-Content-Type-Options", "nosniff")]
 
 # An event stream is never cached, and nginx must pass each event on at once.
 EVENTS_HEADERS = [("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no"),
@@ -95,6 +108,9 @@ def create_app(test_config=None):
     errors.register(app)
     document = openapi.build(app)
     verifier = app.extensions["changefeed.auth"] = TokenVerifier(app.config)
+    # The headers of a /changes answer a shared cache may reuse, and of an unchanged long-poll answer.
+    reusable, unchanged_wait = ((CHANGES_PRIVATE_HEADERS, CHANGES_PRIVATE_HEADERS) if verifier.reads
+                                else (CHANGES_HEADERS, CHANGES_UNCHANGED_WAIT_HEADERS))
     auth.register_cli(app, verifier)
     metrics.register(app)  # GET /metrics, unless CHANGEFEED_METRICS=off
     allowed_origins = parse_origins(app.config["CHANGEFEED_CORS_ORIGINS"])
@@ -153,7 +169,7 @@ def create_app(test_config=None):
         if wait and notifier.closed and not changed:
             raise ShuttingDown()  # the wait was cut short: not an answer to re-ask at once
         etag = f"{change.epoch}.{change.version}.{int(changed)}.{change.updated_at or ''}"
-        headers = closing([("ETag", f'"{etag}"'), *CHANGES_HEADERS])
+        headers = closing([("ETag", f'"{etag}"'), *(unchanged_wait if wait and not changed else reusable)])
         if_none_match = request.environ.get("HTTP_IF_NONE_MATCH")
         # A browser sends back exactly the tag it got: compare that first, parse only otherwise.
         if if_none_match and (if_none_match == headers[0][1] or request.if_none_match.contains(etag)):

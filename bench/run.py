@@ -49,6 +49,9 @@ TARGETS = {
     "sse_p99_ms": ("SSE propagation p99, ms", "<", 50),
     "longpoll_p99_ms": ("long-poll propagation p99, ms", "<", 50),
     "longpoll100_p99_ms": ("long-poll propagation p99 at 100 subscribers, ms", "<", 50),
+    "longpoll_nginx_p99_ms": ("long-poll through nginx's micro-cache, 1,000 subscribers: propagation p99, ms", "<", 50),
+    "longpoll_nginx_service_polls_per_save": ("long-poll through nginx: requests reaching the service per save "
+                                              "(about one per worker, not one per subscriber)", "<=", 2),
     "capacity_p99_ms": ("10,000 streams: one save reaches all, p99 ms", "<", 1000),
     "capacity_kib_per_stream": ("server memory per open stream, KiB", "<", 30),
     "many_slugs_cost_ratio": ("CPU per save, 10,000 vs 100 subscribed slugs", "<=", 1.5),
@@ -190,17 +193,21 @@ def propagation(cfg, tmp, log):
     return runs, summary, delays
 
 
-async def _propagate(service, transport, slug, count, cfg):
-    url = service.url
+async def _propagate(service, transport, slug, count, cfg, front=None):
+    """Subscribers and saver on `service`, or on `front` (nginx) before it; `*_rps` is what they sent."""
+    url = (front or service).url
     async with subs.session(count) as http_:
         await subs.save(http_, url, slug, 0)  # version 1: subscribers start from it
         counter = {"requests": 0}
         seens, tasks = await subs.subscribe_all(http_, url, transport, [slug] * count, 1, counter)
         spread = service.sockets_per_worker()
         idle = await _measure(service, counter, asyncio.sleep(cfg["idle_s"]))
+        polls, front_cpu = polls_answered(service.url), front.cpu_seconds() if front else 0
         load = await _measure(service, counter, subs.save_steadily(http_, url, [slug], cfg["saves_per_s"],
                                                                    cfg["propagate_s"]))
-        await asyncio.sleep(subs.POLL_INTERVAL_S + 0.5 if transport == "poll" else 0.5)
+        polls, front_cpu = polls_answered(service.url) - polls, (front.cpu_seconds() if front else 0) - front_cpu
+        # Time for the last save to reach every subscriber: a poll's interval; nginx's lock looks every 0.5 s.
+        await asyncio.sleep(subs.POLL_INTERVAL_S + 0.5 if transport == "poll" else 2.0 if front else 0.5)
         delays, missed = subs.delays_ms({slug: seens}, load["result"])
         await subs.cancel(tasks)
     return {
@@ -209,7 +216,41 @@ async def _propagate(service, transport, slug, count, cfg):
         "idle_server_cpu_pct": idle["server_cpu_pct"], "idle_rps": idle["rps"],
         "load_server_cpu_pct": load["server_cpu_pct"], "load_rps": load["rps"],
         "loadgen_cpu_pct": load["loadgen_cpu_pct"],
+        "service_polls_per_save": polls / len(load["result"]),
+        "front_cpu_pct": front_cpu / cfg["propagate_s"] * 100,
     }, delays
+
+
+def polls_answered(url):
+    """How many /changes requests the service (all its workers) has answered: what reached it past nginx."""
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as response:
+        lines = response.read().decode().splitlines()
+    return sum(float(line.rpartition(" ")[2]) for line in lines if line.startswith("changefeed_polls_total{"))
+
+
+def propagation_nginx(cfg, tmp, log):
+    """Long-poll through nginx with deploy/nginx.conf: 1,000 subscribers of one slug, 10 saves/s, as `propagation`.
+
+    The micro-cache answers the identical requests of the subscribers with
+    one request to the service; the requests it still gets per save is the
+    figure to watch, with the delay nginx's cache lock adds (README.md).
+    """
+    db = servers.migrated_db(tmp)
+    runs, delays = [], {}
+    with servers.gunicorn("app:create_app()", db, log) as service:
+        front = servers.nginx_deploy([service])
+        if front is None:
+            print("  nginx is not installed (apt-get install nginx): no run through nginx this time")
+            return runs, {}, delays
+        with front:
+            for n in range(cfg["runs"]):
+                result, run_delays = asyncio.run(_propagate(service, "longpoll", f"prop-nginx-{n}",
+                                                            cfg["subscribers"], cfg, front))
+                runs.append(result)
+                delays.setdefault(f"long-poll through nginx ({cfg['subscribers']:,} subscribers)", []).extend(run_delays)
+    keys = ("p50_ms", "p99_ms", "max_ms", "missed", "failed", "idle_rps", "load_rps", "load_server_cpu_pct",
+            "front_cpu_pct", "loadgen_cpu_pct", "service_polls_per_save")
+    return runs, {f"longpoll_nginx_{key}": median(r[key] for r in runs) for key in keys}, delays
 
 
 async def _measure(service, counter, work):
@@ -362,6 +403,14 @@ def print_table(summary):
                  ("", "server requests/s idle / load", (f"{t}_idle_rps", f"{t}_load_rps")),
                  ("", "load generator CPU %", f"{t}_loadgen_cpu_pct"),
                  ("", "connections per worker", f"{t}_spread")]
+    rows += [("long-poll, nginx", "p50 / p99 / max ms", ("longpoll_nginx_p50_ms", "longpoll_nginx_p99_ms",
+                                                         "longpoll_nginx_max_ms")),
+             ("", "missed / failed subscribers", ("longpoll_nginx_missed", "longpoll_nginx_failed")),
+             ("", "requests to the service per save", "longpoll_nginx_service_polls_per_save"),
+             ("", "requests/s to nginx idle / load", ("longpoll_nginx_idle_rps", "longpoll_nginx_load_rps")),
+             ("", "CPU %: service / nginx / load generator", ("longpoll_nginx_load_server_cpu_pct",
+                                                            "longpoll_nginx_front_cpu_pct",
+                                                            "longpoll_nginx_loadgen_cpu_pct"))]
     rows += [("capacity (SSE)", "streams", "capacity_streams"),
              ("", "one save reaches all: p50 / p99 / max ms",
               ("capacity_p50_ms", "capacity_p99_ms", "capacity_max_ms")),
@@ -381,7 +430,7 @@ def print_table(summary):
         target = ""
         if len(keys) == 1 and keys[0] in TARGETS:
             target = "  ".join(verdict(keys[0], summary[keys[0]]))
-        elif keys[0] in ("sse_p50_ms", "longpoll_p50_ms", "longpoll100_p50_ms"):
+        elif keys[0] in ("sse_p50_ms", "longpoll_p50_ms", "longpoll100_p50_ms", "longpoll_nginx_p50_ms"):
             target = "  ".join(verdict(keys[0].replace("p50", "p99"), summary[keys[1]]))
         elif keys[0] == "capacity_p50_ms":
             target = "  ".join(verdict("capacity_p99_ms", summary[keys[1]]))
@@ -425,7 +474,7 @@ def chart(delays, path):
 
 
 SCENARIOS = {"poll": unchanged_poll, "saves": saves, "propagation": propagation,
-             "capacity": capacity, "many": many_slugs}
+             "nginx": propagation_nginx, "capacity": capacity, "many": many_slugs}
 
 
 def main():
@@ -457,9 +506,10 @@ def main():
             started = time.monotonic()
             runs, summary, *extra = scenario(cfg, tmp, log)
             report["runs"][name], report["summary"] = runs, {**report["summary"], **summary}
-            if extra:
-                chart(extra[0], results / "propagation.png")
-                report["propagation_delays_ms"] = {k: [round(v, 3) for v in vs] for k, vs in extra[0].items()}
+            if extra and extra[0]:  # delays of the propagation scenarios: one chart for all of them
+                delays = report.setdefault("propagation_delays_ms", {})
+                delays.update({k: [round(v, 3) for v in vs] for k, vs in extra[0].items()})
+                chart(delays, results / "propagation.png")
             print(f"  done in {time.monotonic() - started:.0f} s", flush=True)
     print_table(report["summary"])
     out = results / f"bench-{stamp}.json"

@@ -1,6 +1,7 @@
 """What the bench runs and watches: the service, the baseline, nginx, and their CPU and memory."""
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -111,36 +112,67 @@ def migrated_db(folder):
     return path
 
 
-def nginx_static(body):
-    """nginx serving `body` as a static file: the ceiling for a tiny HTTP answer here. None without nginx."""
-    binary = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
-    if binary is None:
-        return None
-    # A folder of its own that nginx's unprivileged workers can read, when started as root.
-    root = Path(tempfile.mkdtemp(prefix="changefeed-nginx-"))
-    root.chmod(0o755)
-    (root / "changes").write_bytes(body)
-    (root / "changes").chmod(0o644)
+def nginx_binary():
+    return shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
+
+
+def nginx(http_block, root, ready_path):
+    """nginx running `http_block` (with `{port}` for its port) from folder `root`, removed when it stops."""
     conf = root / "nginx.conf"
     conf.write_text(f"""
 worker_processes auto;
 daemon off;
 pid {root}/nginx.pid;
 error_log {root}/error.log;
-events {{ worker_connections 4096; }}
+events {{ worker_connections 8192; }}
 http {{
     access_log off;
     client_body_temp_path {root}/body; proxy_temp_path {root}/proxy;
     fastcgi_temp_path {root}/fastcgi; uwsgi_temp_path {root}/uwsgi; scgi_temp_path {root}/scgi;
+{http_block}
+}}
+""")
+    process = Process([nginx_binary(), "-c", str(conf)], ready_path)
+    process.remove_after.append(root)
+    conf.write_text(conf.read_text().replace("{port}", str(process.port)))
+    return process
+
+
+def nginx_static(body):
+    """nginx serving `body` as a static file: the ceiling for a tiny HTTP answer here. None without nginx."""
+    if nginx_binary() is None:
+        return None
+    # A folder of its own that nginx's unprivileged workers can read, when started as root.
+    root = Path(tempfile.mkdtemp(prefix="changefeed-nginx-"))
+    root.chmod(0o755)
+    (root / "changes").write_bytes(body)
+    (root / "changes").chmod(0o644)
+    return nginx(f"""
     default_type application/json;
     server {{
         listen 127.0.0.1:{{port}};
         root {root};
         location / {{ add_header Cache-Control no-cache; }}
     }}
-}}
-""")
-    process = Process([binary, "-c", str(conf)], "/changes")
-    process.remove_after.append(root)
-    conf.write_text(conf.read_text().replace("{port}", str(process.port)))
-    return process
+""", root, "/changes")
+
+
+def nginx_deploy(upstreams):
+    """nginx with deploy/nginx.conf in front of `upstreams` (Process), on loopback, plain HTTP. None without nginx.
+
+    Only what a loopback run must change: the upstream servers, the listening
+    port (the 443 server, without TLS: the load generator would spend its CPU
+    on it), the cache folder. Everything else is the file as shipped.
+    """
+    if nginx_binary() is None:
+        return None
+    root = Path(tempfile.mkdtemp(prefix="changefeed-nginx-"))
+    root.chmod(0o777)  # nginx's unprivileged workers write the cache here
+    block = (ROOT / "deploy" / "nginx.conf").read_text()
+    servers = "".join(f"    server {u.url.removeprefix('http://')};\n" for u in upstreams)
+    block = re.sub(r"(upstream changefeed \{\n)(?:.*\n)*?(?=    keepalive )", lambda m: m.group(1) + servers, block)
+    block = re.sub(r"server \{\n    listen 80;.*?\n\}\n", "", block, flags=re.S)  # the redirect to https
+    block = re.sub(r"\n\s*(listen \[::\]|ssl_).*", "", block)
+    block = re.sub(r"listen 443 ssl http2;.*", "listen 127.0.0.1:{port};", block)
+    block = block.replace("/dev/shm/nginx-changefeed", str(root / "cache"))
+    return nginx(block, root, "/changes?slug=ready")

@@ -115,6 +115,14 @@ def test_with_auth_reads_every_read_needs_read_rights(make_client, path):
     allowed.close()
 
 
+def test_with_auth_reads_no_shared_cache_may_keep_an_answer(make_client):
+    client = make_client(CHANGEFEED_AUTH_READS=1)
+    client.post("/save", json=PAGE, headers=bearer(token()))
+    for query in ("since=0", "since=1", "since=1&wait=1"):
+        response = client.get(f"/changes?slug=docs-intro&{query}", headers=bearer(token()))
+        assert response.headers["Cache-Control"] == "private, no-cache" and "X-Accel-Expires" not in response.headers
+
+
 def test_issuer_and_audience_are_checked_when_configured(make_client):
     client = make_client(CHANGEFEED_JWT_ISSUER="https://id.example", CHANGEFEED_JWT_AUDIENCE="changefeed")
     good = token(iss="https://id.example", aud="changefeed")

@@ -4,32 +4,18 @@ The nginx block is read from README.md, so the manual and this test cannot
 drift apart.
 """
 
-import os
 import re
-import shutil
-import subprocess
 import threading
 import time
 
 import pytest
 import requests
 
-from conftest import ROOT, free_port
+from conftest import ROOT, find_nginx, free_port, running_nginx
 
 README = (ROOT / "README.md").read_text()
 
-
-def find_nginx():
-    path = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if os.path.exists(p)), None)
-    if path is None:
-        reason = "the nginx tests need nginx: apt-get install nginx"
-        if os.environ.get("CHANGEFEED_REQUIRE_NGINX") == "1":
-            pytest.fail(f"{reason}; CHANGEFEED_REQUIRE_NGINX=1 makes this a failure", pytrace=False)
-        pytest.skip(reason, allow_module_level=True)
-    return path
-
-
-NGINX = find_nginx()
+find_nginx()  # or skip this module, saying how to get it
 
 
 @pytest.fixture
@@ -39,36 +25,8 @@ def nginx(server, tmp_path):
     port = free_port()
     block = block.replace("127.0.0.1:8000", f"127.0.0.1:{server.port}")
     block = block.replace("# ... listen, server_name, TLS ...", f"listen 127.0.0.1:{port};")
-    temp = tmp_path / "nginx-temp"
-    temp.mkdir(mode=0o777)
-    temp.chmod(0o777)  # nginx's workers drop root; they still buffer bodies here
-    conf = tmp_path / "nginx.conf"
-    conf.write_text(f"""
-daemon off;
-worker_processes 1;
-pid {tmp_path}/nginx.pid;
-error_log {tmp_path}/nginx-error.log;
-events {{ worker_connections 1024; }}
-http {{
-    access_log off;
-    client_body_temp_path {temp}/body; proxy_temp_path {temp}/proxy;
-    fastcgi_temp_path {temp}/fastcgi; uwsgi_temp_path {temp}/uwsgi; scgi_temp_path {temp}/scgi;
-{block}
-}}
-""")
-    process = subprocess.Popen([NGINX, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            requests.get(f"{url}/changes?slug=ready", timeout=1)
-            break
-        except requests.ConnectionError:
-            assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "nginx-error.log").read_text()
-            time.sleep(0.05)
-    yield url
-    process.terminate()
-    process.wait(timeout=10)
+    with running_nginx(block, tmp_path, [port]):
+        yield f"http://127.0.0.1:{port}"
 
 
 def save(url, html):
