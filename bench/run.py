@@ -52,6 +52,8 @@ TARGETS = {
     "longpoll_nginx_p99_ms": ("long-poll through nginx's micro-cache, 1,000 subscribers: propagation p99, ms", "<", 50),
     "longpoll_nginx_service_polls_per_save": ("long-poll through nginx: requests reaching the service per save "
                                               "(about one per worker, not one per subscriber)", "<=", 2),
+    "hosts_sse_p99_ms": ("SSE across two instances over PostgreSQL: propagation p99, ms", "<", 100),
+    "hosts_longpoll_p99_ms": ("long-poll across two instances over PostgreSQL, 100 subscribers: p99, ms", "<", 100),
     "capacity_p99_ms": ("10,000 streams: one save reaches all, p99 ms", "<", 1000),
     "capacity_kib_per_stream": ("server memory per open stream, KiB", "<", 30),
     "many_slugs_cost_ratio": ("CPU per save, 10,000 vs 100 subscribed slugs", "<=", 1.5),
@@ -193,17 +195,21 @@ def propagation(cfg, tmp, log):
     return runs, summary, delays
 
 
-async def _propagate(service, transport, slug, count, cfg, front=None):
-    """Subscribers and saver on `service`, or on `front` (nginx) before it; `*_rps` is what they sent."""
+async def _propagate(service, transport, slug, count, cfg, front=None, saver=None):
+    """Subscribers and saver on `service`, or on `front` (nginx) before it; `*_rps` is what they sent.
+
+    With `saver` (another instance on the same database) the saves go there instead.
+    """
     url = (front or service).url
+    save_url = saver.url if saver else url
     async with subs.session(count) as http_:
-        await subs.save(http_, url, slug, 0)  # version 1: subscribers start from it
+        await subs.save(http_, save_url, slug, 0)  # version 1: subscribers start from it
         counter = {"requests": 0}
         seens, tasks = await subs.subscribe_all(http_, url, transport, [slug] * count, 1, counter)
         spread = service.sockets_per_worker()
         idle = await _measure(service, counter, asyncio.sleep(cfg["idle_s"]))
         polls, front_cpu = polls_answered(service.url), front.cpu_seconds() if front else 0
-        load = await _measure(service, counter, subs.save_steadily(http_, url, [slug], cfg["saves_per_s"],
+        load = await _measure(service, counter, subs.save_steadily(http_, save_url, [slug], cfg["saves_per_s"],
                                                                    cfg["propagate_s"]))
         polls, front_cpu = polls_answered(service.url) - polls, (front.cpu_seconds() if front else 0) - front_cpu
         # Time for the last save to reach every subscriber: a poll's interval; nginx's lock looks every 0.5 s.
@@ -251,6 +257,43 @@ def propagation_nginx(cfg, tmp, log):
     keys = ("p50_ms", "p99_ms", "max_ms", "missed", "failed", "idle_rps", "load_rps", "load_server_cpu_pct",
             "front_cpu_pct", "loadgen_cpu_pct", "service_polls_per_save")
     return runs, {f"longpoll_nginx_{key}": median(r[key] for r in runs) for key in keys}, delays
+
+
+def hosts(cfg, tmp, log):
+    """Two instances on one PostgreSQL database: saves through one, 10/s; subscribers on the other.
+
+    Each instance is gunicorn as production runs it (a worker per core), so
+    the saves reach the other instance's workers only by NOTIFY. SSE with
+    1,000 subscribers, long-poll with 100 (1,000 need more requests/s than
+    this machine serves, as in `propagation`).
+    """
+    runs, delays = [], {}
+    with servers.postgres_db() as url:
+        if url is None:
+            print("  no PostgreSQL server on 127.0.0.1:5432 (CHANGEFEED_BENCH_DATABASE_URL): no run across hosts")
+            return runs, {}, delays
+        env = {"CHANGEFEED_DATABASE_URL": url}
+        with servers.gunicorn("app:create_app()", "", log, env=env) as one, \
+                servers.gunicorn("app:create_app()", "", log, env=env) as other:
+            variants = [("sse", cfg["subscribers"]), ("longpoll", max(cfg["subscribers"] // 10, 1))]
+            for n in range(cfg["runs"]):
+                run = {}
+                for transport, count in variants:
+                    result, run_delays = asyncio.run(_propagate(other, transport, f"hosts-{transport}-{n}", count,
+                                                                cfg, saver=one))
+                    run[transport] = result
+                    delays.setdefault(f"{transport} across hosts, PostgreSQL ({count:,} subscribers)", []).extend(
+                        run_delays)
+                runs.append(run)
+            run_saves = wrk.run(one.url, cfg["wrk_s"], script="save.lua",
+                                env={**os.environ, "SLUGS": "1", "PREFIX": "hosts-saves"})
+            run_polls = wrk.run(one.url + "/changes?slug=hosts-saves-0&since=1000000000", cfg["wrk_s"])
+    summary = {f"hosts_{t}_{key}": median(r[t][key] for r in runs)
+               for t, _ in variants for key in ("p50_ms", "p99_ms", "max_ms", "missed", "failed")}
+    summary["hosts_saves_one_slug_rps"] = run_saves["requests_per_s"]
+    summary["hosts_saves_one_slug_p99_ms"] = run_saves["p99_ms"]
+    summary["hosts_unchanged_rps"] = run_polls["requests_per_s"]
+    return runs, summary, delays
 
 
 async def _measure(service, counter, work):
@@ -411,6 +454,14 @@ def print_table(summary):
              ("", "CPU %: service / nginx / load generator", ("longpoll_nginx_load_server_cpu_pct",
                                                             "longpoll_nginx_front_cpu_pct",
                                                             "longpoll_nginx_loadgen_cpu_pct"))]
+    rows += [("across hosts (PostgreSQL)", "SSE p50 / p99 / max ms", ("hosts_sse_p50_ms", "hosts_sse_p99_ms",
+                                                                     "hosts_sse_max_ms")),
+             ("", "long-poll (100) p50 / p99 / max ms", ("hosts_longpoll_p50_ms", "hosts_longpoll_p99_ms",
+                                                         "hosts_longpoll_max_ms")),
+             ("", "missed / failed subscribers", ("hosts_sse_missed", "hosts_longpoll_missed")),
+             ("", "saves/s, 64 clients, one slug; p99 ms", ("hosts_saves_one_slug_rps",
+                                                           "hosts_saves_one_slug_p99_ms")),
+             ("", "unchanged poll requests/s (one instance)", "hosts_unchanged_rps")]
     rows += [("capacity (SSE)", "streams", "capacity_streams"),
              ("", "one save reaches all: p50 / p99 / max ms",
               ("capacity_p50_ms", "capacity_p99_ms", "capacity_max_ms")),
@@ -430,7 +481,8 @@ def print_table(summary):
         target = ""
         if len(keys) == 1 and keys[0] in TARGETS:
             target = "  ".join(verdict(keys[0], summary[keys[0]]))
-        elif keys[0] in ("sse_p50_ms", "longpoll_p50_ms", "longpoll100_p50_ms", "longpoll_nginx_p50_ms"):
+        elif keys[0] in ("sse_p50_ms", "longpoll_p50_ms", "longpoll100_p50_ms", "longpoll_nginx_p50_ms",
+                         "hosts_sse_p50_ms", "hosts_longpoll_p50_ms"):
             target = "  ".join(verdict(keys[0].replace("p50", "p99"), summary[keys[1]]))
         elif keys[0] == "capacity_p50_ms":
             target = "  ".join(verdict("capacity_p99_ms", summary[keys[1]]))
@@ -474,7 +526,7 @@ def chart(delays, path):
 
 
 SCENARIOS = {"poll": unchanged_poll, "saves": saves, "propagation": propagation,
-             "nginx": propagation_nginx, "capacity": capacity, "many": many_slugs}
+             "nginx": propagation_nginx, "hosts": hosts, "capacity": capacity, "many": many_slugs}
 
 
 def main():

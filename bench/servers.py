@@ -10,6 +10,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
@@ -102,6 +103,35 @@ def gunicorn(app, db_path, log, pythonpath=None, env=None):
     env = {"CHANGEFEED_BIND": "127.0.0.1:{port}", "CHANGEFEED_DB": db_path,
            "CHANGEFEED_MAX_WAITS_PER_CLIENT": "1000000", **(env or {})}
     return Process([*argv, app], "/changes?slug=ready", env=env, log=log)
+
+
+@contextmanager
+def postgres_db():
+    """A fresh PostgreSQL database made by migrate.py, dropped afterwards; its URL. None without a server.
+
+    On the server at CHANGEFEED_BENCH_DATABASE_URL (default: the one on
+    127.0.0.1:5432, as the user running the bench, who may CREATE DATABASE).
+    """
+    import psycopg
+    from psycopg.conninfo import make_conninfo
+
+    admin_url = os.environ.get("CHANGEFEED_BENCH_DATABASE_URL") or "postgresql://127.0.0.1:5432/postgres"
+    name = f"changefeed_bench_{os.getpid()}"
+    try:
+        with psycopg.connect(admin_url, autocommit=True, connect_timeout=3) as admin:
+            admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+            admin.execute(f"CREATE DATABASE {name}")
+    except psycopg.OperationalError:
+        yield None
+        return
+    url = make_conninfo(admin_url, dbname=name)
+    try:
+        subprocess.run([sys.executable, "migrate.py"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL,
+                       env={**os.environ, "CHANGEFEED_DATABASE_URL": url})
+        yield url
+    finally:
+        with psycopg.connect(admin_url, autocommit=True) as admin:
+            admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 def migrated_db(folder):
