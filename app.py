@@ -26,7 +26,7 @@ import settings
 from errors import ApiError, ShuttingDown
 from auth import TokenVerifier
 from feeds import event_stream, long_poll
-from clients import parse_networks
+from clients import is_https, parse_networks
 from limits import Held, QueryCache, WaitGate
 from notify import SQLiteNotifier
 from origins import parse_list, parse_origins, refuse_cross_site_writes
@@ -101,9 +101,10 @@ def create_app(test_config=None):
 
     changes_queries = app.extensions["changefeed.queries"] = QueryCache(
         changes_schema.load, changes_schema.fields, app.config["CHANGEFEED_QUERY_CACHE_BYTES"])
+    proxies = parse_networks(app.config["CHANGEFEED_TRUSTED_PROXIES"])
     waits = app.extensions["changefeed.waits"] = WaitGate(
         app.config["CHANGEFEED_MAX_WAITS_PER_WORKER"], app.config["CHANGEFEED_MAX_WAITS_PER_CLIENT"],
-        parse_networks(app.config["CHANGEFEED_TRUSTED_PROXIES"]), on_refusal=metrics.refused)
+        proxies, on_refusal=metrics.refused)
 
     errors.register(app)
     document = openapi.build(app)
@@ -214,7 +215,7 @@ def create_app(test_config=None):
         rights = verifier.verify_token(token)
         response = Response(status=204)
         response.set_cookie(auth.READ_COOKIE, token, max_age=max(0, int(rights.seconds_left())), path="/",
-                            httponly=True, samesite="Strict", secure=request.is_secure)
+                            httponly=True, samesite="Strict", secure=is_https(request.environ, proxies))
         return response
 
     @app.delete("/session")

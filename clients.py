@@ -54,3 +54,15 @@ def client_address(environ, proxies):
                 break
     environ[CLIENT] = address
     return address
+
+
+def is_https(environ, proxies):
+    """Whether the client reached us over HTTPS: directly, or as a trusted proxy (TLS ended there) says.
+
+    The read cookie is marked Secure by this: behind nginx the service
+    itself only ever sees plain HTTP.
+    """
+    if environ.get("wsgi.url_scheme") == "https":
+        return True
+    return (environ.get("HTTP_X_FORWARDED_PROTO", "").strip().lower() == "https"
+            and _trusted(environ.get("REMOTE_ADDR", ""), proxies))

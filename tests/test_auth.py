@@ -192,6 +192,18 @@ def test_a_token_traded_for_a_cookie_authorises_reads_only(make_client):
     assert_refused(client.post("/session", headers=bearer(token(exp_in=-120))), 401, "invalid_token")
 
 
+@pytest.mark.parametrize("peer, proto, secure", [
+    ("127.0.0.1", None, False),      # plain HTTP, nobody says otherwise
+    ("127.0.0.1", "https", True),    # TLS ended at a trusted proxy (nginx on this host)
+    ("203.0.113.9", "https", False),  # anyone else saying so is not believed
+], ids=["http", "https at a trusted proxy", "https claimed by a stranger"])
+def test_the_read_cookie_is_secure_when_the_client_used_https(make_client, peer, proto, secure):
+    client = make_client(CHANGEFEED_AUTH_READS=1)
+    headers = {**bearer(token()), **({"X-Forwarded-Proto": proto} if proto else {})}
+    cookie = client.post("/session", headers=headers, environ_base={"REMOTE_ADDR": peer}).headers["Set-Cookie"]
+    assert ("; Secure" in cookie) is secure
+
+
 def test_an_expired_cookie_token_is_refused_like_a_header(make_client):
     client = make_client(CHANGEFEED_AUTH_READS=1)
     client.set_cookie("changefeed_read", token(exp_in=-120))
