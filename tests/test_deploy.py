@@ -101,6 +101,11 @@ def test_plain_http_is_sent_to_https(front):
     assert response.status_code == 301 and response.headers["Location"] == "https://127.0.0.1/changes?slug=x"
 
 
+def test_metrics_are_not_served_to_the_internet(front):
+    assert requests.get(f"{front.url}/metrics", verify=front.cert, timeout=10).status_code == 404
+    assert requests.get(f"{front.servers[0].url}/metrics", timeout=10).status_code == 200  # scraped directly
+
+
 def test_events_arrive_through_it_at_once(front, epoch):
     with requests.get(f"{front.url}/events?slug=live", stream=True, verify=front.cert, timeout=30) as stream:
         lines = stream.iter_lines(decode_unicode=True)
