@@ -96,6 +96,7 @@ class PostgresStore(PageStore):
                   " ON CONFLICT (slug) DO NOTHING RETURNING version")
     UPDATE_FROM = ("UPDATE page_versions SET html = %s, data = %s, version = version + 1, updated_at = %s"
                    " WHERE slug = %s AND version = %s RETURNING version")
+    TAKE_TURN = "SELECT 1 FROM storage FOR UPDATE"
     CHANGES = ("SELECT e.value, p.version, p.updated_at,"
                " CASE WHEN p.version > %(since)s OR e.value <> %(epoch)s THEN p.html END,"
                " CASE WHEN p.version > %(since)s OR e.value <> %(epoch)s THEN p.data END"
@@ -191,18 +192,6 @@ class PostgresStore(PageStore):
     def _reason(self, exc):
         return f"the database refused it ({_one_line(exc)})"
 
-    def _apply(self, conn, item, now, epoch):
-        """PageStore's save step, after the saves of one Idempotency-Key took turns.
-
-        Under READ COMMITTED two retries of one key on two processes would
-        both find no key and both save: two versions for one save. SQLite's
-        one writer never lets them overlap; here the second waits for this
-        lock, held until the first's transaction (which records the key) ends.
-        """
-        if item.key is not None:
-            conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (item.key,))
-        return super()._apply(conn, item, now, epoch)
-
     # -- saves ---------------------------------------------------------------------------------
 
     def _choose_writer(self):
@@ -237,6 +226,11 @@ class PostgresStore(PageStore):
             conn.execute("BEGIN")
             # Waiting for another host's row lock counts against the save's deadline, as SQLite's busy timeout.
             conn.execute(f"SET LOCAL lock_timeout = {remaining_ms}")
+            # One save transaction at a time, as on SQLite. Each one updates the storage row
+            # (its trigger) anyway: taken last, after page rows, two transactions deadlock
+            # (503 after a 1 s stall), and a retry of an Idempotency-Key misses the key
+            # committed meanwhile (READ COMMITTED) and saves a second version.
+            conn.execute(self.TAKE_TURN)
             outcomes = self._apply_all(conn, items)
             saved = [outcome for outcome in outcomes if isinstance(outcome, Saved) and not outcome.replayed]
             if saved:
