@@ -3,13 +3,15 @@
 A test module marked `pytestmark = pytest.mark.engines` runs each of its
 tests on both stores: a SQLite file, and a PostgreSQL database of the
 test's own on the server at CHANGEFEED_TEST_DATABASE_URL. A test there that
-reads the SQLite file itself is marked `sqlite_only`.
+reads the SQLite file itself is marked `sqlite_only`, and so may one
+parameter of a test: `pytest.param(..., marks=pytest.mark.sqlite_only)`.
 """
 
 import http.client
 import itertools
 import json
 import os
+import pwd
 import queue
 import shutil
 import signal
@@ -19,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -27,6 +30,7 @@ import requests
 
 from app import create_app
 from migrate import migrate, migrate_postgres
+from store import SQLiteStore
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -41,6 +45,21 @@ def pytest_generate_tests(metafunc):
     if ("engine" in metafunc.fixturenames and node.get_closest_marker("engines")
             and not node.get_closest_marker("sqlite_only")):
         metafunc.parametrize("engine", ENGINES)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Drop the PostgreSQL runs of parameters marked `sqlite_only` (the test's own mark is seen above)."""
+    dropped = [item for item in items if item.get_closest_marker("sqlite_only")
+               and getattr(item, "callspec", None) and item.callspec.params.get("engine") == "postgres"]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = [item for item in items if item not in dropped]
+
+
+def pytest_runtest_setup(item):
+    """Check the PostgreSQL server here, not in a fixture: a missing one is then one line of the summary."""
+    if getattr(item, "callspec", None) and item.callspec.params.get("engine") == "postgres":
+        require_postgres()
 
 
 @pytest.fixture
@@ -106,6 +125,32 @@ class Database:
     def epoch(self):
         return self.query("SELECT value FROM epoch")[0][0]
 
+    def hold_writes(self):
+        """Hold every save back, as another writer's long transaction would (reads go on); return its release."""
+        if self.engine == "sqlite":
+            conn = sqlite3.connect(self.path, isolation_level=None)
+            conn.execute("BEGIN IMMEDIATE")
+        else:
+            import psycopg
+
+            conn = psycopg.connect(self.url, autocommit=True)
+            conn.execute("BEGIN")
+            conn.execute("LOCK TABLE page_versions IN EXCLUSIVE MODE")  # SELECT still reads it
+
+        def release():
+            conn.execute("ROLLBACK")
+            conn.close()
+
+        return release
+
+    def open_store(self, **options):
+        """A store of this database, opened as another process of the service would (the caller closes it)."""
+        if self.engine == "sqlite":
+            return SQLiteStore(self.path, **options)
+        from pgstore import PostgresStore
+
+        return PostgresStore(self.url, **options)
+
 
 _database_numbers = itertools.count()
 
@@ -131,6 +176,20 @@ def database(engine, tmp_path):
     yield Database("postgres", url=url)
     with psycopg.connect(TEST_DATABASE_URL, autocommit=True) as admin:
         admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture
+def make_store(database):
+    """Open stores of the test's database, beside any server's; closed after the test."""
+    stores = []
+
+    def make_store(**options):
+        stores.append(database.open_store(**options))
+        return stores[-1]
+
+    yield make_store
+    for store in stores:
+        store.close()
 
 
 @pytest.fixture
@@ -371,3 +430,56 @@ def context(browser):
     context = browser.new_context(viewport={"width": 760, "height": 900})
     yield context
     context.close()
+
+
+def find_nginx():
+    """Return the path of nginx; skip the caller (or fail, with CHANGEFEED_REQUIRE_NGINX=1) when there is none."""
+    path = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if os.path.exists(p)), None)
+    if path is None:
+        reason = "the nginx tests need nginx: apt-get install nginx"
+        if os.environ.get("CHANGEFEED_REQUIRE_NGINX") == "1":
+            pytest.fail(f"{reason}; CHANGEFEED_REQUIRE_NGINX=1 makes this a failure", pytrace=False)
+        pytest.skip(reason, allow_module_level=True)
+    return path
+
+
+@contextmanager
+def running_nginx(http_block, folder, ports):
+    """Run nginx with `http_block` as its http {} content, its files in `folder`, until the block ends.
+
+    Ready once each of `ports` accepts connections. Its workers run as this
+    user (as root: root), so they can write the test's folders (a cache).
+    """
+    temp = Path(folder) / "nginx-temp"
+    temp.mkdir()
+    conf = Path(folder) / "nginx.conf"
+    conf.write_text(f"""
+daemon off;
+worker_processes 1;
+user {pwd.getpwuid(os.geteuid()).pw_name};
+pid {folder}/nginx.pid;
+error_log {folder}/nginx-error.log;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {temp}/body; proxy_temp_path {temp}/proxy;
+    fastcgi_temp_path {temp}/fastcgi; uwsgi_temp_path {temp}/uwsgi; scgi_temp_path {temp}/scgi;
+{http_block}
+}}
+""")
+    process = subprocess.Popen([find_nginx(), "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 10
+        for port in ports:
+            while True:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                    break
+                except OSError:
+                    log = Path(folder) / "nginx-error.log"
+                    assert process.poll() is None and time.monotonic() < deadline, log.exists() and log.read_text()
+                    time.sleep(0.05)
+        yield process
+    finally:
+        process.terminate()
+        process.wait(timeout=10)

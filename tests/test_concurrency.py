@@ -1,11 +1,13 @@
 """Concurrent saves from separate processes never lose or duplicate a version."""
 
 import multiprocessing
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
 
-from store import SQLiteStore
+pytestmark = pytest.mark.engines
 
 PROCESSES, SAVES = 8, 25
 
@@ -20,9 +22,24 @@ def save_over_http(url, worker, saves):
     return versions
 
 
-def save_in_store(db_path, worker, saves):
-    store = SQLiteStore(db_path)
-    return [store.save("race", f"{worker}:{n}", "null").version for n in range(saves)]
+def save_pages_over_http(url, worker, saves):
+    """Save three pages in turn, so that saves of several pages share transactions; return [(slug, version)]."""
+    session = requests.Session()
+    versions = []
+    for n in range(saves):
+        slug = f"race-{(worker + n) % 3}"
+        response = session.post(f"{url}/save", json={"slug": slug, "html": f"{worker}:{n}"}, timeout=30)
+        assert response.status_code == 200, response.text
+        versions.append((slug, response.json()["version"]))
+    return versions
+
+
+def save_in_store(database, worker, saves):
+    store = database.open_store()
+    try:
+        return [store.save("race", f"{worker}:{n}", "null").version for n in range(saves)]
+    finally:
+        store.close()
 
 
 def run_in_processes(target, first_arg):
@@ -35,16 +52,17 @@ def run_in_processes(target, first_arg):
 @pytest.mark.parametrize("args", [[], ["--preload"]], ids=["", "preload"])
 def test_concurrent_saves_through_gunicorn_never_lose_or_duplicate_a_version(make_server, args):
     server = make_server(workers=4, args=args)
-    versions = run_in_processes(save_over_http, server.url)
-    assert sorted(versions) == list(range(1, PROCESSES * SAVES + 1))
-    final = requests.get(f"{server.url}/changes?slug=race", timeout=10).json()
-    assert final["version"] == PROCESSES * SAVES
+    saved = run_in_processes(save_pages_over_http, server.url)
+    for slug in ("race-0", "race-1", "race-2"):
+        versions = sorted(version for saved_slug, version in saved if saved_slug == slug)
+        assert versions == list(range(1, len(versions) + 1)), slug
+        assert requests.get(f"{server.url}/changes?slug={slug}", timeout=10).json()["version"] == len(versions)
 
 
-def test_concurrent_saves_from_processes_sharing_the_file_are_serialized(db_path):
-    versions = run_in_processes(save_in_store, db_path)
+def test_concurrent_saves_from_processes_sharing_the_database_are_serialized(database, make_store):
+    versions = run_in_processes(save_in_store, database)
     assert sorted(versions) == list(range(1, PROCESSES * SAVES + 1))
-    assert SQLiteStore(db_path).changes("race", 0).version == PROCESSES * SAVES
+    assert make_store().changes("race", 0).version == PROCESSES * SAVES
 
 
 def claim(url, worker):
@@ -87,3 +105,17 @@ def test_retries_of_one_idempotency_key_across_workers_create_exactly_one_versio
     assert {(body["version"], body["updated_at"]) for _, body, _ in answers} == {(1, answers[0][1]["updated_at"])}
     assert sorted(replayed or "" for _, _, replayed in answers) == [""] + ["true"] * (len(answers) - 1)
     assert requests.get(f"{server.url}/changes?slug=once", timeout=10).json()["version"] == 1
+
+
+def test_retries_of_one_idempotency_key_let_go_together_create_exactly_one_version(database, make_store):
+    """Two retries, each from a store of its own, wait behind another writer and then go at once."""
+    release = database.hold_writes()
+    with ThreadPoolExecutor(2) as pool:
+        retries = [pool.submit(lambda: make_store().save("once", "<p>the one save</p>", "null", key="the-one-save"))
+                   for _ in range(2)]
+        time.sleep(0.3)  # both are waiting now
+        release()
+        answers = [retry.result(timeout=10) for retry in retries]
+    assert sorted(answer.replayed for answer in answers) == [False, True]
+    assert {(answer.version, answer.updated_at) for answer in answers} == {(1, answers[0].updated_at)}
+    assert database.query("SELECT version FROM page_versions") == [(1,)]

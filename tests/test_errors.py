@@ -1,9 +1,12 @@
 """Every bad input gets one JSON error shape naming the field and the reason; nothing is written."""
 
-import sqlite3
-
 import pytest
 import requests
+
+from app import create_app
+from conftest import close_app
+
+pytestmark = pytest.mark.engines
 
 MiB = 1024 * 1024
 JSON = "application/json"
@@ -106,17 +109,17 @@ def assert_error_shape(status, headers, payload, expected_status, error, field):
         assert all(isinstance(m, str) and m for m in payload["fields"][field])
 
 
-def page_count(db_path):
-    return sqlite3.connect(db_path).execute("SELECT count(*) FROM page_versions").fetchone()[0]
+def page_count(database):
+    return database.query("SELECT count(*) FROM page_versions")[0][0]
 
 
 @pytest.mark.parametrize("name, method, path, kwargs, status, error, field", BAD_REQUESTS,
                          ids=[case[0] for case in BAD_REQUESTS])
-def test_bad_request_gets_json_error_and_writes_nothing(client, db_path, name, method, path, kwargs,
+def test_bad_request_gets_json_error_and_writes_nothing(client, database, name, method, path, kwargs,
                                                         status, error, field):
     response = client.open(path, method=method, **kwargs)
     assert_error_shape(response.status_code, response.headers, response.get_json(), status, error, field)
-    assert page_count(db_path) == 0
+    assert page_count(database) == 0
 
 
 def test_over_size_error_says_the_limit(client):
@@ -129,18 +132,17 @@ def test_wrong_method_lists_the_allowed_ones(client):
     assert response.headers["Allow"] and "POST" in response.get_json()["message"]
 
 
-def test_limits_are_configurable(db_path):
-    from app import create_app
-
-    client = create_app({"CHANGEFEED_DB": db_path, "CHANGEFEED_MAX_HTML_BYTES": 10,
-                         "CHANGEFEED_MAX_DATA_BYTES": 10}).test_client()
+def test_limits_are_configurable(database):
+    app = create_app({**database.config, "CHANGEFEED_MAX_HTML_BYTES": 10, "CHANGEFEED_MAX_DATA_BYTES": 10})
+    client = app.test_client()
     assert client.post("/save", json={"slug": "a", "html": "x" * 10, "data": [1]}).status_code == 200
     for field, value in [("html", "x" * 11), ("data", "x" * 9)]:
         response = client.post("/save", json={"slug": "a", "html": "x", field: value})
         assert response.status_code == 422 and field in response.get_json()["fields"]
+    close_app(app)
 
 
-def test_real_server_answers_every_bad_request_and_keeps_serving(server, db_path):
+def test_real_server_answers_every_bad_request_and_keeps_serving(server, database):
     """The same bad requests against gunicorn: JSON errors, nothing written, still answering."""
     session = requests.Session()
     for name, method, path, kwargs, status, error, field in BAD_REQUESTS:
@@ -149,6 +151,6 @@ def test_real_server_answers_every_bad_request_and_keeps_serving(server, db_path
             kwargs["headers"] = {"Content-Type": kwargs.pop("content_type")}
         response = session.request(method, server.url + path, timeout=10, **kwargs)
         assert_error_shape(response.status_code, response.headers, response.json(), status, error, field)
-    assert page_count(db_path) == 0
+    assert page_count(database) == 0
     saved = session.post(server.url + "/save", json={"slug": "still-up", "html": "ok"}, timeout=10)
     assert saved.status_code == 200 and saved.json()["version"] == 1

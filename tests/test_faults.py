@@ -3,14 +3,14 @@
 Faults are injected through small seams, never by editing the code: the
 commit function handed to GroupCommit, a store whose watch cursors fail, a
 lock held by the test itself, a signal, a row changed behind the watcher's
-back. Everything else is real: SQLite files, gevent, gunicorn.
+back. Everything else is real: SQLite files or PostgreSQL, gevent, gunicorn.
+Tests of SQLite's own machinery (its watcher, its write turn) run on SQLite only.
 """
 
 import fcntl
 import http.client
 import os
 import signal
-import sqlite3
 import threading
 import time
 
@@ -23,12 +23,14 @@ from notify import SQLiteNotifier
 from store import Busy, NotStored, OutcomeUnknown, Saved, SaveRequest, SQLiteStore, Unavailable
 from writers import GroupCommit
 
+pytestmark = pytest.mark.engines
+
 GENEROUS_S = 3.0  # a broken mechanism misses this by far (or hangs); the targets are the bench's job
 
 
-def stored_version(db_path, slug):
-    row = sqlite3.connect(db_path).execute("SELECT version FROM page_versions WHERE slug = ?", (slug,)).fetchone()
-    return row[0] if row else 0
+def stored_version(database, slug):
+    rows = database.query("SELECT version FROM page_versions WHERE slug = ?", (slug,))
+    return rows[0][0] if rows else 0
 
 
 def slowed(save_batch, seconds):
@@ -46,14 +48,14 @@ def request(slug, html="<p>x</p>"):
 
 
 @pytest.fixture
-def store(db_path):
-    return SQLiteStore(db_path)
+def store(make_store):
+    return make_store()
 
 
 # --- group commit: a caller hears what became of its own save -------------------------------------
 
 
-def test_a_killed_committer_still_tells_each_caller_that_its_save_landed(store, db_path):
+def test_a_killed_committer_still_tells_each_caller_that_its_save_landed(store, database):
     group = GroupCommit(slowed(store.save_batch, 0.3))
     deadline = time.monotonic() + 10
     callers = [gevent.spawn(group.save, request(f"page-{n}"), deadline) for n in range(3)]
@@ -61,10 +63,11 @@ def test_a_killed_committer_still_tells_each_caller_that_its_save_landed(store, 
     group._committer.kill()  # as gevent does to a greenlet on a worker's exit or a timeout
     gevent.joinall(callers, timeout=5)
     assert [type(caller.value) for caller in callers] == [Saved] * 3, [c.exception for c in callers]
-    assert [stored_version(db_path, f"page-{n}") for n in range(3)] == [1, 1, 1]
+    assert [stored_version(database, f"page-{n}") for n in range(3)] == [1, 1, 1]
 
 
-def test_a_caller_cut_off_while_queued_is_withdrawn_and_its_save_never_written(store, db_path):
+@pytest.mark.sqlite_only  # GroupCommit's own bookkeeping, whichever store commits: one engine is enough
+def test_a_caller_cut_off_while_queued_is_withdrawn_and_its_save_never_written(store, database):
     group = GroupCommit(slowed(store.save_batch, 0.5))
     deadline = time.monotonic() + 10
     first = gevent.spawn(group.save, request("first"), deadline)
@@ -79,10 +82,11 @@ def test_a_caller_cut_off_while_queued_is_withdrawn_and_its_save_never_written(s
     assert isinstance(second.exception, gevent.Timeout)
     assert first.value.version == 1
     gevent.sleep(1)  # any commit that took it would have ended by now
-    assert stored_version(db_path, "second") == 0
+    assert stored_version(database, "second") == 0
 
 
-def test_a_caller_cut_off_while_its_commit_runs_is_told_the_outcome_is_unknown(store, db_path):
+@pytest.mark.sqlite_only  # GroupCommit's own bookkeeping, whichever store commits: one engine is enough
+def test_a_caller_cut_off_while_its_commit_runs_is_told_the_outcome_is_unknown(store, database):
     group = GroupCommit(slowed(store.save_batch, 0.5))
 
     def cut_off():
@@ -93,27 +97,28 @@ def test_a_caller_cut_off_while_its_commit_runs_is_told_the_outcome_is_unknown(s
     caller.join(timeout=5)
     assert isinstance(caller.exception, OutcomeUnknown), caller.exception
     gevent.sleep(1)
-    assert stored_version(db_path, "page") == 1  # it did land: "failed" would have been a lie
+    assert stored_version(database, "page") == 1  # it did land: "failed" would have been a lie
 
 
-def test_one_failing_save_in_a_group_fails_alone_with_its_own_error(store, db_path):
+def test_one_failing_save_in_a_group_fails_alone_with_its_own_error(store, database):
     group = GroupCommit(slowed(store.save_batch, 0.2))
     deadline = time.monotonic() + 10
     blocker = gevent.spawn(group.save, request("blocker"), deadline)
     gevent.sleep(0.05)  # the next three wait together and are committed in one transaction
-    # html NULL breaks a NOT NULL constraint in SQLite itself: the schema would refuse it earlier.
+    # html NULL breaks a NOT NULL constraint in the database itself: the schema would refuse it earlier.
     items = [request("good-1"), SaveRequest("bad", None, "null"), request("good-2"),
              SaveRequest("bad-too", None, "null")]
     callers = [gevent.spawn(group.save, item, deadline) for item in items]
     gevent.joinall([blocker, *callers], timeout=5)
     good_1, bad, good_2, bad_too = callers
     assert (good_1.value.version, good_2.value.version) == (1, 1)
-    assert isinstance(bad.exception, NotStored) and "NOT NULL" in str(bad.exception)
+    assert isinstance(bad.exception, NotStored) and "not null" in str(bad.exception).lower().replace("-", " ")
     assert isinstance(bad_too.exception, NotStored) and bad_too.exception is not bad.exception
-    assert [stored_version(db_path, slug) for slug in ("good-1", "bad", "good-2")] == [1, 0, 1]
+    assert [stored_version(database, slug) for slug in ("good-1", "bad", "good-2")] == [1, 0, 1]
 
 
-def test_the_queue_of_waiting_saves_is_bounded(store, db_path):
+@pytest.mark.sqlite_only  # GroupCommit's own bookkeeping, whichever store commits: one engine is enough
+def test_the_queue_of_waiting_saves_is_bounded(store, database):
     group = GroupCommit(slowed(store.save_batch, 0.3))
     group.MAX_WAITING = 5
     deadline = time.monotonic() + 10
@@ -123,30 +128,29 @@ def test_the_queue_of_waiting_saves_is_bounded(store, db_path):
     refused = [c.exception for c in callers if isinstance(c.exception, Busy)]
     assert len(saved) + len(refused) == 12 and refused, [c.exception for c in callers]
     assert len(saved) <= 5 + 1  # at most what waited, plus one taken by a commit meanwhile
-    assert sum(stored_version(db_path, f"page-{n}") for n in range(12)) == len(saved)
+    assert sum(stored_version(database, f"page-{n}") for n in range(12)) == len(saved)
 
 
 # --- a save never waits past its busy timeout --------------------------------------------------------
 
 
-def hold_write_turn(db_path):
-    """Take the flock the server's processes take turns with; return a function that lets it go."""
-    fd = os.open(f"{db_path}.write-turn", os.O_RDWR | os.O_CREAT, 0o600)
+def hold_write_turn(database):
+    """Take the flock the server's processes take turns with (SQLite); return a function that lets it go."""
+    fd = os.open(f"{database.path}.write-turn", os.O_RDWR | os.O_CREAT, 0o600)
     fcntl.flock(fd, fcntl.LOCK_EX)
     return lambda: os.close(fd)
 
 
-def hold_sqlite_write_lock(db_path):
-    """Hold SQLite's write lock in a transaction of our own; return a function that ends it."""
-    conn = sqlite3.connect(db_path, isolation_level=None)
-    conn.execute("BEGIN IMMEDIATE")
-    return lambda: (conn.execute("ROLLBACK"), conn.close())
+def hold_write_lock(database):
+    """Hold the database's write lock in a transaction of our own; return a function that ends it."""
+    return database.hold_writes()
 
 
-@pytest.mark.parametrize("hold", [hold_write_turn, hold_sqlite_write_lock], ids=["write turn", "sqlite lock"])
-def test_a_save_behind_a_held_lock_answers_503_busy_within_the_busy_timeout(make_server, db_path, hold):
+@pytest.mark.parametrize("hold", [pytest.param(hold_write_turn, marks=pytest.mark.sqlite_only), hold_write_lock],
+                         ids=["write turn", "write lock"])
+def test_a_save_behind_a_held_lock_answers_503_busy_within_the_busy_timeout(make_server, database, hold):
     server = make_server(workers=1, env={"CHANGEFEED_BUSY_TIMEOUT_MS": "500"})
-    release = hold(db_path)
+    release = hold(database)
     try:
         started = time.monotonic()
         response = requests.post(f"{server.url}/save", json={"slug": "page", "html": "x"}, timeout=15)
@@ -210,6 +214,7 @@ def start_long_poll(store, notifier, slug, wait_s):
     return lambda: (thread.join(wait_s + 5), result)[1]
 
 
+@pytest.mark.sqlite_only  # SQLite's watcher; PostgreSQL's listener is test_postgres.py's
 def test_the_watcher_survives_failures_says_so_and_still_delivers_every_save(db_path, store):
     flaky = FlakyStore(store)
     notifier = SQLiteNotifier(flaky, interval_s=0.01, heartbeat_s=60)  # no heartbeat re-read to help
@@ -234,6 +239,7 @@ def test_the_watcher_survives_failures_says_so_and_still_delivers_every_save(db_
     notifier.close()
 
 
+@pytest.mark.sqlite_only  # SQLite's watcher; PostgreSQL's listener is test_postgres.py's
 def test_a_save_while_the_watcher_starts_reaches_the_first_subscriber(db_path, store):
     slow = FlakyStore(store)
     slow.slow_open_s = 0.5  # the starting point is taken, then opening takes a while
@@ -252,7 +258,7 @@ def test_a_save_while_the_watcher_starts_reaches_the_first_subscriber(db_path, s
 
 
 def test_a_stream_and_a_long_poll_that_missed_a_wake_up_catch_up_on_the_heartbeat(make_server, open_stream,
-                                                                                  db_path):
+                                                                                  database):
     server = make_server(workers=1, env={"CHANGEFEED_SSE_HEARTBEAT_MS": "300"})
     requests.post(f"{server.url}/save", json={"slug": "page", "html": "v1"}, timeout=5)
     stream = open_stream(f"{server.url}/events?slug=page")
@@ -263,10 +269,8 @@ def test_a_stream_and_a_long_poll_that_missed_a_wake_up_catch_up_on_the_heartbea
         f"{server.url}/changes?slug=page&since=1&wait=30", timeout=40).json()))
     poller.start()
     time.sleep(0.3)
-    # A new version the watcher cannot see (the save order, seq, does not move): a lost wake-up.
-    conn = sqlite3.connect(db_path)
-    conn.execute("UPDATE page_versions SET version = 2, html = 'v2' WHERE slug = 'page'")
-    conn.commit()
+    # A new version nothing announces (no seq moves, no NOTIFY is sent): a lost wake-up.
+    database.query("UPDATE page_versions SET version = 2, html = 'v2' WHERE slug = 'page'")
     event = stream.next(timeout=GENEROUS_S)
     assert (event["data"]["version"], event["data"]["html"]) == (2, "v2")
     poller.join(GENEROUS_S)
@@ -307,9 +311,9 @@ def test_a_worker_shutting_down_answers_503_and_closes_kept_alive_connections(ma
 # --- gunicorn --preload: per-process resources are opened after fork --------------------------------
 
 
-def test_with_preload_a_save_waiting_for_the_lock_does_not_block_reads(make_server, db_path):
+def test_with_preload_a_save_waiting_for_the_lock_does_not_block_reads(make_server, database):
     server = make_server(workers=1, args=["--preload"], env={"CHANGEFEED_BUSY_TIMEOUT_MS": "8000"})
-    release = hold_sqlite_write_lock(db_path)
+    release = hold_write_lock(database)
     saved = {}
     saver = threading.Thread(target=lambda: saved.update(requests.post(
         f"{server.url}/save", json={"slug": "page", "html": "x"}, timeout=20).json()))
@@ -325,7 +329,8 @@ def test_with_preload_a_save_waiting_for_the_lock_does_not_block_reads(make_serv
     assert saved.get("version") == 1
 
 
-def test_a_stream_ends_cleanly_when_the_database_cannot_be_read(db_path, store):
+@pytest.mark.sqlite_only  # the store is a fake that fails every read: one engine is enough
+def test_a_stream_ends_cleanly_when_the_database_cannot_be_read(store):
     class Unreadable(FlakyStore):
         def changes(self, slug, since, epoch=None):
             raise Unavailable("unable to open database file")

@@ -10,7 +10,6 @@ import json
 import os
 import resource
 import socket
-import sqlite3
 import time
 
 import psutil
@@ -18,6 +17,12 @@ import pytest
 import requests
 
 from app import create_app
+from conftest import close_app
+
+pytestmark = pytest.mark.engines
+
+# Limits of sockets and of gunicorn's workers, the same whatever the store: one run, on SQLite.
+socket_only = pytest.mark.sqlite_only
 
 TIMEOUTS = {"CHANGEFEED_HEADER_TIMEOUT_S": "1", "CHANGEFEED_BODY_TIMEOUT_S": "1",
             "CHANGEFEED_KEEPALIVE_S": "1", "CHANGEFEED_SEND_TIMEOUT_S": "1"}
@@ -83,11 +88,12 @@ def assert_answers_normally(server):
     assert requests.get(f"{server.url}/changes?slug=after", timeout=10).json()["version"] >= 1
 
 
-def stored_version(db_path, slug):
-    row = sqlite3.connect(db_path).execute("SELECT version FROM page_versions WHERE slug = ?", (slug,)).fetchone()
-    return row[0] if row else 0
+def stored_version(database, slug):
+    rows = database.query("SELECT version FROM page_versions WHERE slug = ?", (slug,))
+    return rows[0][0] if rows else 0
 
 
+@socket_only
 def test_headers_trickled_a_byte_at_a_time_get_408_and_the_connection_ends(make_server):
     server = make_server(env=TIMEOUTS)
     sock = connect(server)
@@ -108,6 +114,7 @@ def test_headers_trickled_a_byte_at_a_time_get_408_and_the_connection_ends(make_
     assert_answers_normally(server)
 
 
+@socket_only
 def test_a_connection_that_sends_nothing_is_closed_after_the_header_timeout(make_server):
     server = make_server(env=TIMEOUTS)
     sock = connect(server)
@@ -117,6 +124,7 @@ def test_a_connection_that_sends_nothing_is_closed_after_the_header_timeout(make
     assert_answers_normally(server)
 
 
+@socket_only
 def test_an_idle_kept_alive_connection_is_closed_after_the_keepalive_timeout(make_server):
     server = make_server(env=TIMEOUTS)
     sock = connect(server)
@@ -129,7 +137,8 @@ def test_an_idle_kept_alive_connection_is_closed_after_the_keepalive_timeout(mak
     assert 0.8 < time.monotonic() - started < GENEROUS_S
 
 
-def test_a_trickled_body_gets_408_and_nothing_is_written(make_server, db_path):
+@socket_only
+def test_a_trickled_body_gets_408_and_nothing_is_written(make_server, database):
     server = make_server(env=TIMEOUTS)
     body = json.dumps({"slug": "slow", "html": "x" * 200}).encode()
     sock = connect(server)
@@ -147,10 +156,11 @@ def test_a_trickled_body_gets_408_and_nothing_is_written(make_server, db_path):
     assert b"connection: close" in answer.lower()
     assert body_of(answer)["error"] == "request timeout"
     assert time.monotonic() - started < GENEROUS_S
-    assert stored_version(db_path, "slow") == 0
+    assert stored_version(database, "slow") == 0
     assert_answers_normally(server)
 
 
+@socket_only
 def test_ten_times_the_per_client_cap_of_streams_gets_429_past_the_cap(make_server):
     cap = 3
     server = make_server(workers=1, env={"CHANGEFEED_MAX_WAITS_PER_CLIENT": str(cap)})
@@ -179,6 +189,7 @@ def test_ten_times_the_per_client_cap_of_streams_gets_429_past_the_cap(make_serv
     assert_answers_normally(server)
 
 
+@socket_only
 def test_a_long_poll_whose_client_left_gives_its_place_back_at_once(make_server):
     server = make_server(workers=1, env={"CHANGEFEED_MAX_WAITS_PER_CLIENT": "1"})
     sock = connect(server)
@@ -194,6 +205,7 @@ def test_a_long_poll_whose_client_left_gives_its_place_back_at_once(make_server)
     assert status == 200
 
 
+@socket_only
 def test_clients_behind_a_trusted_proxy_are_counted_by_their_forwarded_address(make_server):
     server = make_server(workers=1, env={"CHANGEFEED_MAX_WAITS_PER_CLIENT": "1"})
     first, status_a, _ = open_stream(server, forwarded_for="203.0.113.1")
@@ -204,6 +216,7 @@ def test_clients_behind_a_trusted_proxy_are_counted_by_their_forwarded_address(m
         sock.close()
 
 
+@socket_only
 def test_a_forwarded_address_from_an_untrusted_peer_is_ignored(make_server):
     server = make_server(workers=1, env={"CHANGEFEED_MAX_WAITS_PER_CLIENT": "1", "CHANGEFEED_TRUSTED_PROXIES": "none"})
     first, status_a, _ = open_stream(server, forwarded_for="203.0.113.1")
@@ -212,6 +225,7 @@ def test_a_forwarded_address_from_an_untrusted_peer_is_ignored(make_server):
     first.close(), second.close()
 
 
+@socket_only
 def test_past_the_per_worker_cap_streams_get_503_with_retry_after(make_server):
     server = make_server(workers=1, env={"CHANGEFEED_MAX_WAITS_PER_WORKER": "4"})
     results = [open_stream(server, forwarded_for=f"203.0.113.{i}") for i in range(1, 9)]
@@ -248,7 +262,7 @@ def test_a_stream_whose_client_stops_reading_is_dropped_and_gives_its_place_back
     sock.close()
 
 
-def test_past_the_page_cap_a_new_slug_gets_507_and_existing_pages_can_still_be_saved(make_server, db_path):
+def test_past_the_page_cap_a_new_slug_gets_507_and_existing_pages_can_still_be_saved(make_server, database):
     server = make_server(env={"CHANGEFEED_MAX_PAGES": "3"})
     for slug in ("p1", "p2", "p3"):
         assert requests.post(f"{server.url}/save", json={"slug": slug, "html": "x"}, timeout=10).status_code == 200
@@ -257,13 +271,12 @@ def test_past_the_page_cap_a_new_slug_gets_507_and_existing_pages_can_still_be_s
     assert refused.json()["error"] == "storage full" and refused.json()["limit"] == "pages"
     assert "CHANGEFEED_MAX_PAGES" in refused.json()["fields"]["slug"][0]
     assert requests.post(f"{server.url}/save", json={"slug": "p2", "html": "longer"}, timeout=10).status_code == 200
-    conn = sqlite3.connect(db_path)
-    assert conn.execute("SELECT count(*) FROM page_versions").fetchone()[0] == 3
-    assert conn.execute("SELECT pages FROM storage").fetchone()[0] == 3
-    assert stored_version(db_path, "p4") == 0 and stored_version(db_path, "p2") == 2
+    assert database.query("SELECT count(*) FROM page_versions") == [(3,)]
+    assert database.query("SELECT pages FROM storage") == [(3,)]
+    assert stored_version(database, "p4") == 0 and stored_version(database, "p2") == 2
 
 
-def test_past_the_byte_cap_a_page_cannot_grow_but_can_be_saved_at_its_size(make_server, db_path):
+def test_past_the_byte_cap_a_page_cannot_grow_but_can_be_saved_at_its_size(make_server, database):
     server = make_server(env={"CHANGEFEED_MAX_STORED_BYTES": "1000"})
     url = f"{server.url}/save"
     assert requests.post(url, json={"slug": "big", "html": "x" * 900}, timeout=10).status_code == 200
@@ -274,10 +287,10 @@ def test_past_the_byte_cap_a_page_cannot_grow_but_can_be_saved_at_its_size(make_
     assert requests.post(url, json={"slug": "big", "html": "z" * 900}, timeout=10).status_code == 200
     assert requests.post(url, json={"slug": "big", "html": "z" * 10}, timeout=10).status_code == 200
     assert requests.post(url, json={"slug": "new", "html": "small"}, timeout=10).status_code == 200
-    conn = sqlite3.connect(db_path)
-    stored = conn.execute("SELECT sum(length(CAST(html AS BLOB)) + length(CAST(data AS BLOB))) FROM page_versions")
-    assert conn.execute("SELECT bytes FROM storage").fetchone()[0] == stored.fetchone()[0]
-    assert stored_version(db_path, "big") == 3
+    stored = sum(len(html.encode()) + len(data.encode())
+                 for html, data in database.query("SELECT html, data FROM page_versions"))
+    assert database.query("SELECT bytes FROM storage") == [(stored,)]
+    assert stored_version(database, "big") == 3
 
 
 def worker_pids(server):
@@ -304,18 +317,19 @@ def test_a_worker_out_of_file_descriptors_stays_up_and_recovers(make_server):
     assert worker_pids(server) == [pid]
 
 
-def test_junk_parameters_do_not_multiply_the_cached_queries(db_path):
-    app = create_app({"CHANGEFEED_DB": db_path, "TESTING": True})
+def test_junk_parameters_do_not_multiply_the_cached_queries(database):
+    app = create_app({**database.config, "TESTING": True})
     client = app.test_client()
     cache = app.extensions["changefeed.queries"]
     for n in range(500):
         assert client.get(f"/changes?slug=a&junk={n}").status_code == 200
         assert client.get(f"/changes?slug=a&slug=b{n}").status_code == 200
     assert len(cache._entries) == 1
+    close_app(app)
 
 
-def test_the_query_cache_stays_within_its_byte_budget(db_path):
-    app = create_app({"CHANGEFEED_DB": db_path, "TESTING": True, "CHANGEFEED_QUERY_CACHE_BYTES": 50_000})
+def test_the_query_cache_stays_within_its_byte_budget(database):
+    app = create_app({**database.config, "TESTING": True, "CHANGEFEED_QUERY_CACHE_BYTES": 50_000})
     client = app.test_client()
     cache = app.extensions["changefeed.queries"]
     for n in range(2_000):
@@ -323,6 +337,7 @@ def test_the_query_cache_stays_within_its_byte_budget(db_path):
     assert 0 < cache.size <= 50_000
     assert len(cache._entries) < 2_000
     assert client.get("/changes?slug=page-1999-" + "x" * 100).status_code == 200  # still answers from the newest
+    close_app(app)
 
 
 def test_waits_that_come_and_go_leave_no_memory_behind(make_server):

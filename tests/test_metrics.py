@@ -19,7 +19,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import metrics
 from app import create_app
+from conftest import close_app
 from store import Busy, NotStored, OutcomeUnknown, StorageFull
+
+pytestmark = pytest.mark.engines
 
 SECRET = "metrics-secret-" + "0123456789abcdef" * 4
 
@@ -273,8 +276,9 @@ def assert_error(response, status, error):
     assert body["error"] == error and body["message"]
 
 
-def test_with_access_control_metrics_need_a_token_with_the_metrics_right(db_path):
-    client = create_app({"CHANGEFEED_DB": db_path, "CHANGEFEED_JWT_SECRET": SECRET}).test_client()
+def test_with_access_control_metrics_need_a_token_with_the_metrics_right(database):
+    app = create_app({**database.config, "CHANGEFEED_JWT_SECRET": SECRET})
+    client = app.test_client()
     assert_error(client.get("/metrics"), 401, "invalid token")
     assert_error(client.get("/metrics", headers={"Authorization": "Bearer not.a.jwt"}), 401, "invalid token")
     for rights in ({"read": ["*"], "write": ["*"]}, {"metrics": "true"}, {"metrics": 1}):
@@ -284,23 +288,26 @@ def test_with_access_control_metrics_need_a_token_with_the_metrics_right(db_path
     response = client.get("/metrics", headers={"Authorization": f"Bearer {token(metrics=True)}"})
     assert response.status_code == 200 and response.mimetype == "text/plain"
     assert ("changefeed_saves_total", (("outcome", "ok"),)) in parse(response.get_data(as_text=True))
+    close_app(app)
 
 
-def test_flask_token_create_with_metrics_mints_a_token_that_may_scrape(db_path):
-    app = create_app({"CHANGEFEED_DB": db_path, "CHANGEFEED_JWT_SECRET": SECRET})
+def test_flask_token_create_with_metrics_mints_a_token_that_may_scrape(database):
+    app = create_app({**database.config, "CHANGEFEED_JWT_SECRET": SECRET})
     result = app.test_cli_runner().invoke(args=["token", "create", "--sub", "prometheus", "--metrics"])
     assert result.exit_code == 0, result.output
     client = app.test_client()
     assert client.get("/metrics", headers={"Authorization": f"Bearer {result.output.strip()}"}).status_code == 200
     plain = app.test_cli_runner().invoke(args=["token", "create", "--sub", "editor", "--read", "*"]).output.strip()
     assert_error(client.get("/metrics", headers={"Authorization": f"Bearer {plain}"}), 403, "insufficient scope")
+    close_app(app)
 
 
-def test_public_metrics_need_no_token_even_with_access_control(db_path):
-    client = create_app({"CHANGEFEED_DB": db_path, "CHANGEFEED_JWT_SECRET": SECRET,
-                         "CHANGEFEED_METRICS": "public"}).test_client()
+def test_public_metrics_need_no_token_even_with_access_control(database):
+    app = create_app({**database.config, "CHANGEFEED_JWT_SECRET": SECRET, "CHANGEFEED_METRICS": "public"})
+    client = app.test_client()
     assert client.get("/metrics").status_code == 200
     assert_error(client.post("/save", json={"slug": "a", "html": "x"}), 401, "invalid token")  # the rest stays closed
+    close_app(app)
 
 
 def test_without_access_control_metrics_are_open(client):
@@ -308,15 +315,17 @@ def test_without_access_control_metrics_are_open(client):
     assert response.status_code == 200 and response.headers["Cache-Control"] == "no-store"
 
 
-def test_metrics_off_is_a_404_like_any_unknown_path(db_path):
-    client = create_app({"CHANGEFEED_DB": db_path, "CHANGEFEED_METRICS": "off"}).test_client()
+def test_metrics_off_is_a_404_like_any_unknown_path(database):
+    app = create_app({**database.config, "CHANGEFEED_METRICS": "off"})
+    client = app.test_client()
     assert_error(client.get("/metrics"), 404, "not found")
     assert "/metrics" not in client.get("/openapi.json").get_json()["paths"]
+    close_app(app)
 
 
-def test_an_unknown_metrics_setting_stops_the_start(db_path):
+def test_an_unknown_metrics_setting_stops_the_start(database):
     with pytest.raises(SystemExit, match="CHANGEFEED_METRICS must be one of on, off, public"):
-        create_app({"CHANGEFEED_DB": db_path, "CHANGEFEED_METRICS": "yes"})
+        create_app({**database.config, "CHANGEFEED_METRICS": "yes"})
 
 
 def test_openmetrics_is_served_to_a_scraper_that_asks_for_it(client):

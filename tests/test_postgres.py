@@ -156,7 +156,7 @@ def test_the_database_going_away_is_a_503_and_the_service_recovers_by_itself(mak
         poll = requests.get(f"{server.url}/changes?slug=flow&since=0", timeout=10)
         ready = requests.get(f"{server.url}/readyz", timeout=10)
         restore(database)
-        restored_at, deadline = len(answers), time.monotonic() + 15
+        restored_at, deadline = len(answers), time.monotonic() + 30  # the pool retries with backoff
         while not any(a[0] == 200 for a in answers[restored_at:]):
             assert time.monotonic() < deadline, f"saves did not recover: {answers[-3:]}"
             time.sleep(0.1)

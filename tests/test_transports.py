@@ -1,8 +1,9 @@
 """Long-poll and Server-Sent Events against real gunicorn workers.
 
 Saves are made through HTTP (landing on any worker) or straight into the
-SQLite file from this test process, which is a process no worker shares
-anything with: a wake-up then can only come from each worker's watcher.
+database by a store of this test process, which is a process no worker
+shares anything with: a wake-up then can only come from each worker's
+watcher (SQLite) or listener (PostgreSQL).
 """
 
 import queue
@@ -16,7 +17,8 @@ import pytest
 import requests
 
 import migrate
-from store import SQLiteStore
+
+pytestmark = pytest.mark.engines
 
 GENEROUS_S = 1.0  # a broken wake-up mechanism misses this by seconds; the 50 ms target is the bench's job
 
@@ -55,11 +57,12 @@ def test_long_poll_answers_at_once_when_already_newer(server):
     assert time.monotonic() - started < GENEROUS_S
 
 
-def test_long_poll_wakes_promptly_on_a_save_from_another_process(server, db_path):
+def test_long_poll_wakes_promptly_on_a_save_from_another_process(server, make_store):
+    store = make_store()
     finish = start_long_poll(server, "live", 0, wait=20)
     time.sleep(0.5)  # the request is now held
     saved_at = time.monotonic()
-    SQLiteStore(db_path).save("live", "<p>from elsewhere</p>", '{"n":1}')
+    store.save("live", "<p>from elsewhere</p>", '{"n":1}')
     result = finish()
     assert result["answer"] == {**result["answer"], "changed": True, "version": 1,
                                 "html": "<p>from elsewhere</p>", "data": {"n": 1}}
@@ -209,6 +212,7 @@ def test_event_stream_of_another_epoch_starts_over_with_the_whole_state(server, 
     assert (event["id"], event["data"]) == (f"{epoch}:0", {"changed": False, "version": 0, "epoch": epoch})
 
 
+@pytest.mark.sqlite_only  # restores the SQLite file itself, with its backup API
 def test_streams_and_long_polls_start_over_when_the_database_is_restored_in_place(server, open_stream, db_path,
                                                                                    tmp_path, epoch):
     http_save(server, html="v1")
