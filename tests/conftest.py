@@ -40,10 +40,14 @@ ENGINES = ("sqlite", "postgres")
 
 
 def pytest_generate_tests(metafunc):
-    """Run the tests of modules marked `engines` once per store, unless marked `sqlite_only`."""
+    """Run the tests of modules marked `engines` once per store, unless marked `sqlite_only`;
+    those marked `postgres_only` on PostgreSQL alone."""
     node = metafunc.definition
-    if ("engine" in metafunc.fixturenames and node.get_closest_marker("engines")
-            and not node.get_closest_marker("sqlite_only")):
+    if "engine" not in metafunc.fixturenames:
+        return
+    if node.get_closest_marker("postgres_only"):
+        metafunc.parametrize("engine", ["postgres"])
+    elif node.get_closest_marker("engines") and not node.get_closest_marker("sqlite_only"):
         metafunc.parametrize("engine", ENGINES)
 
 
@@ -58,7 +62,8 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_runtest_setup(item):
     """Check the PostgreSQL server here, not in a fixture: a missing one is then one line of the summary."""
-    if getattr(item, "callspec", None) and item.callspec.params.get("engine") == "postgres":
+    if item.get_closest_marker("postgres_only") or (
+            getattr(item, "callspec", None) and item.callspec.params.get("engine") == "postgres"):
         require_postgres()
 
 

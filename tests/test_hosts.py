@@ -17,9 +17,7 @@ from test_transports import http_save, start_long_poll
 GENEROUS_S = 1.0  # the p99 target (well under 100 ms) is the bench's job
 
 
-@pytest.fixture
-def engine():
-    return "postgres"
+pytestmark = pytest.mark.postgres_only
 
 
 @pytest.fixture

@@ -27,9 +27,7 @@ from test_transports import http_save, start_long_poll, streams_per_worker
 QUIET = {"CHANGEFEED_SSE_HEARTBEAT_MS": "600000"}  # no heartbeat re-read: only a wake-up can deliver
 
 
-@pytest.fixture
-def engine():
-    return "postgres"
+pytestmark = pytest.mark.postgres_only
 
 
 def database_name(database):
