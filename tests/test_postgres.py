@@ -110,6 +110,25 @@ def test_everything_makes_streams_re_read_their_pages(make_server, open_stream, 
     assert (event["id"], event["data"]["html"]) == (f"{epoch}:2", "two")
 
 
+def test_a_new_epoch_reaches_open_streams_and_long_polls_at_once(make_server, open_stream, database, epoch):
+    """After a restore, `migrate.py --new-epoch`: every host's subscribers start over, without a heartbeat."""
+    server = make_server(workers=2, env=QUIET)
+    for n in range(1, 4):
+        http_save(server, slug="restored", html=f"v{n}")
+    stream = open_stream(f"{server.url}/events?slug=restored&since=3&epoch={epoch}")
+    stream.next()  # retry: subscribed, nothing newer than 3
+    finish = start_long_poll(server, "restored", 3, wait=30)
+    time.sleep(0.3)
+    renewed = subprocess.run([sys.executable, "migrate.py", "--new-epoch"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=60, env={"CHANGEFEED_DATABASE_URL": database.url, "PATH": "/usr/bin:/bin"})
+    assert renewed.returncode == 0, renewed.stderr
+    new_epoch = database.epoch()
+    event = stream.next(timeout=5)  # the whole page again, under the new epoch, though its version is not newer
+    assert (event["id"], event["data"]["html"]) == (f"{new_epoch}:3", "v3")
+    answer = finish()["answer"]
+    assert answer["epoch"] == new_epoch and answer["version"] == 3
+
+
 def test_a_save_made_while_the_listener_is_cut_off_is_delivered_once_it_listens_again(
         make_server, open_stream, database, epoch):
     server = make_server(workers=1, env=QUIET)
