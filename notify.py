@@ -92,6 +92,19 @@ class Notifier:
             subscription.deliver(change)
         metrics.DELIVERIES.inc(len(subscriptions))
 
+    # Kept by a subclass's background look-out (the watcher, the listener), for health().
+    _running, problem, last_look = False, None, None
+
+    def _health(self, name, stale_after):
+        """Say what is wrong with this process's look-out `name`, or None when it looked within `stale_after` s."""
+        if self.problem:
+            return self.problem
+        if not self._running:
+            return f"the {name} is not running"
+        if self.last_look is not None and time.monotonic() - self.last_look > stale_after:
+            return f"the {name} has not looked for saves for over {stale_after:g} s"
+        return None
+
     def refresh(self, store, slug):
         """Read the page once and hand it to every subscription of `slug` in this process."""
         change = store.changes(slug, 0)
@@ -167,14 +180,7 @@ class SQLiteNotifier(Notifier):
 
     def health(self):
         """Say what is wrong with this process's watcher, or None when it looked recently."""
-        if self.problem:
-            return self.problem
-        if not self._running:
-            return "the watcher is not running"
-        stale_after = max(2.0, 50 * self._interval)
-        if self.last_look is not None and time.monotonic() - self.last_look > stale_after:
-            return f"the watcher has not looked for saves for over {stale_after:g} s"
-        return None
+        return self._health("watcher", max(2.0, 50 * self._interval))
 
     def _watch(self):
         cursor, self._cursor = self._cursor, None

@@ -83,14 +83,7 @@ class PostgresNotifier(Notifier):
 
     def health(self):
         """Say what is wrong with this process's listener, or None when it heard from its connection lately."""
-        if self.problem:
-            return self.problem
-        if not self._running:
-            return "the listener is not running"
-        stale_after = 5 * LOOK_S
-        if self.last_look is not None and time.monotonic() - self.last_look > stale_after:
-            return f"the listener has not heard from {self._store.name} for over {stale_after:g} s"
-        return None
+        return self._health("listener", 5 * LOOK_S)
 
     def _listen(self):
         conn, self._conn = self._conn, None

@@ -33,8 +33,8 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 import migrate
 from migrate import SchemaTooNew, describe
-from store import (MASTER_CHECKED, Busy, Change, NotStored, OutcomeUnknown, PageStore, SchemaOutOfDate,
-                   Saved, Unavailable, after_fork_in_child, unless_settled)
+from store import (MASTER_CHECKED, Busy, NotStored, OutcomeUnknown, PageStore, SchemaOutOfDate,
+                   Saved, Unavailable, after_fork_in_child, change_from_row, unless_settled)
 
 
 def cooperate():
@@ -280,9 +280,7 @@ class PostgresStore(PageStore):
                 if attempt == 2 or not isinstance(exc, psycopg.OperationalError):
                     raise Unavailable(f"{self.name} failed: {_one_line(exc)}") from None
         self.epoch = row[0]
-        if row[1] is None:
-            return Change(row[0], 0)
-        return Change(*row)
+        return change_from_row(row)
 
     def ping(self):
         """Read from the database once; raise Unavailable when it cannot be read."""

@@ -625,9 +625,7 @@ class SQLiteStore(PageStore):
             raise Unavailable(str(exc)) from None
         self._give_back(conn)
         self.epoch = row[0]
-        if row[1] is None:
-            return Change(row[0], 0)
-        return Change(*row)
+        return change_from_row(row)
 
     def ping(self):
         """Read from the database once; raise Unavailable when it cannot be read."""
@@ -640,6 +638,13 @@ class SQLiteStore(PageStore):
     def watch(self, seq=None):
         """Open a cursor over saves after `seq` (None: from now), for a process's one watcher."""
         return SaveCursor(self._connect(), seq)
+
+
+def change_from_row(row):
+    """The Change of a row (epoch, version, updated_at, html, data) of the changes() query: no page is version 0."""
+    if row[1] is None:
+        return Change(row[0], 0)
+    return Change(*row)
 
 
 def check_database(path):
