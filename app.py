@@ -22,6 +22,7 @@ import errors
 import logs
 import metrics
 import openapi
+import presence
 import settings
 from errors import ApiError, ShuttingDown
 from auth import TokenVerifier
@@ -30,8 +31,8 @@ from clients import is_https, parse_networks
 from limits import Held, QueryCache, WaitGate
 from notify import SQLiteNotifier
 from origins import parse_list, parse_origins, refuse_cross_site_writes
-from schemas import (ChangesQuerySchema, EventsQuerySchema, IdempotencyKeySchema, LastEventIdSchema,
-                     PageQuerySchema, SaveFormSchema, SaveSchema, TRANSPORTS, reject_constant)
+from schemas import (MAX_NAME, ChangesQuerySchema, EventsQuerySchema, IdempotencyKeySchema, LastEventIdSchema,
+                     PageQuerySchema, PresenceSchema, SaveFormSchema, SaveSchema, TRANSPORTS, reject_constant)
 from store import SQLiteStore, Unavailable
 
 # What a page of an allowed origin may send, and read of the answers.
@@ -94,6 +95,7 @@ def create_app(test_config=None):
     page_schema = PageQuerySchema()
     events_schema, last_event_id_schema = EventsQuerySchema(), LastEventIdSchema()
     idempotency_key_schema = IdempotencyKeySchema()
+    presence_schema = PresenceSchema()
 
     def closing(headers):
         """Once this worker shuts down, each answer ends its connection, so clients move on."""
@@ -160,17 +162,25 @@ def create_app(test_config=None):
             wait = max(0, min(wait, int(rights.seconds_left())))
         if wait and notifier.closed:
             raise ShuttingDown()
+        held = query["presence"]
+        if held is not None:
+            notifier.start()  # its look-out also sweeps presence entries past their TTL
         if wait:
             with waits.holding(request.environ):
-                change = long_poll(store, notifier, query["slug"], query["since"], query["epoch"], wait,
-                                   request.environ.get("changefeed.on_disconnect"))
+                change, present = long_poll(store, notifier, query["slug"], query["since"], query["epoch"], wait,
+                                            request.environ.get("changefeed.on_disconnect"), held)
         else:  # a plain poll holds nothing: not counted
-            change = long_poll(store, notifier, query["slug"], query["since"], query["epoch"], 0)
+            change, present = long_poll(store, notifier, query["slug"], query["since"], query["epoch"], 0,
+                                        presence=held)
         changed = change.changed
-        if wait and notifier.closed and not changed:
+        presence_news = present is not None and present.version != held
+        news = changed or presence_news
+        if wait and notifier.closed and not news:
             raise ShuttingDown()  # the wait was cut short: not an answer to re-ask at once
         etag = f"{change.epoch}.{change.version}.{int(changed)}.{change.updated_at or ''}"
-        headers = closing([("ETag", f'"{etag}"'), *(unchanged_wait if wait and not changed else reusable)])
+        if present is not None:
+            etag = f"{etag}.p{present.version}"
+        headers = closing([("ETag", f'"{etag}"'), *(unchanged_wait if wait and not news else reusable)])
         if_none_match = request.environ.get("HTTP_IF_NONE_MATCH")
         # A browser sends back exactly the tag it got: compare that first, parse only otherwise.
         if if_none_match and (if_none_match == headers[0][1] or request.if_none_match.contains(etag)):
@@ -178,6 +188,8 @@ def create_app(test_config=None):
             return Response(status=304, headers=headers)
         metrics.POLLS_200[wait > 0].inc()
         body = change.answer if changed else change.unchanged
+        if presence_news:  # who is on the page, in the same answer
+            body = f'{body[:-1]},"presence":{present.text(query["presence_form"] == "count")}}}'
         return Response(body, content_type="application/json", headers=headers)
 
     @app.get("/events")
@@ -197,10 +209,21 @@ def create_app(test_config=None):
             raise ShuttingDown()
         release = waits.enter(request.environ)
         stream = event_stream(store, notifier, query["slug"], since, epoch, app.config["CHANGEFEED_SSE_RETRY_MS"],
-                              lasts_s, request.environ.get("changefeed.on_disconnect"))
+                              lasts_s, request.environ.get("changefeed.on_disconnect"), query["presence"],
+                              query["presence_form"] == "count")
         # The stream yields bytes ready to send: no need for werkzeug to re-encode each one.
         return Response(Held(stream, release), mimetype="text/event-stream", headers=EVENTS_HEADERS,
                         direct_passthrough=True)
+
+    @app.post("/presence")
+    def beat():
+        """Say that this tab is on the page, viewing or editing (or, state "gone", that it closed)."""
+        same_site_writes_only()
+        # Any content type: navigator.sendBeacon on a closing tab may send its JSON as text/plain.
+        item = presence_schema.load(json_body(PRESENCE_EXAMPLE))
+        rights = verifier.read_rights(request) if verifier.enabled else None
+        notifier.start()  # its look-out also sweeps presence entries past their TTL
+        return presence.record(store, presence.beat_of(item, rights, MAX_NAME), app.config), closing([])
 
     @app.post("/session")
     def session():
@@ -283,6 +306,15 @@ def open_store(config):
                   idempotency_ttl_s=config["CHANGEFEED_IDEMPOTENCY_TTL_S"],
                   max_pages=config["CHANGEFEED_MAX_PAGES"], max_bytes=config["CHANGEFEED_MAX_STORED_BYTES"])
     heartbeat_s = config["CHANGEFEED_SSE_HEARTBEAT_MS"] / 1000
+    store, notifier = _open_engine(config, common, heartbeat_s)
+    store.configure_presence(ttl_s=config["CHANGEFEED_PRESENCE_TTL_MS"] / 1000,
+                             min_interval_s=config["CHANGEFEED_PRESENCE_MIN_INTERVAL_MS"] / 1000,
+                             max_per_page=config["CHANGEFEED_PRESENCE_MAX_PER_PAGE"],
+                             list_max=config["CHANGEFEED_PRESENCE_LIST_MAX"])
+    return store, notifier
+
+
+def _open_engine(config, common, heartbeat_s):
     if config["CHANGEFEED_DATABASE_URL"]:
         from pglisten import PostgresNotifier
         from pgstore import PostgresStore
@@ -295,19 +327,22 @@ def open_store(config):
                                  heartbeat_s=heartbeat_s)
 
 
-def json_body():
+SAVE_EXAMPLE = '{"slug": "home", "html": "<h1>Hi</h1>", "data": {}}'
+PRESENCE_EXAMPLE = '{"slug": "home", "client_id": "tab-5f0c2a9e", "name": "Ada", "state": "viewing"}'
+
+
+def json_body(example=SAVE_EXAMPLE):
     """Parse the request body as a JSON object, or raise a 400 that says why not."""
     raw = request.get_data(cache=False)
     if not raw.strip():
-        raise ApiError(400, "empty body", "The body is empty; send a JSON object "
-                       'such as {"slug": "home", "html": "<h1>Hi</h1>", "data": {}}.')
+        raise ApiError(400, "empty body", f"The body is empty; send a JSON object such as {example}.")
     try:
         body = json.loads(raw, parse_constant=reject_constant)
     except (ValueError, RecursionError) as exc:
         raise ApiError(400, "malformed json", f"The body is not valid JSON: {exc}.") from None
     if not isinstance(body, dict):
         raise ValidationError({"_schema": [
-            f"The body must be a JSON object with slug, html and data, not {JSON_TYPES[type(body)]}."
+            f"The body must be a JSON object such as {example}, not {JSON_TYPES[type(body)]}."
         ]})
     return body
 

@@ -62,14 +62,38 @@ UPGRADES = [
                 bytes = bytes - length(CAST(old.html AS BLOB)) - length(CAST(old.data AS BLOB));
         END;
     """),
+    (5, """
+        CREATE TABLE page_editors (
+            slug TEXT NOT NULL, user_key TEXT NOT NULL, client_id TEXT NOT NULL, name TEXT NOT NULL,
+            state TEXT NOT NULL CHECK (state IN ('viewing', 'editing')), seen_at REAL NOT NULL,
+            PRIMARY KEY (slug, user_key, client_id)
+        );
+        CREATE INDEX page_editors_seen_at ON page_editors (seen_at);
+        CREATE TABLE presence (slug TEXT PRIMARY KEY NOT NULL, version INTEGER NOT NULL, changed_at REAL NOT NULL);
+        CREATE INDEX presence_version ON presence (version);
+        CREATE TABLE presence_clock (value INTEGER NOT NULL);
+        INSERT INTO presence_clock (value) VALUES (0);
+    """),
 ]
 LATEST = UPGRADES[-1][0]
 
 # PostgreSQL's schema began at SQLite's version 4: the same number means the
 # same tables. A new version appends an upgrade here too, with the same number.
 POSTGRES_SCHEMA = (HERE / "schema_postgres.sql").read_text()
-POSTGRES_UPGRADES = []
+POSTGRES_UPGRADES = [
+    (5, """
+        CREATE TABLE page_editors (
+            slug text NOT NULL, user_key text NOT NULL, client_id text NOT NULL, name text NOT NULL,
+            state text NOT NULL CHECK (state IN ('viewing', 'editing')), seen_at double precision NOT NULL,
+            PRIMARY KEY (slug, user_key, client_id)
+        );
+        CREATE INDEX page_editors_seen_at ON page_editors (seen_at);
+        CREATE TABLE presence (slug text PRIMARY KEY, version bigint NOT NULL, changed_at double precision NOT NULL);
+        CREATE SEQUENCE presence_clock;
+    """),
+]
 POSTGRES_CHANNEL = "changefeed"  # what saves NOTIFY and every host's listener LISTENs to
+POSTGRES_PRESENCE_CHANNEL = "changefeed_presence"  # what presence changes NOTIFY: [slug, ...]
 MIGRATE_LOCK = 0x63686e66  # pg_advisory_lock key: "chnf"
 
 

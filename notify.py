@@ -19,19 +19,32 @@ from store import Unavailable, after_fork_in_child
 
 log = logging.getLogger(__name__)
 
+SWEEP_S = 1.0  # how often each process looks for presence entries past their TTL
+
 
 class Subscription:
-    """One waiting request's view of one page: the newest version delivered to it."""
+    """One waiting request's view of one page: the newest version (and presence) delivered to it.
 
-    def __init__(self):
+    `woken` may be an event shared by several subscriptions: a WebSocket
+    waits on one event for all the pages it follows.
+    """
+
+    def __init__(self, woken=None):
         self.latest = None  # the newest Change delivered, or None
+        self.presence = None  # the newest Presence delivered, or None
         self.gone = False  # the client closed its connection: stop waiting for it
-        self._woken = threading.Event()
+        self._woken = woken if woken is not None else threading.Event()
 
     def deliver(self, change):
         latest = self.latest
         if latest is None or change.version > latest.version or change.epoch != latest.epoch:
             self.latest = change
+            self._woken.set()
+
+    def deliver_presence(self, presence):
+        """Take a presence list; versions are compared for sameness only (each is used once)."""
+        if self.presence is None or presence.version != self.presence.version:
+            self.presence = presence
             self._woken.set()
 
     def wait(self, timeout=None):
@@ -58,14 +71,14 @@ class Notifier:
         self.closed = False
 
     @contextmanager
-    def subscribe(self, slug):
-        """Hold a Subscription to `slug` for the duration of a `with` block.
+    def subscribe(self, slug, subscription=None):
+        """Hold a Subscription to `slug` (a new one, or the one given) for the duration of a `with` block.
 
         Subscribe first, then read the store: a save that lands in between is
         delivered, never lost.
         """
         self.start()
-        subscription = Subscription()
+        subscription = subscription if subscription is not None else Subscription()
         subscribers = self._subscriptions.setdefault(slug, set())
         if not subscribers:
             metrics.WATCHED_SLUGS.inc()
@@ -92,6 +105,12 @@ class Notifier:
             subscription.deliver(change)
         metrics.DELIVERIES.inc(len(subscriptions))
 
+    def deliver_presence(self, slug, presence):
+        subscriptions = list(self._subscriptions.get(slug, ()))
+        for subscription in subscriptions:
+            subscription.deliver_presence(presence)
+        metrics.DELIVERIES.inc(len(subscriptions))
+
     # Kept by a subclass's background look-out (the watcher, the listener), for health().
     _running, problem, last_look = False, None, None
 
@@ -110,6 +129,33 @@ class Notifier:
         change = store.changes(slug, 0)
         self.deliver(slug, change)
         metrics.watcher_delivered(change.updated_at)
+
+    def refresh_presence(self, store, slug):
+        """Read who is on the page once and hand it to every subscription of `slug` in this process."""
+        self.deliver_presence(slug, store.presence(slug))
+
+    _next_sweep = 0.0
+
+    def sweep_if_due(self, store):
+        """About once a second: have the entries of tabs whose beats stopped deleted (one cheap read when none).
+
+        Every process with a look-out does it, so expiry never waits for a
+        beat on that page; only one of them finds rows to delete.
+        """
+        now = time.monotonic()
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + SWEEP_S
+        try:
+            store.sweep_presence()
+        except Exception as exc:  # noqa: BLE001 - a database that takes no writes must not stop the deliveries
+            if not self._sweep_failing:
+                log.warning("presence sweep failed (%s); retrying every %g s", exc, SWEEP_S)
+            self._sweep_failing = True
+        else:
+            self._sweep_failing = False
+
+    _sweep_failing = False
 
     def watched_slugs(self):
         return list(self._subscriptions)
@@ -203,8 +249,13 @@ class SQLiteNotifier(Notifier):
                     if cursor is None:
                         cursor = self._store.watch(self._seq)  # where the last one stopped
                         self._seq = cursor.seq
+                        for slug in self.watched_slugs():  # presence has no position to resume from
+                            self.refresh_presence(self._store, slug)
                     if not self._deliver_saves(cursor):  # a new epoch: restored in place
                         cursor = self._start_over(cursor)
+                    else:
+                        self._deliver_presence(cursor)
+                    self.sweep_if_due(self._store)
                 except Exception as exc:
                     if not failures:
                         log.exception("watcher failed; retrying with backoff")
@@ -218,6 +269,12 @@ class SQLiteNotifier(Notifier):
         finally:
             _close(cursor)
             self._running = False
+
+    def _deliver_presence(self, cursor):
+        """Deliver the presence lists that changed, each page read once for all its subscribers here."""
+        for slug in dict.fromkeys(cursor.presence_since()):
+            if self.watched(slug):
+                self.refresh_presence(self._store, slug)
 
     def _start_over(self, cursor):
         """The database is another one: watch it from now, and have every waiting request look again.

@@ -24,7 +24,7 @@ import time
 import psycopg
 
 from notify import Notifier
-from pgstore import CHANNEL, EVERYTHING, KEEPALIVES, _one_line
+from pgstore import CHANNEL, EVERYTHING, KEEPALIVES, PRESENCE_CHANNEL, _one_line
 from store import Unavailable, after_fork_in_child
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,7 @@ class PostgresNotifier(Notifier):
                                connect_timeout=5, **KEEPALIVES)
         try:
             conn.execute(f"LISTEN {CHANNEL}")
+            conn.execute(f"LISTEN {PRESENCE_CHANNEL}")
         except BaseException:
             conn.close()
             raise
@@ -98,6 +99,7 @@ class PostgresNotifier(Notifier):
                         self.refresh_all()  # what was saved while we were not listening
                         log.warning("listener listening again on %s after %d failure(s)", self._store.name, failures)
                     self._hear(conn, min(LOOK_S, max(0.0, next_beat - time.monotonic())))
+                    self.sweep_if_due(self._store)
                     if time.monotonic() >= next_beat:
                         next_beat = time.monotonic() + self.heartbeat_s
                         conn.execute("SELECT 1")  # a connection that died quietly fails here
@@ -122,15 +124,20 @@ class PostgresNotifier(Notifier):
         for notify in conn.notifies(timeout=timeout):
             if notify.payload == EVERYTHING:
                 self.refresh_all()
-                continue
-            for slug in {slug for slug, _version in json.loads(notify.payload)}:
-                if self.watched(slug):
-                    self.refresh(self._store, slug)
+            elif notify.channel == PRESENCE_CHANNEL:
+                for slug in set(json.loads(notify.payload)):
+                    if self.watched(slug):
+                        self.refresh_presence(self._store, slug)
+            else:
+                for slug in {slug for slug, _version in json.loads(notify.payload)}:
+                    if self.watched(slug):
+                        self.refresh(self._store, slug)
 
     def refresh_all(self):
-        """Re-read every page someone here waits on (after a gap in listening, or a new epoch)."""
+        """Re-read every page (and who is on it) someone here waits on: after a gap in listening, or a new epoch."""
         for slug in self.watched_slugs():
             self.refresh(self._store, slug)
+            self.refresh_presence(self._store, slug)
 
 
 def _close(conn):

@@ -58,6 +58,7 @@ def cooperate():
 cooperate()
 
 CHANNEL = migrate.POSTGRES_CHANNEL
+PRESENCE_CHANNEL = migrate.POSTGRES_PRESENCE_CHANNEL
 MAX_PAYLOAD = 7_900  # bytes; PostgreSQL refuses a NOTIFY payload of 8000 or more
 EVERYTHING = "*"  # a payload meaning "re-read every page you watch" (too many slugs, or a new epoch)
 # Sent when a host connects: a dead peer is noticed in about 30 s, not 2 hours.
@@ -86,9 +87,14 @@ class PostgresStore(PageStore):
     """
 
     Error = psycopg.Error
-    EPOCH, FORGET_KEYS, FIND_KEY, KEEP_KEY, VERSION, STORAGE = map(_pg, (
+    (EPOCH, FORGET_KEYS, FIND_KEY, KEEP_KEY, VERSION, STORAGE, FIND_ENTRY, COUNT_ENTRIES, PUT_ENTRY, DROP_ENTRY,
+     EXPIRE_PAGE, EXPIRE_ALL, ANY_EXPIRED, FORGET_PRESENCE, PRESENCE_VERSION, SET_PRESENCE, PRESENCE) = map(_pg, (
         PageStore.EPOCH, PageStore.FORGET_KEYS, PageStore.FIND_KEY, PageStore.KEEP_KEY, PageStore.VERSION,
-        PageStore.STORAGE))
+        PageStore.STORAGE, PageStore.FIND_ENTRY, PageStore.COUNT_ENTRIES, PageStore.PUT_ENTRY, PageStore.DROP_ENTRY,
+        PageStore.EXPIRE_PAGE, PageStore.EXPIRE_ALL, PageStore.ANY_EXPIRED, PageStore.FORGET_PRESENCE,
+        PageStore.PRESENCE_VERSION, PageStore.SET_PRESENCE, PageStore.PRESENCE))
+    NEXT_PRESENCE_VERSION = "SELECT nextval('presence_clock')"
+    _native_commits = False  # psycopg waits cooperatively: commits run in a greenlet
     UPSERT = ("INSERT INTO page_versions AS p (slug, html, data, version, updated_at) VALUES (%s, %s, %s, 1, %s)"
               " ON CONFLICT (slug) DO UPDATE SET html = excluded.html, data = excluded.data,"
               " version = p.version + 1, updated_at = excluded.updated_at RETURNING version")
@@ -143,7 +149,7 @@ class PostgresStore(PageStore):
 
     def _forget_parent(self):
         """In a forked child: the parent's pool and its connections are not ours to use or close."""
-        self._pool, self._writer, self._pool_lock = None, None, threading.Lock()
+        self._pool, self._writer, self._presence_writer, self._pool_lock = None, None, None, threading.Lock()
 
     def _connections(self):
         """This process's pool, opened on first use (after fork, after gevent patched)."""
@@ -201,11 +207,22 @@ class PostgresStore(PageStore):
         self._writer = (self._writer_class or writers.for_this_process(native_thread=False))(self.save_batch)
         return self._writer
 
-    def save_batch(self, items, deadline):
+    def presence_batch(self, items, deadline):
+        """Apply heartbeats [presence.Beat, Sweep] in one transaction with one NOTIFY (presence channel)."""
+        return self.save_batch(items, deadline, self._apply_beats)
+
+    def _presence_changed(self, conn, slugs):
+        if slugs:
+            payload = json.dumps(slugs, separators=(",", ":"))
+            conn.execute("SELECT pg_notify(%s, %s)",
+                         (PRESENCE_CHANNEL, payload if len(payload) <= MAX_PAYLOAD else EVERYTHING))
+
+    def save_batch(self, items, deadline, apply=None):
         """Apply saves [SaveRequest] in one transaction with one NOTIFY, before `deadline`.
 
         Returns each item's outcome (a Saved, or the exception saying what
-        became of it); never raises for a database error.
+        became of it); never raises for a database error. `apply`: other
+        items than saves (heartbeats), which do not take the saves' turn.
         """
         remaining = deadline - time.monotonic()
         if remaining <= 0:
@@ -216,25 +233,28 @@ class PostgresStore(PageStore):
         except PoolTimeout as exc:  # the database is down, or every connection is busy: say so soon
             return [NotStored(f"no connection to {self.name} ({_one_line(exc)})") for _ in items]
         try:
-            return self._transaction(conn, items, deadline)
+            return self._transaction(conn, items, deadline, apply)
         finally:
             pool.putconn(conn)  # the pool closes a broken connection, and rolls back an open transaction
 
-    def _transaction(self, conn, items, deadline):
+    def _transaction(self, conn, items, deadline, apply=None):
         remaining_ms = max(1, int((deadline - time.monotonic()) * 1000))
         try:
             conn.execute("BEGIN")
             # Waiting for another host's row lock counts against the save's deadline, as SQLite's busy timeout.
             conn.execute(f"SET LOCAL lock_timeout = {remaining_ms}")
-            # One save transaction at a time, as on SQLite. Each one updates the storage row
-            # (its trigger) anyway: taken last, after page rows, two transactions deadlock
-            # (503 after a 1 s stall), and a retry of an Idempotency-Key misses the key
-            # committed meanwhile (READ COMMITTED) and saves a second version.
-            conn.execute(self.TAKE_TURN)
-            outcomes = self._apply_all(conn, items)
-            saved = [outcome for outcome in outcomes if isinstance(outcome, Saved) and not outcome.replayed]
-            if saved:
-                conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, notify_payload(saved)))
+            if apply is not None:
+                outcomes = apply(conn, items)
+            else:
+                # One save transaction at a time, as on SQLite. Each one updates the storage row
+                # (its trigger) anyway: taken last, after page rows, two transactions deadlock
+                # (503 after a 1 s stall), and a retry of an Idempotency-Key misses the key
+                # committed meanwhile (READ COMMITTED) and saves a second version.
+                conn.execute(self.TAKE_TURN)
+                outcomes = self._apply_all(conn, items)
+                saved = [outcome for outcome in outcomes if isinstance(outcome, Saved) and not outcome.replayed]
+                if saved:
+                    conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, notify_payload(saved)))
         except errors.LockNotAvailable as exc:
             _roll_back(conn)
             return [Busy(f"another save held the page past the busy timeout ({_one_line(exc)})") for _ in items]
@@ -267,20 +287,34 @@ class PostgresStore(PageStore):
         dropped and the read tried once more on another, so a restart of
         PostgreSQL costs its clients nothing once it is back.
         """
-        params = {"since": since, "slug": slug, "epoch": epoch}
+        row = self._read(self.CHANGES, {"since": since, "slug": slug, "epoch": epoch})[0]
+        self.epoch = row[0]
+        return change_from_row(row)
+
+    def _read(self, sql, params):
+        """Run one read; return its rows, or raise Unavailable. Tried twice: a pooled connection may be dead."""
         for attempt in (1, 2):
             try:
                 with self._connections().connection() as conn:
-                    row = conn.execute(self.CHANGES, params).fetchone()
-                break
+                    return conn.execute(sql, params).fetchall()
             except PoolTimeout as exc:
                 raise Unavailable(f"no connection to {self.name} ({_one_line(exc)})") from None
             except psycopg.Error as exc:
                 self._lost()
                 if attempt == 2 or not isinstance(exc, psycopg.OperationalError):
                     raise Unavailable(f"{self.name} failed: {_one_line(exc)}") from None
-        self.epoch = row[0]
-        return change_from_row(row)
+
+    def presence(self, slug):
+        """Who is on the page now (presence.Presence), in one statement."""
+        return self._presence_from_rows(self._read(self.PRESENCE, (slug, slug, self.presence_list_max)))
+
+    def presence_version(self, slug):
+        """The page's presence version alone: what an unchanged poll needs to say 304."""
+        rows = self._read(self.PRESENCE_VERSION, (slug,))
+        return rows[0][0] if rows else 0
+
+    def _presence_expired(self):
+        return bool(self._read(self.ANY_EXPIRED, (time.time() - self.presence_ttl_s,)))
 
     def ping(self):
         """Read from the database once; raise Unavailable when it cannot be read."""

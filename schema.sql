@@ -58,3 +58,32 @@ CREATE TRIGGER storage_delete AFTER DELETE ON page_versions BEGIN
     UPDATE storage SET pages = pages - 1,
         bytes = bytes - length(CAST(old.html AS BLOB)) - length(CAST(old.data AS BLOB));
 END;
+
+-- Presence: who has a page open now (presence.py). One row per tab that
+-- beats; a tab whose beats stop is deleted after the TTL, so the table holds
+-- only the tabs open now. Written with synchronous=NORMAL: it is not worth
+-- an fsync, and a crash loses at most a few seconds of beats.
+CREATE TABLE page_editors (
+    slug      TEXT NOT NULL,
+    user_key  TEXT NOT NULL,   -- "sub:<token sub>", or "client:<client_id>" without access control
+    client_id TEXT NOT NULL,   -- one per tab
+    name      TEXT NOT NULL,   -- shown as text only
+    state     TEXT NOT NULL CHECK (state IN ('viewing', 'editing')),
+    seen_at   REAL NOT NULL,   -- unix time of the last beat
+    PRIMARY KEY (slug, user_key, client_id)
+);
+CREATE INDEX page_editors_seen_at ON page_editors (seen_at);
+
+-- Each page's presence version: a new one from the clock on every change of
+-- who is there or what they do, never on a beat that changes nothing. A
+-- page nobody has had open for a while has no row (version 0: nobody).
+CREATE TABLE presence (
+    slug       TEXT PRIMARY KEY NOT NULL,
+    version    INTEGER NOT NULL,
+    changed_at REAL NOT NULL
+);
+CREATE INDEX presence_version ON presence (version);
+CREATE TABLE presence_clock (
+    value INTEGER NOT NULL
+);
+INSERT INTO presence_clock (value) VALUES (0);

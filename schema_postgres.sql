@@ -52,6 +52,25 @@ $$;
 CREATE TRIGGER storage_count AFTER INSERT OR DELETE OR UPDATE OF html, data ON page_versions
     FOR EACH ROW EXECUTE FUNCTION changefeed_count_storage();
 
+-- Presence: who has a page open now (see schema.sql).
+CREATE TABLE page_editors (
+    slug      text NOT NULL,
+    user_key  text NOT NULL,
+    client_id text NOT NULL,
+    name      text NOT NULL,
+    state     text NOT NULL CHECK (state IN ('viewing', 'editing')),
+    seen_at   double precision NOT NULL,
+    PRIMARY KEY (slug, user_key, client_id)
+);
+CREATE INDEX page_editors_seen_at ON page_editors (seen_at);
+CREATE TABLE presence (
+    slug       text PRIMARY KEY,
+    version    bigint NOT NULL,
+    changed_at double precision NOT NULL
+);
+-- Hosts learn of presence changes by NOTIFY, so a sequence (no row to take turns on) hands out versions.
+CREATE SEQUENCE presence_clock;
+
 -- The schema version migrate.py last applied (SQLite keeps it in PRAGMA user_version).
 CREATE TABLE schema_version (
     version integer NOT NULL

@@ -11,11 +11,14 @@ from marshmallow import EXCLUDE, Schema, ValidationError, fields, post_load, pre
 
 MAX_INTEGER = 2**63 - 1  # SQLite's and PostgreSQL's largest INTEGER/BIGINT
 MAX_WAIT_S = 60
-TRANSPORTS = ("poll", "longpoll", "sse")
+TRANSPORTS = ("poll", "longpoll", "sse", "ws")
 SLUG = re.compile(r"[A-Za-z0-9-]{1,120}")
 # Anchored at both ends: validate.Regexp only matches at the start.
 EPOCH = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
 IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}\Z")  # printable ASCII, no spaces
+CLIENT_ID = re.compile(r"[A-Za-z0-9_-]{8,64}\Z")
+MAX_NAME = 40
+PRESENCE_FORMS = ("list", "count")
 
 
 def validate_slug(value):
@@ -108,8 +111,41 @@ class SaveFormSchema(SaveSchema):
             raise ValidationError({"data": [f"Must be JSON text in a form body: {exc}."]}) from None
 
 
+def validate_name(value):
+    """A display name: shown as text only, but still short and free of control characters."""
+    if not value.strip():
+        raise ValidationError("Must not be blank.")
+    if len(value) > MAX_NAME:
+        raise ValidationError(f"Must be at most {MAX_NAME} characters long (got {len(value)}).")
+    if any(ch < " " or "\x7f" <= ch < "\xa0" or ch in "\u2028\u2029" for ch in value):
+        raise ValidationError("Must not contain control characters or line breaks.")
+
+
+class PresenceSchema(Schema):
+    """A heartbeat, POST /presence or a WebSocket `presence` message: {slug, client_id, name?, state}."""
+
+    class Meta:
+        unknown = EXCLUDE  # a WebSocket message carries its `type` too
+
+    slug = Slug(required=True)
+    client_id = fields.String(required=True, validate=validate.Regexp(
+        CLIENT_ID, error="Must be 8 to 64 letters, digits, - or _, the same for every beat of one tab "
+                         "(e.g. a random UUID)."))
+    name = fields.String(load_default=None, allow_none=True, validate=validate_name)
+    state = fields.String(required=True, validate=validate.OneOf(
+        ("viewing", "editing", "gone"), error="Must be viewing, editing or gone (the tab closed)."))
+
+
+class PresenceQuery:
+    """The presence parameters of a read: ?presence=V (the version held) and ?presence_form=list|count."""
+
+    presence = Count(load_default=None, allow_none=True)
+    presence_form = fields.String(load_default="list", validate=validate.OneOf(
+        PRESENCE_FORMS, error="Must be list (who is here) or count (how many)."))
+
+
 class ChangesQuerySchema(Schema):
-    """The query of GET /changes: ?slug=S&since=N&wait=W; unknown parameters are ignored."""
+    """The query of GET /changes: ?slug=S&since=N&wait=W[&presence=V]; unknown parameters are ignored."""
 
     class Meta:
         unknown = EXCLUDE
@@ -119,6 +155,8 @@ class ChangesQuerySchema(Schema):
     epoch = fields.String(load_default=None, validate=validate.Regexp(
         EPOCH, error="Must be the epoch of an earlier answer (letters, digits, - and _)."))
     wait = Count(load_default=0)
+    presence = PresenceQuery.presence
+    presence_form = PresenceQuery.presence_form
 
     def __init__(self, max_wait_s=MAX_WAIT_S, **kwargs):
         super().__init__(**kwargs)
@@ -137,6 +175,8 @@ class EventsQuerySchema(Schema):
     since = Count(load_default=0)
     epoch = fields.String(load_default=None, validate=validate.Regexp(
         EPOCH, error="Must be the epoch of an earlier answer (letters, digits, - and _)."))
+    presence = PresenceQuery.presence
+    presence_form = PresenceQuery.presence_form
 
 
 class LastEventId(fields.Field):

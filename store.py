@@ -26,6 +26,7 @@ from urllib.parse import quote
 
 import migrate
 from migrate import SchemaTooNew
+from presence import GONE, Beat, Beaten, Presence, PresenceFull, Sweep, TooSoon, user_id
 
 try:  # the commit thread waits for its turn with a real sleep, even where gevent patched time
     from gevent.monkey import get_original
@@ -245,16 +246,136 @@ class PageStore:
     # (html, data, updated_at, slug, base_version) -> base + 1, or no row when the stored version is another.
     UPDATE_FROM = None
 
+    # Presence (presence.py): entries by tab, a version per page from one clock.
+    FIND_ENTRY = "SELECT state, name, seen_at FROM page_editors WHERE slug = ? AND user_key = ? AND client_id = ?"
+    COUNT_ENTRIES = "SELECT count(*) FROM page_editors WHERE slug = ?"
+    PUT_ENTRY = ("INSERT INTO page_editors (slug, user_key, client_id, name, state, seen_at) VALUES (?, ?, ?, ?, ?, ?)"
+                 " ON CONFLICT (slug, user_key, client_id) DO UPDATE SET name = excluded.name,"
+                 " state = excluded.state, seen_at = excluded.seen_at")
+    DROP_ENTRY = "DELETE FROM page_editors WHERE slug = ? AND user_key = ? AND client_id = ?"
+    EXPIRE_PAGE = "DELETE FROM page_editors WHERE slug = ? AND seen_at < ?"
+    EXPIRE_ALL = "DELETE FROM page_editors WHERE seen_at < ? RETURNING slug"
+    ANY_EXPIRED = "SELECT 1 FROM page_editors WHERE seen_at < ? LIMIT 1"
+    FORGET_PRESENCE = ("DELETE FROM presence WHERE changed_at < ?"
+                       " AND NOT EXISTS (SELECT 1 FROM page_editors e WHERE e.slug = presence.slug)")
+    PRESENCE_VERSION = "SELECT version FROM presence WHERE slug = ?"
+    SET_PRESENCE = ("INSERT INTO presence (slug, version, changed_at) VALUES (?, ?, ?) ON CONFLICT (slug)"
+                    " DO UPDATE SET version = excluded.version, changed_at = excluded.changed_at")
+    # One statement, so the version and the list always belong together: users (not tabs),
+    # editing ones first, with how many there are in all.
+    PRESENCE = ("SELECT p.version, g.user_key, g.name, g.editing, count(g.user_key) OVER (), sum(g.editing) OVER ()"
+                " FROM (SELECT 1 AS one) o"
+                " LEFT JOIN presence p ON p.slug = ?"
+                " LEFT JOIN (SELECT user_key, max(name) AS name,"
+                "            max(CASE WHEN state = 'editing' THEN 1 ELSE 0 END) AS editing"
+                "            FROM page_editors WHERE slug = ? GROUP BY user_key) g ON 1 = 1"
+                " ORDER BY g.editing DESC, g.name, g.user_key LIMIT ?")
+    NEXT_PRESENCE_VERSION = None  # -> the clock's next value
+    FORGET_PRESENCE_AFTER_S = 60  # an empty page's presence row is kept this long, then version 0 says "nobody"
+
     _max_pages = _max_bytes = None
     _key_ttl = 86_400
     _busy_timeout = 10.0
-    _writer = None
+    _writer = _presence_writer = None
+    presence_ttl_s, presence_min_interval_s, presence_max_per_page, presence_list_max = 15.0, 1.0, 200, 50
 
     def save(self, slug, html, data, base_version=None, key=None):
         """Store a new version of `slug`, one more than the last, or raise what became of it."""
         writer = self._writer or self._choose_writer()
         deadline = time.monotonic() + self._busy_timeout
         return writer.save(SaveRequest(slug, html, data, base_version, key), deadline)
+
+    def configure_presence(self, ttl_s, min_interval_s, max_per_page, list_max):
+        self.presence_ttl_s, self.presence_min_interval_s = ttl_s, min_interval_s
+        self.presence_max_per_page, self.presence_list_max = max_per_page, list_max
+
+    def beat(self, beat):
+        """Record a heartbeat (presence.Beat); return a Beaten, or raise TooSoon, PresenceFull or NotStored."""
+        return self._presence_write(beat)
+
+    def sweep_presence(self):
+        """Delete the entries whose beats stopped, if there are any; a cheap read when there are none."""
+        if self._presence_expired():
+            self._presence_write(Sweep())
+
+    def _presence_write(self, item):
+        writer = self._presence_writer or self._choose_presence_writer()
+        return writer.save(item, time.monotonic() + self._busy_timeout)
+
+    def _choose_presence_writer(self):
+        """Beats go through a writer of their own: grouped, and never in a save's transaction."""
+        import writers
+
+        self._presence_writer = writers.for_this_process(native_thread=self._native_commits)(self.presence_batch)
+        return self._presence_writer
+
+    def _apply_beats(self, conn, items):
+        """Apply heartbeats and sweeps, each in a savepoint; then give each page that changed a new version."""
+        now = time.time()
+        changed, outcomes = set(), []
+        for item in items:
+            conn.execute("SAVEPOINT item")
+            try:
+                if isinstance(item, Sweep):
+                    outcome = self._sweep(conn, now, changed)
+                else:
+                    outcome = self._apply_beat(conn, item, now, changed)
+            except self.Error as exc:
+                if self._fatal(conn, exc):
+                    raise
+                conn.execute("ROLLBACK TO SAVEPOINT item")
+                outcome = NotStored(self._reason(exc))
+            conn.execute("RELEASE SAVEPOINT item")
+            outcomes.append(outcome)
+        versions = {}
+        for slug in sorted(changed):  # in order: two hosts' transactions never wait on each other in a cycle
+            (versions[slug],) = conn.execute(self.NEXT_PRESENCE_VERSION).fetchone()
+            conn.execute(self.SET_PRESENCE, (slug, versions[slug], now))
+        self._presence_changed(conn, sorted(changed))
+        for i, outcome in enumerate(outcomes):
+            if isinstance(outcome, Beaten) and outcome.slug not in versions:
+                row = conn.execute(self.PRESENCE_VERSION, (outcome.slug,)).fetchone()
+                versions[outcome.slug] = row[0] if row else 0
+            if isinstance(outcome, Beaten):
+                outcomes[i] = Beaten(outcome.slug, versions[outcome.slug], outcome.you)
+        return outcomes
+
+    def _apply_beat(self, conn, beat, now, changed):
+        """One tab's beat: refresh, add or (state "gone") remove its entry; a change marks the page."""
+        key = (beat.slug, beat.user, beat.client_id)
+        if conn.execute(self.EXPIRE_PAGE, (beat.slug, now - self.presence_ttl_s)).rowcount:
+            changed.add(beat.slug)
+        row = conn.execute(self.FIND_ENTRY, key).fetchone()
+        if beat.state == GONE:
+            if row is not None:
+                conn.execute(self.DROP_ENTRY, key)
+                changed.add(beat.slug)
+        else:
+            if row is not None and now - row[2] < self.presence_min_interval_s:
+                return TooSoon(self.presence_min_interval_s - (now - row[2]))
+            if row is None and conn.execute(self.COUNT_ENTRIES, (beat.slug,)).fetchone()[0] >= self.presence_max_per_page:
+                return PresenceFull(self.presence_max_per_page)
+            conn.execute(self.PUT_ENTRY, (*key, beat.name, beat.state, now))
+            if row is None or (row[0], row[1]) != (beat.state, beat.name):
+                changed.add(beat.slug)
+        return Beaten(beat.slug, 0, user_id(beat.user))
+
+    def _sweep(self, conn, now, changed):
+        changed.update(slug for (slug,) in conn.execute(self.EXPIRE_ALL, (now - self.presence_ttl_s,)).fetchall())
+        conn.execute(self.FORGET_PRESENCE, (now - self.FORGET_PRESENCE_AFTER_S,))
+        return None
+
+    def _presence_changed(self, conn, slugs):
+        """Tell the other processes which pages' presence changed (PostgreSQL NOTIFYs; SQLite's watcher reads)."""
+
+    def _presence_from_rows(self, rows):
+        """The Presence of the PRESENCE query's rows."""
+        first = rows[0]
+        if first[1] is None:  # nobody
+            return Presence(first[0] or 0)
+        return Presence(first[0] or 0, first[4], int(first[5] or 0),
+                        tuple((user_id(user), name, "editing" if editing else "viewing")
+                              for _v, user, name, editing, _c, _e in rows))
 
     def _fatal(self, conn, exc):  # pragma: no cover - each engine says
         raise NotImplementedError
@@ -374,6 +495,8 @@ class SQLiteStore(PageStore):
                   f" VALUES (?, ?, ?, 1, ?, {_NEXT_SEQ}) ON CONFLICT (slug) DO NOTHING RETURNING version")
     UPDATE_FROM = (f"UPDATE page_versions SET html = ?, data = ?, version = version + 1, updated_at = ?,"
                    f" seq = {_NEXT_SEQ} WHERE slug = ? AND version = ? RETURNING version")
+    NEXT_PRESENCE_VERSION = "UPDATE presence_clock SET value = value + 1 RETURNING value"
+    _native_commits = True  # SQLite blocks the thread that commits
 
     def __init__(self, path, synchronous="FULL", busy_timeout_ms=10_000, writer=None,
                  idempotency_ttl_s=86_400, max_pages=None, max_bytes=None):
@@ -431,7 +554,7 @@ class SQLiteStore(PageStore):
         """In a forked child: leave the parent's connections and files alone, open our own."""
         _inherited.extend(self._idle)
         self._idle = []
-        self._writer = None
+        self._writer = self._presence_writer = None
 
     def close(self):
         """Close the pooled connections (tests; a server's process simply ends)."""
@@ -517,7 +640,11 @@ class SQLiteStore(PageStore):
             os.close(fd)
             raise
 
-    def save_batch(self, items, deadline):
+    def presence_batch(self, items, deadline):
+        """Apply heartbeats [presence.Beat, Sweep] in one transaction, without an fsync (not worth one)."""
+        return self.save_batch(items, deadline, self._apply_beats, durable=False)
+
+    def save_batch(self, items, deadline, apply=None, durable=True):
         """Apply saves [SaveRequest] in one transaction, one fsync for all, before `deadline`.
 
         Returns each item's outcome: a Saved, or the exception saying what
@@ -544,14 +671,20 @@ class SQLiteStore(PageStore):
             if turn is None:
                 return [Busy("other saves held the write turn past the busy timeout") for _ in items]
             try:
-                outcomes, healthy = self._transaction(conn, items, deadline)
+                if not durable:
+                    conn.execute("PRAGMA synchronous = NORMAL")  # in WAL: no fsync at commit, still never corrupt
+                try:
+                    outcomes, healthy = self._transaction(conn, items, deadline, apply or self._apply_all)
+                finally:
+                    if not durable:
+                        conn.execute(f"PRAGMA synchronous = {self._synchronous}")
             finally:
                 os.close(turn)  # and with it the flock
         finally:
             self._give_back(conn, healthy)
         return outcomes
 
-    def _transaction(self, conn, items, deadline):
+    def _transaction(self, conn, items, deadline, apply):
         """Run the batch's transaction; return (outcomes, whether the connection is still sound)."""
         remaining_ms = int((deadline - time.monotonic()) * 1000)
         if remaining_ms <= 0:
@@ -565,7 +698,7 @@ class SQLiteStore(PageStore):
             return [NotStored(_reason(exc)) for _ in items], False
         try:
             try:
-                outcomes = self._apply_all(conn, items)
+                outcomes = apply(conn, items)
             except sqlite3.Error as exc:  # SQLite gave up the whole transaction (disk full, I/O error)
                 self._roll_back(conn)
                 return [NotStored(_reason(exc)) for _ in items], False
@@ -626,6 +759,33 @@ class SQLiteStore(PageStore):
         self._give_back(conn)
         self.epoch = row[0]
         return change_from_row(row)
+
+    def _read(self, sql, params):
+        """Run one read on a pooled connection; return its rows, or raise Unavailable."""
+        problem = self.check_file()
+        try:
+            conn = self._borrow()
+        except (sqlite3.Error, RuntimeError) as exc:
+            raise Unavailable(problem or str(exc)) from None
+        try:
+            rows = conn.execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            conn.close()
+            raise Unavailable(str(exc)) from None
+        self._give_back(conn)
+        return rows
+
+    def presence(self, slug):
+        """Who is on the page now (presence.Presence), in one statement."""
+        return self._presence_from_rows(self._read(self.PRESENCE, (slug, slug, self.presence_list_max)))
+
+    def presence_version(self, slug):
+        """The page's presence version alone: what an unchanged poll needs to say 304."""
+        rows = self._read(self.PRESENCE_VERSION, (slug,))
+        return rows[0][0] if rows else 0
+
+    def _presence_expired(self):
+        return bool(self._read(self.ANY_EXPIRED, (time.time() - self.presence_ttl_s,)))
 
     def ping(self):
         """Read from the database once; raise Unavailable when it cannot be read."""
@@ -688,6 +848,8 @@ class SaveCursor:
         if seq is None:
             (seq,) = conn.execute("SELECT coalesce(max(seq), 0) FROM page_versions").fetchone()
         self.seq = seq  # the starting point
+        (self.presence_seq,) = conn.execute("SELECT value FROM presence_clock").fetchone()
+        self._presence_data_version = None
 
     def saved_since(self, seq):
         """Return [(slug, version, seq)] saved after `seq`, oldest first; [] when nothing was committed.
@@ -706,6 +868,22 @@ class SaveCursor:
         ).fetchall()
         self._data_version = data_version  # only once read: a failed look is repeated
         return rows
+
+    def presence_since(self):
+        """Return the pages whose presence changed since the last call (or the cursor's start), oldest first.
+
+        Presence versions come from one clock in SQLite's one-writer order,
+        so "above the last one seen" misses none.
+        """
+        (data_version,) = self._conn.execute("PRAGMA data_version").fetchone()
+        if data_version == self._presence_data_version:
+            return []
+        rows = self._conn.execute("SELECT slug, version FROM presence WHERE version > ? ORDER BY version",
+                                  (self.presence_seq,)).fetchall()
+        self._presence_data_version = data_version
+        if rows:
+            self.presence_seq = rows[-1][1]
+        return [slug for slug, _version in rows]
 
     def close(self):
         self._conn.close()

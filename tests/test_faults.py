@@ -191,6 +191,7 @@ class FlakyStore:
         class FlakyCursor:
             seq = cursor.seq
             close = cursor.close
+            presence_since = cursor.presence_since
 
             def saved_since(self, since):
                 if flaky.failing_looks:
@@ -206,7 +207,7 @@ def start_long_poll(store, notifier, slug, wait_s):
     result = {}
 
     def run():
-        result["change"] = long_poll(store, notifier, slug, 0, None, wait_s)
+        result["change"], _presence = long_poll(store, notifier, slug, 0, None, wait_s)
         result["at"] = time.monotonic()
 
     thread = threading.Thread(target=run, daemon=True)
