@@ -274,3 +274,22 @@ def test_a_save_waiting_for_a_lock_never_stalls_the_other_requests_of_its_worker
         assert saving.is_alive()
     saving.join(timeout=10)
     assert requests.get(f"{server.url}/changes?slug=held&since=0", timeout=5).json()["version"] == 2
+
+
+def test_the_upgrade_to_presence_matches_a_fresh_database_and_keeps_pages(database):
+    """Schema 4 to 5 (presence) on PostgreSQL: the same tables and columns as a new database."""
+
+    def shape():
+        return database.query(
+            "SELECT table_name, column_name, data_type, is_nullable FROM information_schema.columns"
+            " WHERE table_schema = 'public' ORDER BY table_name, column_name")
+
+    fresh = shape()
+    database.query("INSERT INTO page_versions (slug, html, data, version, updated_at) VALUES"
+                   " ('kept', 'x', '{}', 3, '2026-11-24T00:00:00.000Z')")
+    database.query("DROP TABLE page_editors; DROP TABLE presence; DROP SEQUENCE presence_clock;"
+                   " UPDATE schema_version SET version = 4")
+    migrate.migrate_postgres(database.url)
+    assert shape() == fresh
+    assert database.query("SELECT version FROM schema_version") == [(5,)]
+    assert database.query("SELECT version FROM page_versions WHERE slug = 'kept'") == [(3,)]
