@@ -24,6 +24,7 @@ import metrics
 import openapi
 import presence
 import settings
+import sockets
 from errors import ApiError, ShuttingDown
 from auth import TokenVerifier
 from feeds import event_stream, long_poll
@@ -116,6 +117,7 @@ def create_app(test_config=None):
                                 else (CHANGES_HEADERS, CHANGES_UNCHANGED_WAIT_HEADERS))
     auth.register_cli(app, verifier)
     metrics.register(app)  # GET /metrics, unless CHANGEFEED_METRICS=off
+    sockets.register(app, store, notifier, verifier, waits)  # GET /ws: WebSocket
     allowed_origins = parse_origins(app.config["CHANGEFEED_CORS_ORIGINS"])
     if allowed_origins:  # none by default: no page of another site may call the API
         CORS(app, origins=sorted(allowed_origins), supports_credentials=True, max_age=600,

@@ -37,6 +37,8 @@ READ_COOKIE = "changefeed_read"
 class AuthError(ApiError):
     """A 401 or 403 in the service's error shape, with the RFC 6750 header."""
 
+    expired = False  # a 401 for a token that was valid until its `exp` (a WebSocket closes 4001 for it)
+
     def __init__(self, status, code, message):
         challenge = f'Bearer realm="changefeed", error="{code}", error_description="{message.replace(chr(34), "")}"'
         super().__init__(status, code.replace("_", " "), message, headers={"WWW-Authenticate": challenge})
@@ -133,7 +135,9 @@ class TokenVerifier:
         except jwt.PyJWKClientError as exc:  # no key of the provider's matches the token's `kid`
             raise AuthError(401, "invalid_token", f"The token's signing key is not known here: {exc}.") from None
         except jwt.ExpiredSignatureError:
-            raise AuthError(401, "invalid_token", "The token expired: get a fresh one.") from None
+            error = AuthError(401, "invalid_token", "The token expired: get a fresh one.")
+            error.expired = True
+            raise error from None
         except jwt.InvalidSignatureError:
             raise AuthError(401, "invalid_token", "The token's signature is not valid for this service.") from None
         except jwt.InvalidTokenError as exc:

@@ -60,9 +60,10 @@ POLLS_200 = (POLLS.labels(status="200", wait="0"), POLLS.labels(status="200", wa
 POLLS_304 = (POLLS.labels(status="304", wait="0"), POLLS.labels(status="304", wait="1"))
 
 # livesum: the sum over the processes alive now; a worker that died takes its share away.
-OPEN_WAITS = Gauge("changefeed_open_waits", "Event streams open, and long-polls waiting for a save, now.",
-                   ["transport"], multiprocess_mode="livesum")
+OPEN_WAITS = Gauge("changefeed_open_waits", "Event streams and WebSockets open, and long-polls waiting for a "
+                   "save, now.", ["transport"], multiprocess_mode="livesum")
 OPEN_STREAMS, OPEN_LONG_POLLS = OPEN_WAITS.labels(transport="sse"), OPEN_WAITS.labels(transport="long-poll")
+OPEN_SOCKETS = OPEN_WAITS.labels(transport="ws")
 SUBSCRIBERS = Gauge("changefeed_subscribers", "Subscriptions held by streams and long-polls now.",
                     multiprocess_mode="livesum")
 WATCHED_SLUGS = Gauge("changefeed_watched_slugs", "Slugs with at least one subscription, summed over the "

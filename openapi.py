@@ -12,7 +12,8 @@ from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
 from marshmallow import Schema, fields
 
-from schemas import EPOCH, IDEMPOTENCY_KEY, MAX_INTEGER, SLUG, Count, SaveSchema
+from schemas import (EPOCH, IDEMPOTENCY_KEY, MAX_INTEGER, PRESENCE_FORMS, SLUG, TRANSPORTS, Count, PresenceSchema,
+                     SaveSchema)
 
 
 class ErrorSchema(Schema):
@@ -24,6 +25,8 @@ class ErrorSchema(Schema):
                           metadata={"description": "each bad field (or header) and its reasons (422)"})
     version = fields.Integer(metadata={"description": "the stored version (409)"})
     checks = fields.Dict(keys=fields.String(), values=fields.String(), metadata={"description": "what is not ready"})
+    limit = fields.String(metadata={"description": "which limit refused it (429, 503 server full, 507)"})
+    retry_after_ms = fields.Integer(metadata={"description": "when to beat again (429 of POST /presence)"})
     request_id = fields.String(required=True, metadata={
         "description": "this request's id, also its X-Request-Id header: the server's log lines carry it"})
 
@@ -35,6 +38,31 @@ class SavedSchema(Schema):
     epoch = fields.String(required=True)
 
 
+class EditorSchema(Schema):
+    id = fields.String(required=True, metadata={"description": "the user's id in lists (a hash of who they are)"})
+    name = fields.String(required=True, metadata={"description": "untrusted: show it as text only"})
+    state = fields.String(required=True, metadata={"enum": ["viewing", "editing"]})
+
+
+class PresenceListSchema(Schema):
+    """Who is on a page; `editors` is left out of the count-only form."""
+
+    version = fields.Integer(required=True, metadata={
+        "minimum": 0, "description": "0: nobody; any other version is used once (compare for sameness)"})
+    count = fields.Integer(required=True, metadata={"minimum": 0})
+    editing = fields.Integer(required=True, metadata={"minimum": 0})
+    editors = fields.List(fields.Nested(EditorSchema), metadata={"description": "editing users first"})
+
+
+class BeatenSchema(Schema):
+    slug = fields.String(required=True)
+    version = fields.Integer(required=True, metadata={"description": "the page's presence version after the beat"})
+    you = fields.String(required=True, metadata={"description": "this tab's user's id in presence lists"})
+    beat_ms = fields.Integer(required=True)
+    ttl_ms = fields.Integer(required=True)
+    min_interval_ms = fields.Integer(required=True)
+
+
 class ChangeSchema(Schema):
     """A /changes answer; `html`, `data` and `updated_at` only when `changed` is true."""
 
@@ -44,6 +72,8 @@ class ChangeSchema(Schema):
     data = fields.Raw(allow_none=True, metadata={"description": "the JSON value saved"})
     updated_at = fields.String(metadata={"format": "date-time"})
     epoch = fields.String(required=True)
+    presence = fields.Nested(PresenceListSchema, metadata={
+        "description": "with ?presence=V: who is on the page, when its presence version is not V"})
 
 
 def _header(description, schema=None):
@@ -94,6 +124,8 @@ def build(app):
     spec.components.schema("Saved", schema=SavedSchema)
     spec.components.schema("Change", schema=ChangeSchema)
     spec.components.schema("SaveRequest", schema=SaveSchema(max_html_bytes=0, max_data_bytes=0))
+    spec.components.schema("Beat", schema=PresenceSchema)
+    spec.components.schema("Beaten", schema=BeatenSchema)
     spec.components.security_scheme("bearer", {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"})
     spec.components.security_scheme("readCookie", {"type": "apiKey", "in": "cookie", "name": "changefeed_read"})
     count = {"type": "integer", "minimum": 0, "maximum": MAX_INTEGER}
@@ -101,6 +133,10 @@ def build(app):
             "schema": {"type": "string", "pattern": f"^{SLUG.pattern}$"}}
     epoch = {"in": "query", "name": "epoch", "schema": {"type": "string", "pattern": f"^{EPOCH.pattern[:-2]}$"}}
     optional_auth = [{}, {"bearer": []}, {"readCookie": []}]
+    presence = [{"in": "query", "name": "presence", "schema": count,
+                 "description": "the presence version held (0: nobody): who is on the page comes along when it differs"},
+                {"in": "query", "name": "presence_form", "schema": {"enum": list(PRESENCE_FORMS)},
+                 "description": "`count`: how many, without names"}]
 
     spec.path("/save", operations={"post": {
         "summary": "Store a new version of a page (its version goes up by exactly 1)",
@@ -126,7 +162,8 @@ def build(app):
         "security": optional_auth,
         "parameters": [slug, {"in": "query", "name": "since", "schema": count}, epoch,
                        {"in": "query", "name": "wait", "schema": {
-                           "type": "integer", "minimum": 0, "maximum": app.config["CHANGEFEED_MAX_WAIT_S"]}}],
+                           "type": "integer", "minimum": 0, "maximum": app.config["CHANGEFEED_MAX_WAIT_S"]}},
+                       *presence],
         "responses": {
             "200": {"description": "the page's state for `since`",
                     "content": {"application/json": {"schema": "Change"}},
@@ -139,11 +176,29 @@ def build(app):
         "security": optional_auth,
         "parameters": [slug, {"in": "query", "name": "since", "schema": count}, epoch,
                        {"in": "header", "name": "Last-Event-ID", "schema": {"type": "string"},
-                        "description": "<epoch>:<version> of the last event received (or a version)"}],
+                        "description": "<epoch>:<version> of the last event received (or a version)"}, *presence],
         "responses": {
-            "200": {"description": "`id: <epoch>:<version>`, `event: change`, `data:` a /changes answer",
+            "200": {"description": "`id: <epoch>:<version>`, `event: change`, `data:` a /changes answer; "
+                                   "with ?presence, `event: presence`, `data:` a presence list",
                     "content": {"text/event-stream": {"schema": {"type": "string"}}}},
             **_errors("400", "401", "403", "422", "429", "503")},
+    }})
+    spec.path("/presence", operations={"post": {
+        "summary": "This tab is on the page, viewing or editing (state `gone`: it closed); every 5 s",
+        "security": [{}, {"bearer": []}, {"readCookie": []}],
+        "requestBody": {"required": True, "content": {"application/json": {"schema": "Beat"}}},
+        "responses": {
+            "200": {"description": "recorded", "content": {"application/json": {"schema": "Beaten"}}},
+            "429": _error("a beat within CHANGEFEED_PRESENCE_MIN_INTERVAL_MS of the last (`limit`: presence_interval), "
+                          "or the page lists its most tabs (presence_entries)", **{"Retry-After": RETRY_AFTER}),
+            **_errors("400", "401", "403", "413", "422", "503")},
+    }})
+    spec.path("/ws", operations={"get": {
+        "summary": "A WebSocket following many pages: JSON messages subscribe, unsubscribe, presence, ping "
+                   "(see the README)",
+        "security": optional_auth,
+        "responses": {"101": {"description": "switched to the WebSocket protocol"},
+                      **_errors("400", "403", "429", "503")},
     }})
     spec.path("/session", operations={
         "post": {"summary": "Trade a bearer token for the read-only cookie (for EventSource)",
@@ -175,7 +230,7 @@ def build(app):
     spec.path("/", operations={"get": {
         "summary": "The demo page: an editor and a viewer of one slug",
         "parameters": [{**slug, "required": False},
-                       {"in": "query", "name": "transport", "schema": {"enum": ["poll", "longpoll", "sse"]}}],
+                       {"in": "query", "name": "transport", "schema": {"enum": list(TRANSPORTS)}}],
         "responses": {"200": {"description": "html", "content": {"text/html": {"schema": {"type": "string"}}}},
                       **_errors("400", "422")}}})
     return spec.to_dict()

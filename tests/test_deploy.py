@@ -8,6 +8,7 @@ the cache folder. Upstream requests are counted by the servers' own
 
 import datetime
 import ipaddress
+import json
 import os
 import re
 import shlex
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import requests
+import websocket
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -115,6 +117,26 @@ def test_events_arrive_through_it_at_once(front, epoch):
             front.save("live", f"v{n}")
             assert next(line for line in lines if line.startswith("id:")) == f"id: {epoch}:{n}"
             assert time.monotonic() - saved_at < 2.0  # a buffering proxy would hold it until 4-8 KiB piled up
+
+
+def test_a_websocket_works_through_it(front, epoch):
+    # As a browser's page of this site: its Origin has the port, the Host nginx passes on does not.
+    ws = websocket.create_connection(front.url.replace("https", "wss", 1) + "/ws", timeout=10,
+                                     sslopt={"ca_certs": front.cert}, header=["Sec-Fetch-Site: same-origin"])
+    try:
+        ws.send(json.dumps({"type": "subscribe", "slug": "live"}))
+        assert json.loads(ws.recv()) == {"type": "subscribed", "slug": "live", "version": 0, "epoch": epoch}
+        for n in range(1, 4):
+            saved_at = time.monotonic()
+            front.save("live", f"v{n}")
+            frame = json.loads(ws.recv())
+            assert (frame["type"], frame["version"], frame["html"]) == ("change", n, f"v{n}")
+            assert time.monotonic() - saved_at < 2.0
+        ws.send(json.dumps({"type": "ping", "id": 1}))
+        assert json.loads(ws.recv()) == {"type": "pong", "id": 1}
+    finally:
+        ws.close(timeout=1)
+        ws.shutdown()
 
 
 def test_fifty_identical_long_polls_are_one_request_to_the_servers_and_all_hear_of_the_save(front):

@@ -1,0 +1,604 @@
+"""GET /ws: one WebSocket follows many pages, and who is on them (flask-sock over simple-websocket).
+
+Messages are JSON text; the protocol (README, and docs of issue 12):
+
+    client: subscribe {slug, since, epoch?, presence?, presence_form?}, unsubscribe {slug},
+            presence {slug, client_id, name?, state} (a heartbeat, as POST /presence), ping {id?}
+    server: subscribed, change, presence, beat, unsubscribed, pong, error
+
+Each socket has two workers of its own (greenlets under gunicorn's gevent
+worker, threads under `flask run`), besides the library's reader of the
+socket: the route's own reads and answers the client's messages; its pump
+writes. Every page the socket follows has a notify.Subscription sharing the
+socket's one wake-up event, so a save costs the notifier what it costs for a
+stream (set `latest`, wake) and never waits on this client. The pump then
+sends each page's newest state, once: a client slower than the saves skips
+versions and ends at the newest, as with /events. A wake-up with no news
+(the notifier's heartbeat tick) makes the pump read the store itself, so a
+missed wake-up costs at most a heartbeat interval.
+
+What the pump writes goes out whole or not at all within
+CHANGEFEED_SEND_TIMEOUT_S: a client that stops reading is dropped (close
+1013 when a close frame can still be sent, else the connection just ends),
+and its answers to come wait in a small bounded queue meanwhile.
+
+Close codes: 1008 (token missing or invalid when reads need one, or a page
+of another site: do not retry), 4001 (the token expired: reconnect with a
+fresh one), 1009 (a message over CHANGEFEED_WS_MAX_MESSAGE_BYTES), 1012
+(this worker is shutting down: reconnect), 1013 (too slow, or the server is
+full: retry later). The server pings every CHANGEFEED_WS_PING_S and
+simple-websocket drops a peer that has not answered the previous ping.
+"""
+
+import json
+import logging
+import socket
+import threading
+import time
+from collections import deque
+from urllib.parse import urlsplit
+
+from flask import Blueprint, Response, request
+from flask_sock import Sock
+from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate
+from simple_websocket import ConnectionClosed
+from wsproto.events import CloseConnection
+from wsproto.utilities import LocalProtocolError
+
+import metrics
+import presence as presence_module
+from auth import READ_COOKIE, AuthError, bearer_token
+from errors import ApiError
+from limits import TooManyWaits
+from notify import Subscription
+from origins import parse_origins
+from schemas import EPOCH, MAX_NAME, Count, PresenceQuery, PresenceSchema, Slug, reject_constant
+from store import Unavailable
+
+log = logging.getLogger(__name__)
+
+PATH = "/ws"
+UPGRADED = "changefeed.ws_upgraded"  # in the WSGI environ of a request that became a WebSocket
+REPLIES = 64  # answers to one client's messages waiting to be sent; past it the reader waits, then drops
+BACKLOG = 256  # messages read from the client and not yet handled; past it the client floods: dropped
+CLOSE_WAIT_S = 1.0  # how long a close frame may take to send, and the client to answer it
+
+# Close codes (RFC 6455 7.4; 4001 is ours).
+POLICY_VIOLATION, MESSAGE_TOO_BIG, SERVICE_RESTART, TRY_AGAIN_LATER, TOKEN_EXPIRED = 1008, 1009, 1012, 1013, 4001
+EXPIRED_REASON = "token expired: reconnect with a fresh token"
+RESTART_REASON = "server restarting: reconnect"
+SLOW_REASON = "too slow: frames were not read in time"
+
+TYPES = ("subscribe", "unsubscribe", "presence", "ping")
+JSON_TYPES = {list: "an array", str: "a string", int: "a number", float: "a number",
+              bool: "true or false", type(None): "null"}
+
+
+class SubscribeSchema(Schema):
+    """{"type": "subscribe", "slug", "since"?, "epoch"?, "presence"?, "presence_form"?}."""
+
+    class Meta:
+        unknown = EXCLUDE  # its `type`
+
+    slug = Slug(required=True)
+    since = Count(load_default=0)
+    epoch = fields.String(load_default=None, allow_none=True, validate=validate.Regexp(
+        EPOCH, error="Must be the epoch of an earlier answer (letters, digits, - and _)."))
+    presence = PresenceQuery.presence
+    presence_form = PresenceQuery.presence_form
+
+
+class UnsubscribeSchema(Schema):
+    """{"type": "unsubscribe", "slug"}."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+    slug = Slug(required=True)
+
+
+def _reason(text):
+    """A close reason: at most 123 bytes of UTF-8 (RFC 6455), cut at a character."""
+    return text.encode()[:123].decode(errors="ignore")
+
+
+def _frame(kind, **fields):
+    return json.dumps({"type": kind, **fields}, separators=(",", ":"), ensure_ascii=False)
+
+
+def error_frame(error, message, **details):
+    """An `error` frame; `details` of an ApiError (limit, retry_after_ms, ...) ride along, its headers do not."""
+    details.pop("headers", None)
+    return _frame("error", error=error, message=message, **details)
+
+
+def cross_site(req, allowed):
+    """Whether the handshake comes from a page of another site that CHANGEFEED_CORS_ORIGINS does not list.
+
+    A browser sends Origin (and Sec-Fetch-Site) on every WebSocket handshake,
+    with the visitor's cookies: a page elsewhere must not read through them
+    (cross-site WebSocket hijacking). Clients that are not browsers send no
+    Origin, or their own, and are not pages.
+    """
+    origin = req.headers.get("Origin")
+    if origin is None or origin in allowed:
+        return False
+    site = req.headers.get("Sec-Fetch-Site")
+    if site is not None:
+        return site not in ("same-origin", "none")
+    return origin == "null" or urlsplit(origin).netloc != req.host
+
+
+class Wire:
+    """The socket simple-websocket writes through: each frame whole, one at a time, within a time limit.
+
+    The library writes with one send(), which may write part of a frame; the
+    pump's frames and the library's pongs and pings come from two workers.
+    Here each write is a sendall() under a lock, and one that times out
+    leaves the stream torn: nothing more may be written on it.
+    """
+
+    def __init__(self, sock, timeout_s):
+        self.sock, self.timeout_s = sock, timeout_s
+        self.torn = False
+        self._lock = threading.Lock()
+        # The library reads only once its selector saw data (it always pings here), so this bounds writes only.
+        sock.settimeout(timeout_s)
+
+    def send(self, data):
+        with self._lock:
+            return self._send(data)
+
+    def send_if_idle(self, data, timeout_s):
+        """Send a last frame (a close) unless a frame is being written; return whether it was sent."""
+        if not self._lock.acquire(blocking=False):
+            return False
+        try:
+            self.sock.settimeout(timeout_s)
+            self._send(data)
+            return True
+        except OSError:
+            return False
+        finally:
+            self._lock.release()
+
+    def _send(self, data):
+        if self.torn:
+            raise BrokenPipeError("the connection is being dropped")
+        try:
+            self.sock.sendall(data)
+        except OSError:
+            self.torn = True
+            raise
+        return len(data)
+
+    def recv(self, size):
+        return self.sock.recv(size)
+
+    def fileno(self):
+        return self.sock.fileno()
+
+    def close(self):
+        self.sock.close()
+
+
+class Follow:
+    """One page a socket follows: its subscription, and what the client was sent of it."""
+
+    __slots__ = ("slug", "subscription", "held", "epoch", "sent", "presence_sent", "count_only")
+
+    def __init__(self, slug, subscription, held):
+        self.slug, self.subscription, self.held = slug, subscription, held
+        self.epoch, self.sent = None, -1  # the page: its epoch and the version sent (-1: whatever it holds is news)
+        self.presence_sent, self.count_only = None, False  # None: no presence frames
+
+
+class Socket:
+    """One open WebSocket: the route's worker reads (handle), the pump writes."""
+
+    def __init__(self, ws, wire, service, rights):
+        self.ws, self.wire, self.service, self.rights = ws, wire, service, rights
+        self.store, self.notifier = service.store, service.notifier
+        self.woken = threading.Event()  # shared by every Follow's subscription, and by the reader's answers
+        self.space = threading.Event()  # the pump took an answer off a full queue
+        self.replies = deque()  # frames (str) and commands (tuple) for the pump, in the client's order
+        self.follows = {}  # slug -> Follow; the pump's alone
+        self.beats = {}  # (slug, client_id) -> Beat this socket recorded: "gone" for each at the end
+        self.ended = False  # the client went, or the socket is being closed: the pump stops
+        self.closed_with = None  # (code, reason) of the close frame sent, if one was
+        self.ends_at = None if rights is None else time.monotonic() + rights.seconds_left()
+
+    # The reader: the route's own worker.
+
+    def handle(self, message):
+        """Answer one client message; a bad one gets an error frame, and the socket stays open."""
+        slug = None
+        try:
+            if not isinstance(message, str):
+                raise ApiError(400, "invalid message", "Send JSON text messages, not binary ones.")
+            try:
+                body = json.loads(message, parse_constant=reject_constant)
+            except (ValueError, RecursionError) as exc:
+                raise ApiError(400, "invalid message", f"The message is not valid JSON: {exc}.") from None
+            if not isinstance(body, dict):
+                raise ApiError(400, "invalid message", f'A message must be a JSON object with a "type", '
+                                                       f"not {JSON_TYPES[type(body)]}.")
+            kind = body.get("type")
+            if kind not in TYPES or not isinstance(kind, str):
+                raise ValidationError({"type": [f"Must be one of {', '.join(TYPES)}."]})
+            if isinstance(body.get("slug"), str):
+                slug = body["slug"].lower()
+            getattr(self, f"on_{kind}")(body)
+        except ValidationError as exc:
+            self.queue(error_frame("invalid message", "Fix the fields listed in `fields` and send the message "
+                                   "again.", fields=exc.messages, **self._slug(slug, exc)))
+        except ApiError as exc:
+            self.queue(error_frame(exc.error, exc.message, **{**self._slug(slug), **exc.details}))
+        except Unavailable as exc:
+            self.queue(error_frame("unavailable", f"The database cannot be read right now ({exc}). Retry in a "
+                                   "moment.", **self._slug(slug)))
+        except Exception:  # a bug: say so in a frame; the socket, already upgraded, cannot answer a 500
+            log.exception("WebSocket message failed")
+            self.queue(error_frame("internal error", "The server failed to answer this message; the error "
+                                   "is logged.", **self._slug(slug)))
+
+    @staticmethod
+    def _slug(slug, invalid=None):
+        """The `slug` member of an error frame: the message's, unless that is what was wrong with it."""
+        if slug is None or (invalid is not None and "slug" in invalid.messages):
+            return {}
+        return {"slug": slug}
+
+    def on_subscribe(self, body):
+        item = self.service.subscribe_schema.load(body)
+        if self.service.verifier.reads:
+            self.rights.require("read", item["slug"])
+        self.queue(("subscribe", item))
+
+    def on_unsubscribe(self, body):
+        self.queue(("unsubscribe", self.service.unsubscribe_schema.load(body)["slug"]))
+
+    def on_ping(self, body):
+        self.queue(_frame("pong", id=body.get("id")))
+
+    def on_presence(self, body):
+        item = self.service.presence_schema.load(body)
+        if self.service.verifier.enabled and self.rights is None:
+            raise AuthError(401, "invalid_token", "Presence needs a token here (access control is on): connect "
+                                                  "with one (Authorization: Bearer, or the cookie of POST /session).")
+        beat = presence_module.beat_of(item, self.rights, MAX_NAME)
+        self.notifier.start()  # its look-out also sweeps presence entries past their TTL
+        answer = presence_module.record(self.store, beat, self.service.config)
+        key = (beat.slug, beat.client_id)
+        if beat.state == presence_module.GONE:
+            self.beats.pop(key, None)
+        else:
+            self.beats[key] = beat
+        self.queue(_frame("beat", **answer))
+
+    def queue(self, item):
+        """Hand the pump a frame or command; wait while the queue is full, drop a client that keeps it full."""
+        deadline = None
+        while not self.ended:
+            self.space.clear()  # before looking: a place freed from now on wakes the wait below
+            if len(self.replies) < REPLIES:
+                break
+            # The pump cannot send: this client does not read what it asks for.
+            deadline = deadline or time.monotonic() + self.service.send_timeout_s
+            if not self.space.wait(max(0.0, deadline - time.monotonic())) and len(self.replies) >= REPLIES:
+                self.drop()
+        if not self.ended:
+            self.replies.append(item)
+            self.woken.set()
+
+    def drop(self):
+        """End a client that does not read: a close frame if the stream is whole, then the connection."""
+        metrics.refused("send_timeout")
+        self.close(TRY_AGAIN_LATER, SLOW_REASON)
+
+    def close(self, code, reason):
+        """Stop both workers, with a close frame when the stream can still carry one (never mid-frame)."""
+        self.ended = True
+        self.woken.set()
+        if self.closed_with is None and self.ws.connected:
+            try:
+                frame = self.ws.ws.send(CloseConnection(code=code, reason=_reason(reason)))  # wsproto frames it
+            except LocalProtocolError:  # the client is closing already
+                frame = None
+            if frame and self.wire.send_if_idle(frame, CLOSE_WAIT_S):
+                self.closed_with = (code, reason)
+        self.ws.connected = False
+        self.ws.event.set()  # the reader's receive() returns
+
+    def leave(self):
+        """The socket ended: each tab it beat for leaves the page's presence at once."""
+        for beat in self.beats.values():
+            try:
+                presence_module.record(self.store, beat._replace(state=presence_module.GONE), self.service.config)
+            except Exception as exc:  # the entry then expires after its TTL
+                log.info("presence of %s on %s not ended at close: %s", beat.client_id, beat.slug, exc)
+        self.beats.clear()
+
+    # The pump: its own worker.
+
+    def pump(self):
+        """Send the answers, then whatever is new on the followed pages, until the socket ends."""
+        last_full_look = time.monotonic()
+        try:
+            while not self.ended:
+                # Nothing followed: no subscription for notifier.close() to wake, so look now and then.
+                timeout = None if self.follows else 1.0
+                if self.ends_at is not None:
+                    timeout = min(timeout or 1e9, max(0.0, self.ends_at - time.monotonic()))
+                self.woken.wait(timeout)
+                self.woken.clear()
+                if self.ended:
+                    return
+                if self.notifier.closed:
+                    return self.close(SERVICE_RESTART, RESTART_REASON)
+                if self.ends_at is not None and time.monotonic() >= self.ends_at:
+                    return self.close(TOKEN_EXPIRED, EXPIRED_REASON)
+                answered = bool(self.replies)
+                while self.replies and not self.ended:
+                    item = self.replies.popleft()
+                    self.space.set()
+                    if isinstance(item, str):
+                        self.send(item)
+                    elif item[0] == "subscribe":
+                        self.subscribe(item[1])
+                    else:
+                        self.unsubscribe(item[1])
+                news = False
+                for follow in list(self.follows.values()):
+                    news |= self.look(follow, full=False)
+                # A wake-up that brought nothing is the heartbeat tick (or a new database): look for
+                # ourselves. Should a tick come along with news, the next one is looked at anyway.
+                now = time.monotonic()
+                if (not news and not answered) or now - last_full_look >= 2 * self.notifier.heartbeat_s:
+                    last_full_look = now
+                    for follow in list(self.follows.values()):
+                        self.look(follow, full=True)
+        except TimeoutError:  # socket.timeout: the client took nothing for the send timeout
+            self.drop()
+        except (ConnectionClosed, OSError):  # the client went
+            pass
+        except Exception:
+            log.exception("WebSocket pump failed")
+            self.close(1011, "internal error")
+        finally:
+            self.ended = True
+            for follow in self.follows.values():
+                follow.held.__exit__(None, None, None)
+            self.follows.clear()
+            self.ws.event.set()
+
+    def send(self, text):
+        self.ws.send(text)
+
+    def subscribe(self, item):
+        """Follow a page (again: from the position given), subscribed before the store is read."""
+        slug = item["slug"]
+        follow = self.follows.get(slug)
+        if follow is None and len(self.follows) >= self.service.max_slugs:
+            return self.send(error_frame(
+                "too many subscriptions", f"This socket follows {len(self.follows)} pages, its most "
+                f"(CHANGEFEED_WS_MAX_SLUGS): unsubscribe from one first, or open another socket.", slug=slug))
+        try:
+            if follow is None:
+                subscription = Subscription(self.woken)
+                held = self.notifier.subscribe(slug, subscription)
+                held.__enter__()  # starts the watcher: may find the database gone
+                follow = self.follows[slug] = Follow(slug, subscription, held)
+            else:  # what was delivered before speaks of the old position
+                follow.subscription.latest = follow.subscription.presence = None
+            change = self.store.changes(slug, item["since"], item["epoch"])
+            present = self.store.presence(slug) if item["presence"] is not None else None
+        except Unavailable as exc:
+            self.unfollow(slug)
+            return self.send(error_frame("unavailable", f"The database cannot be read right now ({exc}). "
+                                         "Subscribe again in a moment.", slug=slug))
+        since = item["since"]
+        if item["epoch"] is not None and change.epoch != item["epoch"]:
+            since = -1  # another database: whatever it holds is news, even version 0
+        follow.epoch, follow.sent = change.epoch, since
+        follow.presence_sent, follow.count_only = item["presence"], item["presence_form"] == "count"
+        self.send(f'{{"type":"subscribed","slug":"{slug}","version":{change.version},"epoch":"{change.epoch}"}}')
+        if change.version > follow.sent:
+            self.send_change(follow, change)
+        if present is not None and present.version != follow.presence_sent:
+            self.send_presence(follow, present)
+
+    def unsubscribe(self, slug):
+        self.unfollow(slug)
+        self.send(f'{{"type":"unsubscribed","slug":"{slug}"}}')
+
+    def unfollow(self, slug):
+        follow = self.follows.pop(slug, None)
+        if follow is not None:
+            follow.held.__exit__(None, None, None)
+
+    def look(self, follow, full):
+        """Send what is new of one page: delivered, or (`full`) read from the store. Return whether anything was."""
+        news = False
+        change = follow.subscription.latest
+        if change is None or (change.epoch == follow.epoch and change.version <= follow.sent):
+            change = None
+            if full:
+                change = self._read(self.store.changes, follow.slug, max(follow.sent, 0))
+        if change is not None and change.epoch != follow.epoch:
+            follow.epoch, follow.sent = change.epoch, -1  # a new database: whatever it holds is news
+            if not change.changed:
+                change = self._read(self.store.changes, follow.slug, 0)
+        if change is not None and change.version > follow.sent:
+            self.send_change(follow, change)
+            news = True
+        if follow.presence_sent is not None:
+            present = follow.subscription.presence
+            if present is None or present.version == follow.presence_sent:
+                present = self._read(self.store.presence, follow.slug) if full else None
+            if present is not None and present.version != follow.presence_sent:
+                self.send_presence(follow, present)
+                news = True
+        return news
+
+    @staticmethod
+    def _read(read, *args):
+        try:
+            return read(*args)
+        except Unavailable as exc:  # looked at again on the next heartbeat
+            log.warning("WebSocket could not read %s: %s", args[0], exc)
+            return None
+
+    def send_change(self, follow, change):
+        # The cached JSON text of the answer, with the frame's type and slug in front: no re-serializing.
+        text = change.answer if change.changed else change.unchanged
+        self.send(f'{{"type":"change","slug":"{follow.slug}",' + text[1:])
+        follow.sent = change.version
+
+    def send_presence(self, follow, present):
+        self.send(f'{{"type":"presence","slug":"{follow.slug}",' + present.text(follow.count_only)[1:])
+        follow.presence_sent = present.version
+
+
+class Service:
+    """What every socket of one app shares: the store, the notifier, the verifier, the limits."""
+
+    def __init__(self, app, store, notifier, verifier, waits):
+        config = app.config
+        self.config, self.store, self.notifier, self.verifier, self.waits = config, store, notifier, verifier, waits
+        self.allowed_origins = parse_origins(config["CHANGEFEED_CORS_ORIGINS"])
+        self.max_slugs = config["CHANGEFEED_WS_MAX_SLUGS"]
+        self.send_timeout_s = config["CHANGEFEED_SEND_TIMEOUT_S"]
+        self.subscribe_schema, self.unsubscribe_schema = SubscribeSchema(), UnsubscribeSchema()
+        self.presence_schema = PresenceSchema()
+
+    def admit(self, req):
+        """The close (code, reason) this connection gets at once, or None, and the token's Rights."""
+        if cross_site(req, self.allowed_origins):
+            return (POLICY_VIOLATION, "a page of another site may not connect here (CHANGEFEED_CORS_ORIGINS)"), None
+        if self.notifier.closed:
+            return (SERVICE_RESTART, RESTART_REASON), None
+        if not self.verifier.enabled:
+            return None, None
+        header, cookie = req.headers.get("Authorization"), req.cookies.get(READ_COOKIE)
+        if header is None and not cookie:
+            if self.verifier.reads:
+                return (POLICY_VIOLATION, "a token is needed: send Authorization: Bearer, or the cookie of "
+                                          "POST /session"), None
+            return None, None
+        try:
+            rights = self.verifier.verify_token(bearer_token(header) if header is not None else cookie)
+        except AuthError as exc:
+            if exc.expired:
+                return (TOKEN_EXPIRED, EXPIRED_REASON), None
+            return (POLICY_VIOLATION, f"invalid token: {exc.message}"), None
+        except Unavailable:  # the identity provider's keys cannot be fetched
+            return (TRY_AGAIN_LATER, "the token cannot be checked right now: retry later"), None
+        return None, rights
+
+    def serve(self, ws):
+        """The route: admit the connection, start its pump, and read the client's messages until it ends."""
+        environ = request.environ
+        environ[UPGRADED] = True
+        wire = ws.sock = Wire(ws.sock, self.send_timeout_s)
+        refusal, rights = self.admit(request)
+        release = None
+        if refusal is None:
+            try:
+                release = self.waits.enter(environ)
+            except TooManyWaits as exc:
+                refusal = (TRY_AGAIN_LATER, exc.message)
+        sock = Socket(ws, wire, self, rights)
+        pump = None
+        try:
+            if refusal is not None:
+                sock.close(*refusal)
+                return
+            metrics.OPEN_SOCKETS.inc()
+            pump = threading.Thread(target=sock.pump, name="changefeed-ws-pump", daemon=True)
+            pump.start()
+            while not sock.ended:
+                message = ws.receive()
+                if len(ws.input_buffer) > BACKLOG:  # sent faster than answered, and more coming
+                    sock.drop()
+                elif message is not None:
+                    sock.handle(message)
+        except ConnectionClosed:
+            pass
+        finally:
+            sock.ended = True
+            sock.woken.set()
+            if sock.closed_with is not None:  # let the client answer the close frame
+                ws.thread.join(CLOSE_WAIT_S)
+            self._hang_up(ws, environ)  # also ends a pump blocked on a send
+            if pump is not None:
+                pump.join()
+                metrics.OPEN_SOCKETS.dec()
+            try:
+                sock.leave()
+            finally:
+                if release is not None:
+                    release()
+
+    @staticmethod
+    def _hang_up(ws, environ):
+        """End the TCP connection now: the library's reader stops, and gevent's handler reads no next request."""
+        for raw in (ws.sock.sock, environ.get("gunicorn.sock")):
+            if raw is not None:
+                try:
+                    raw.shutdown(socket.SHUT_RDWR)
+                except OSError:  # already closed
+                    pass
+        ws.thread.join(CLOSE_WAIT_S)
+
+
+class Upgraded(Response):
+    """The answer of a WebSocket request once the socket ended: a status for the server's books only."""
+
+    def __call__(self, environ, start_response):
+        start_response("101 Switching Protocols", [("Connection", "close")])
+        return []
+
+
+def register(app, store, notifier, verifier, waits):
+    """Serve GET /ws on `app` (call after the verifier and the wait gate exist)."""
+    service = Service(app, store, notifier, verifier, waits)
+    # simple-websocket pings every CHANGEFEED_WS_PING_S, and drops a peer whose pong to the last ping
+    # did not come; it closes 1009 on a message over the limit.
+    app.config.setdefault("SOCK_SERVER_OPTIONS", {
+        "ping_interval": max(app.config["CHANGEFEED_WS_PING_S"], 1),
+        "max_message_size": app.config["CHANGEFEED_WS_MAX_MESSAGE_BYTES"],
+    })
+    blueprint = Blueprint("websocket", __name__)
+
+    @blueprint.before_request
+    def handshake():
+        """Refuse a malformed handshake with a 400 before the upgrade; offer no compression."""
+        headers = request.headers
+        if headers.get("Sec-WebSocket-Version") != "13" or not headers.get("Sec-WebSocket-Key"):
+            raise ApiError(400, "bad request", "A WebSocket handshake needs Sec-WebSocket-Version: 13 and a "
+                                               "Sec-WebSocket-Key.", headers={"Sec-WebSocket-Version": "13"})
+        # No permessage-deflate: each frame goes out as the text cached for every client, where compression
+        # would cost CPU per frame and a zlib context (hundreds of KiB) per socket.
+        request.environ.pop("HTTP_SEC_WEBSOCKET_EXTENSIONS", None)
+
+    @blueprint.after_request
+    def upgraded(response):
+        """Once a socket was served, its access log line (logs.py) says 101, not 0 (gevent) or 200 (werkzeug).
+
+        The connection is shut down by then: the server's attempt to write
+        these headers fails quietly (a broken pipe), and it reads no next request.
+        """
+        if request.environ.get(UPGRADED):
+            return Upgraded()
+        return response
+
+    sock = Sock()
+
+    @sock.route(PATH, bp=blueprint)
+    def websocket(ws):
+        """A WebSocket following many pages (and their presence)."""
+        service.serve(ws)
+
+    app.register_blueprint(blueprint)
+    return service
