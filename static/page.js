@@ -2,9 +2,12 @@
  * The demo page: an editor that saves, a viewer that follows the change feed.
  *
  * Knows the page's elements and POST /save; learns of new versions only
- * through subscribe() from changefeed.js, whatever transport that uses.
+ * through subscribe() from changefeed.js, whatever transport that uses, and
+ * of who else has the page open through its onPresence; tells the others
+ * this tab is here (and editing) with present() from presence.js.
  */
 import {backoffMs, subscribe} from "./changefeed.js";
+import {present} from "./presence.js";
 
 const $ = (id) => document.getElementById(id);
 const token = takeToken();
@@ -22,6 +25,9 @@ let edits = 0;           // counts the edits, to tell whether one came in while 
 let saving = false;
 let unsettled = null;    // {body, key}: the last save whose outcome is not known, retried with its key
 let conflictVersion = null;
+let here = null;         // this tab's presence beats: present()
+let presence = null;     // the newest presence list: {version, count, editing, editors?}
+let you = null;          // this tab's user's id in presence lists, left out of the "Here now" bar
 
 function showMessage(text, kind = "info") {
   $("message").textContent = text;
@@ -68,11 +74,13 @@ function renderAge() {
   $("updated").title = shown.updated_at;
 }
 
-function showStatus({state, retryInMs, transport: active, shared, leader}) {
+function showStatus({state, retryInMs, transport: active, shared, leader, reason}) {
   $("badge").dataset.state = state;
   $("state").textContent = state === "retrying" ? `retrying in ${Math.ceil(retryInMs / 1000)} s`
     : state === "unauthorized" ? "not allowed to read" : state;
-  if (state === "unauthorized") {
+  if (state === "unauthorized" && reason === "expired") {
+    showMessage("Your token expired: open the page again with a fresh #token=... at the end of the address.", "error");
+  } else if (state === "unauthorized") {
     showMessage(token ? "Your token may not read this page, or it expired: open the page again with a fresh "
       + "#token=..." : "Reading this page needs a token: open it with #token=<your token> at the end of the address.",
     "error");
@@ -200,10 +208,85 @@ async function loadTheirs() {
 function edited() {
   dirty = true;
   edits += 1;
+  if (here) here.touch();  // others see "<name> is editing" for the next few seconds
+}
+
+function showPresence(list) {
+  presence = list;
+  renderPresence();
+}
+
+/** A hue of its own for each person, the same in every tab. */
+function hueOf(id) {
+  let hash = 0;
+  for (const char of String(id)) hash = (hash * 31 + char.codePointAt(0)) >>> 0;
+  return hash % 360;
+}
+
+/** The "Here now" bar: everyone else on this page, one chip each. Names are untrusted: text only. */
+function renderPresence() {
+  if (!presence) return;
+  const {count = 0, editors} = presence;
+  const others = (editors || []).filter((person) => person.id !== you);
+  // Is this tab's user among `count`? Named, or (past the named ones) surely counted once it beat.
+  const counted = you !== null && (editors ? others.length < editors.length || editors.length < count : count > 0);
+  const otherCount = Math.max(0, count - (counted ? 1 : 0));
+  $("presence").replaceChildren(...others.map((person) => {
+    const chip = document.createElement("li");
+    const name = person.name || "Someone";
+    chip.dataset.id = person.id;
+    chip.dataset.state = person.state;
+    chip.style.setProperty("--hue", hueOf(person.id));
+    chip.title = person.state === "editing" ? `${name} is editing` : `${name} is viewing`;
+    const initial = document.createElement("span");
+    initial.className = "initial";
+    initial.setAttribute("aria-hidden", "true");
+    initial.textContent = Array.from(name)[0].toUpperCase();
+    const label = document.createElement("span");
+    label.className = "name";
+    label.textContent = name;
+    chip.append(initial, label);
+    if (person.state === "editing") {
+      const doing = document.createElement("span");
+      doing.className = "doing";
+      doing.textContent = " is editing";
+      chip.append(doing);
+    }
+    return chip;
+  }));
+  const unnamed = otherCount - others.length;
+  $("presence-count").textContent = !editors ? `${otherCount} ${otherCount === 1 ? "other" : "others"} here`
+    : unnamed > 0 ? `+${unnamed} more` : "";
+  $("presence-count").dataset.count = String(otherCount);
+  $("presence-empty").hidden = otherCount > 0;
+}
+
+/** A name as the server takes it: at most 40 characters, none of them a control character. */
+function cleanName(text) {
+  return Array.from(String(text || "").replace(/[\u0000-\u001f\u007f-\u009f]/g, "").trim()).slice(0, 40).join("");
+}
+
+/** The name others see: kept in localStorage, a random "Guest 123" until the user gives one. */
+function displayName() {
+  let name = cleanName(localStorage.getItem("changefeed-name"));
+  if (!name) {
+    name = `Guest ${100 + Math.floor(Math.random() * 900)}`;
+    localStorage.setItem("changefeed-name", name);
+  }
+  return name;
+}
+
+function renamed() {
+  const name = cleanName($("name").value);
+  if (!name) return;
+  localStorage.setItem("changefeed-name", name);
+  if (here) here.setName(name);  // sent with the next beat
 }
 
 editor.html.addEventListener("input", edited);
 editor.data.addEventListener("input", edited);
+$("name").value = displayName();
+$("name").addEventListener("input", renamed);
 $("save").addEventListener("click", () => save());
 $("load-theirs").addEventListener("click", loadTheirs);
 $("overwrite").addEventListener("click", () => save(conflictVersion));
@@ -254,7 +337,11 @@ async function start() {
       showMessage("You may read this page but not save it: your token has no write right on it.", "warn");
     }
   }
-  subscribe(slug, {since: 0, onChange: show, onStatus: showStatus, transport});
+  subscribe(slug, {since: 0, onChange: show, onStatus: showStatus, onPresence: showPresence, transport});
+  here = present(slug, {name: displayName(), token, onYou: (id) => {
+    you = id;
+    renderPresence();
+  }});
 }
 
 start();

@@ -5,6 +5,7 @@ and opens two tabs of one browser on the same slug.
 """
 
 import base64
+import json
 import re
 import time
 from pathlib import Path
@@ -49,12 +50,16 @@ document.addEventListener("DOMContentLoaded", () => {
 class Tab:
     """One browser tab on the demo page, with the moves a person makes."""
 
-    def __init__(self, context, url, slug, transport="poll", fragment="", state="live"):
+    def __init__(self, context, url, slug, transport="poll", fragment="", state="live", name=None):
         self.page = context.new_page()
-        self.console_errors, self.page_errors, self.requests = [], [], []
+        self.console_errors, self.page_errors, self.requests, self.sockets = [], [], [], []
         self.page.on("console", lambda m: m.type == "error" and self.console_errors.append(m.text))
         self.page.on("pageerror", lambda e: self.page_errors.append(str(e)))
         self.page.on("request", lambda r: self.requests.append((r.method, r.url)))
+        self.page.on("websocket", lambda ws: self.sockets.append(ws.url))
+        if name is not None:  # the name this tab shows others (the page keeps it in localStorage)
+            self.page.add_init_script(  # in the page, not in its sandboxed iframe (no storage there)
+                f"if (window === window.top) localStorage.setItem('changefeed-name', {json.dumps(name)})")
         self.page.goto(f"{url}/?slug={slug}&transport={transport}{fragment}")
         self.expect_state(state)
 
@@ -71,6 +76,13 @@ class Tab:
 
     def expect_version(self, version, timeout_s=5):
         expect(self.page.locator("#version")).to_have_text(str(version), timeout=timeout_s * 1000)
+
+    def expect_present(self, *names, timeout_s=5):
+        """Expect the "Here now" bar to list exactly these other people, in any order, as text."""
+        chips = self.page.locator("#presence li[data-id]")
+        expect(chips).to_have_count(len(names), timeout=timeout_s * 1000)
+        for name in names:
+            expect(chips.filter(has_text=name)).to_have_count(1, timeout=timeout_s * 1000)
 
     def expect_state(self, *states, timeout_s=10):
         expect(self.page.locator("#badge")).to_have_attribute(
@@ -158,7 +170,7 @@ def test_save_in_one_tab_shows_in_the_other_within_a_poll(tabs, context):
     side_by_side(a, b, context, ARTIFACTS / "two-tabs.png")
 
 
-@pytest.mark.parametrize("transport", ["longpoll", "sse"])
+@pytest.mark.parametrize("transport", ["longpoll", "sse", "ws"])
 def test_push_transports_show_a_save_in_the_other_tab_at_once(open_tab, transport, context):
     a, b = open_tab(transport), open_tab(transport)
     for tab in (a, b):
@@ -168,7 +180,70 @@ def test_push_transports_show_a_save_in_the_other_tab_at_once(open_tab, transpor
         a.save()
         b.expect_viewer(f"push {n}", timeout_s=1)  # no poll interval to wait for
         a.expect_version(n), b.expect_version(n)
+    if transport == "ws":
+        assert len(a.sockets + b.sockets) == 1, a.sockets + b.sockets  # the leader's, shared with the other tab
+        assert urlsplit((a.sockets + b.sockets)[0]).scheme == "ws"
     side_by_side(a, b, context, ARTIFACTS / f"two-tabs-{transport}.png")
+
+
+# --- presence: who else has the page open, and who of them types ---------------------------------------
+
+ADA = "Ada <img src=x onerror=alert(1)>"  # names are untrusted: shown as text, never as markup
+
+
+@pytest.mark.parametrize("transport, people", [
+    ("poll", "two browsers"), ("poll", "one browser"), ("sse", "one browser"),
+    ("ws", "one browser"), ("ws", "two browsers"),
+])
+def test_the_other_tab_shows_who_is_here_who_types_and_who_left(browser, context, server, transport, people):
+    other = browser.new_context(viewport={"width": 760, "height": 900}) if people == "two browsers" else context
+    try:
+        a = Tab(context, server.url, "shared", transport, name=ADA)
+        b = Tab(other, server.url, "shared", transport, name="Bob")
+        expect(b.page.locator("#transport")).to_contain_text(transport)
+        b.expect_present(ADA)
+        a.expect_present("Bob")  # each leaves itself out
+        expect(b.page.locator("#presence-empty")).to_be_hidden()
+        ada = b.page.locator("#presence li[data-id]")
+        expect(ada).to_have_attribute("data-state", "viewing")
+        expect(b.page.locator("#presence img")).to_have_count(0)
+        hue = ada.evaluate("chip => getComputedStyle(chip).getPropertyValue('--hue')")
+        assert hue.strip().isdigit(), hue
+
+        a.page.type("#html", "<p>typing</p>")
+        expect(ada).to_have_attribute("data-state", "editing", timeout=POLL_S * 1000 + 3000)
+        expect(ada).to_contain_text(f"{ADA} is editing")
+        expect(a.page.locator("#presence li[data-id]")).to_have_attribute("data-state", "viewing")
+
+        closed_at = time.monotonic()
+        a.page.close(run_before_unload=True)  # pagehide: the beacon says "gone"
+        b.expect_present(timeout_s=5)  # far under the 15 s an entry lives without beats
+        assert time.monotonic() - closed_at < 5
+        expect(b.page.locator("#presence-empty")).to_be_visible()
+        assert b.page_errors == []
+    finally:
+        if other is not context:
+            other.close()
+
+
+def test_a_page_with_more_people_than_named_shows_how_many_more(make_server, context):
+    server = make_server(env={"CHANGEFEED_PRESENCE_LIST_MAX": "1"})
+    tabs = [Tab(context, server.url, "shared", name=f"Person {n}") for n in range(3)]
+    for tab in tabs:
+        expect(tab.page.locator("#presence-count")).to_have_attribute("data-count", "2", timeout=POLL_S * 1000 + 3000)
+        named = tab.page.locator("#presence li[data-id]").count()
+        expect(tab.page.locator("#presence-count")).to_have_text(f"+{2 - named} more")
+
+
+def test_a_new_name_is_sent_with_the_next_beat_and_kept(open_tab, server):
+    a, b = open_tab(), open_tab()
+    guest = a.page.locator("#name").input_value()
+    assert re.fullmatch(r"Guest \d{3}", guest), guest
+    b.expect_present(guest)
+    a.page.fill("#name", "Grace")
+    b.expect_present("Grace", timeout_s=5 + POLL_S + 1)  # the next beat (5 s), then a poll
+    a.page.reload()
+    expect(a.page.locator("#name")).to_have_value("Grace")
 
 
 @pytest.mark.parametrize("engine", ["postgres"])
@@ -439,6 +514,10 @@ def test_badge_says_retrying_while_the_server_is_down_and_offline_only_without_n
 @pytest.mark.parametrize("status, retry_after_s, most", [(200, None, 5), (503, 2, 3)], ids=["200", "503"])
 def test_long_poll_pauses_after_an_early_unchanged_answer(context, server, status, retry_after_s, most):
     a = Tab(context, server.url, "shared", "longpoll")
+    # The tab's own first beat changes the presence list, which answers a held long-poll: wait for
+    # the one held after it, so that the save below, not presence, answers the last unrouted one.
+    wait_until(a, lambda: any("wait=" in url and re.search(r"presence=[1-9]", url)
+                              for url in a.requests_to("/changes")))
     early = []
 
     def answer_early(route):
@@ -492,7 +571,7 @@ def test_a_save_whose_answer_is_lost_is_retried_with_its_key_and_stored_once(tab
     assert len(keys) == 3 and keys[2] != keys[0]  # a new edit is a new save: a new key
 
 
-@pytest.mark.parametrize("transport", ["poll", "longpoll", "sse"])
+@pytest.mark.parametrize("transport", ["poll", "longpoll", "sse", "ws"])
 def test_a_replaced_database_is_followed_even_to_a_lower_version(context, server, db_path, transport):
     a = Tab(context, server.url, "shared", transport)
     for n in (1, 2, 3):
@@ -534,7 +613,7 @@ def auth_server(make_server):
     return make_server(env={"CHANGEFEED_JWT_SECRET": JWT_SECRET, "CHANGEFEED_AUTH_READS": "1"})
 
 
-@pytest.mark.parametrize("transport", ["poll", "sse"])
+@pytest.mark.parametrize("transport", ["poll", "sse", "ws"])
 def test_with_access_control_the_page_saves_and_streams_with_a_token_from_the_fragment(auth_server, context,
                                                                                        transport):
     given = jwt_token()
@@ -557,7 +636,7 @@ def test_a_read_only_token_may_read_but_the_page_says_it_cannot_save(auth_server
     expect(tab.page.locator("#message")).to_contain_text("may read this page but not save it")
 
 
-@pytest.mark.parametrize("transport", ["poll", "longpoll", "sse"])
+@pytest.mark.parametrize("transport", ["poll", "longpoll", "sse", "ws"])
 def test_without_a_token_the_page_stops_and_says_so_instead_of_retrying(auth_server, context, transport):
     tab = Tab(context, auth_server.url, "lonely", transport, state="unauthorized")
     expect(tab.page.locator("#message")).to_contain_text("needs a token")
@@ -565,3 +644,18 @@ def test_without_a_token_the_page_stops_and_says_so_instead_of_retrying(auth_ser
     tab.wait(3)
     asked = tab.requests_to("/changes", after=mark) + tab.requests_to("/events", after=mark)
     assert asked == [], f"kept asking after a 401: {asked}"
+    # A WebSocket closed with 1008 (policy violation) is never opened again, nor replaced by a long-poll.
+    assert len(tab.sockets) == (1 if transport == "ws" else 0), tab.sockets
+    if transport == "ws":
+        assert tab.requests_to("/changes") == []
+
+
+def test_a_websocket_closed_because_the_token_expired_says_so_and_stops(make_server, context):
+    server = make_server(env={"CHANGEFEED_JWT_SECRET": JWT_SECRET, "CHANGEFEED_AUTH_READS": "1",
+                              "CHANGEFEED_JWT_LEEWAY_S": "0"})
+    tab = Tab(context, server.url, "shared", "ws", fragment=f"#token={jwt_token(exp_in=3)}")
+    tab.expect_state("unauthorized", timeout_s=8)  # closed with 4001 when the token expires
+    expect(tab.page.locator("#message")).to_contain_text("token expired")
+    tab.wait(3)
+    assert len(tab.sockets) == 1, tab.sockets
+    assert tab.requests_to("/changes") == []
