@@ -37,9 +37,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 POLL_PATH = "/changes?slug=bench&since=1"
 
 FULL = dict(runs=3, wrk_s=10, subscribers=1000, saves_per_s=10, propagate_s=30, idle_s=5,
-            capacity=10_000, many_slugs=10_000, many_saves_per_s=100, many_s=10)
+            capacity=10_000, ws_capacity=2_000, many_slugs=10_000, many_saves_per_s=100, many_s=10)
 QUICK = dict(runs=1, wrk_s=1, subscribers=20, saves_per_s=10, propagate_s=1, idle_s=0.5,
-             capacity=100, many_slugs=100, many_saves_per_s=20, many_s=1)
+             capacity=100, ws_capacity=50, many_slugs=100, many_saves_per_s=20, many_s=1)
 
 TARGETS = {
     "unchanged_rps": ("unchanged poll, requests/s", ">=", 4200),
@@ -47,6 +47,7 @@ TARGETS = {
     "unchanged_304_vs_200": ("304 / unchanged 200, requests/s", ">=", 1.0),
     "saves_one_slug_rps": ("saves/s, 64 clients, one slug", ">=", 1200),
     "sse_p99_ms": ("SSE propagation p99, ms", "<", 50),
+    "ws_p99_ms": ("WebSocket propagation p99, ms", "<", 50),
     "longpoll_p99_ms": ("long-poll propagation p99, ms", "<", 50),
     "longpoll100_p99_ms": ("long-poll propagation p99 at 100 subscribers, ms", "<", 50),
     "longpoll_nginx_p99_ms": ("long-poll through nginx's micro-cache, 1,000 subscribers: propagation p99, ms", "<", 50),
@@ -163,14 +164,14 @@ async def _exact_versions(url, slug, concurrency, total):
 # --- scenario 3 --------------------------------------------------------------------------------
 
 def propagation_variants(cfg):
-    """(name, transport, subscribers): each transport at 1,000, and long-poll at a tenth of that.
+    """(name, transport, subscribers): SSE, WebSocket, long-poll and poll at 1,000; long-poll at a tenth of that.
 
     Long-polling answers and re-asks once per subscriber per save: 1,000
     subscribers at 10 saves/s need 10,000 requests/s, more than this stack
     serves on 2 cores; the smaller run shows the mechanism at a load it carries.
     """
     n = cfg["subscribers"]
-    return [("sse", "sse", n), ("longpoll", "longpoll", n), ("poll", "poll", n),
+    return [("sse", "sse", n), ("ws", "ws", n), ("longpoll", "longpoll", n), ("poll", "poll", n),
             ("longpoll100", "longpoll", max(n // 10, 1))]
 
 
@@ -313,33 +314,50 @@ async def _measure(service, counter, work):
 
 def capacity(cfg, tmp, log):
     """Open SSE streams up to 10,000, then one save: how long until every stream has it, and memory per stream."""
+    runs, summary = _capacity_runs(cfg, tmp, log, "sse", cfg["capacity"], "capacity", "cap")
+    return runs, {"capacity_streams": cfg["capacity"], **summary,
+                  "capacity_kib_per_stream": median(r["kib_per_stream"] for r in runs)}
+
+
+def ws_capacity(cfg, tmp, log):
+    """Open WebSockets on /ws up to 2,000 (one subscription each), then one save: as `capacity`, per socket.
+
+    Fewer than the SSE streams: each socket costs the server more (greenlets of its own
+    besides the connection), and 2,000 open in seconds, so the scenario stays short.
+    """
+    runs, summary = _capacity_runs(cfg, tmp, log, "ws", cfg["ws_capacity"], "ws_capacity", "wscap")
+    return runs, {"ws_capacity_sockets": cfg["ws_capacity"], **summary,
+                  "ws_capacity_kib_per_socket": median(r["kib_per_stream"] for r in runs)}
+
+
+def _capacity_runs(cfg, tmp, log, transport, count, key, prefix):
+    """`count` subscribers of `transport`, then one save, on a fresh server per run; the summary under `key`_."""
     db = servers.migrated_db(tmp)
     runs = []
     for n in range(cfg["runs"]):
         # A fresh server each run: one that served a run before reuses the memory its streams freed,
         # and would show less per stream than a server taking its first 10,000.
         with servers.gunicorn("app:create_app()", db, log) as service:
-            runs.append(asyncio.run(_capacity(service, f"cap-{n}", cfg["capacity"])))
+            runs.append(asyncio.run(_capacity(service, f"{prefix}-{n}", count, transport)))
     return runs, {
-        "capacity_streams": cfg["capacity"],
-        "capacity_p50_ms": median(r["p50_ms"] for r in runs),
-        "capacity_p99_ms": median(r["p99_ms"] for r in runs),
-        "capacity_max_ms": median(r["max_ms"] for r in runs),
-        "capacity_kib_per_stream": median(r["kib_per_stream"] for r in runs),
-        "capacity_dropped": max(r["dropped"] for r in runs),
-        "capacity_open_s": median(r["open_s"] for r in runs),
-        "capacity_spread": runs[-1]["spread"],
+        f"{key}_p50_ms": median(r["p50_ms"] for r in runs),
+        f"{key}_p99_ms": median(r["p99_ms"] for r in runs),
+        f"{key}_max_ms": median(r["max_ms"] for r in runs),
+        f"{key}_dropped": max(r["dropped"] for r in runs),
+        f"{key}_open_s": median(r["open_s"] for r in runs),
+        f"{key}_spread": runs[-1]["spread"],
     }
 
 
-async def _capacity(service, slug, streams):
+async def _capacity(service, slug, streams, transport):
+    """`streams` subscribers of `transport` on one slug, then one save; "kib_per_stream" is per connection."""
     url = service.url
     async with subs.session(streams) as http_:
         await subs.save(http_, url, slug, 0)
         rss = service.worker_rss()
         started = time.monotonic()
         counter = {"requests": 0}
-        seens, tasks = await subs.subscribe_all(http_, url, "sse", [slug] * streams, 1, counter)
+        seens, tasks = await subs.subscribe_all(http_, url, transport, [slug] * streams, 1, counter)
         open_s = time.monotonic() - started
         await asyncio.sleep(1)
         grown = service.worker_rss() - rss
@@ -439,7 +457,7 @@ def print_table(summary):
         ("", "failed / unaccounted", ("saves_failed", "saves_unaccounted")),
         ("", "versions exactly 1..N", "saves_exact"),
     ]
-    for t in ("sse", "longpoll", "poll", "longpoll100"):
+    for t in ("sse", "ws", "longpoll", "poll", "longpoll100"):
         rows += [(f"propagation {t}", "p50 / p99 / max ms", (f"{t}_p50_ms", f"{t}_p99_ms", f"{t}_max_ms")),
                  ("", "missed / failed subscribers", (f"{t}_missed", f"{t}_failed")),
                  ("", "server CPU % idle / load", (f"{t}_idle_server_cpu_pct", f"{t}_load_server_cpu_pct")),
@@ -468,6 +486,12 @@ def print_table(summary):
              ("", "server KiB per open stream", "capacity_kib_per_stream"),
              ("", "dropped streams", "capacity_dropped"),
              ("", "streams per worker", "capacity_spread"),
+             ("capacity (WebSocket)", "sockets", "ws_capacity_sockets"),
+             ("", "one save reaches all: p50 / p99 / max ms",
+              ("ws_capacity_p50_ms", "ws_capacity_p99_ms", "ws_capacity_max_ms")),
+             ("", "server KiB per open socket", "ws_capacity_kib_per_socket"),
+             ("", "dropped sockets", "ws_capacity_dropped"),
+             ("", "sockets per worker", "ws_capacity_spread"),
              ("many slugs", "CPU ms per save, 100 slugs / 10,000", ("many_slugs_cpu_ms_per_save_100",
                                                                     "many_slugs_cpu_ms_per_save_n")),
              ("", "ratio", "many_slugs_cost_ratio"),
@@ -481,7 +505,7 @@ def print_table(summary):
         target = ""
         if len(keys) == 1 and keys[0] in TARGETS:
             target = "  ".join(verdict(keys[0], summary[keys[0]]))
-        elif keys[0] in ("sse_p50_ms", "longpoll_p50_ms", "longpoll100_p50_ms", "longpoll_nginx_p50_ms",
+        elif keys[0] in ("sse_p50_ms", "ws_p50_ms", "longpoll_p50_ms", "longpoll100_p50_ms", "longpoll_nginx_p50_ms",
                          "hosts_sse_p50_ms", "hosts_longpoll_p50_ms"):
             target = "  ".join(verdict(keys[0].replace("p50", "p99"), summary[keys[1]]))
         elif keys[0] == "capacity_p50_ms":
@@ -526,7 +550,8 @@ def chart(delays, path):
 
 
 SCENARIOS = {"poll": unchanged_poll, "saves": saves, "propagation": propagation,
-             "nginx": propagation_nginx, "hosts": hosts, "capacity": capacity, "many": many_slugs}
+             "nginx": propagation_nginx, "hosts": hosts, "capacity": capacity,
+             "ws_capacity": ws_capacity, "many": many_slugs}
 
 
 def main():

@@ -98,6 +98,36 @@ async def sse(url, slug, seen, counter):
         seen.opened.set()
 
 
+async def ws(http, url, slug, seen, counter):
+    """Hold a WebSocket on /ws subscribed to `slug`, recording each version as its `change` frame arrives.
+
+    One socket per subscriber, as each browser tab holds one; aiohttp answers the
+    server's pings. An `error` frame or a close ends it as a failed subscriber.
+    """
+    try:
+        async with http.ws_connect(url.replace("http", "ws", 1) + "/ws", autoping=True,
+                                   max_msg_size=0) as socket:
+            counter["requests"] += 1
+            await socket.send_str(json.dumps({"type": "subscribe", "slug": slug, "since": seen.version}))
+            async for message in socket:
+                if message.type != aiohttp.WSMsgType.TEXT:
+                    break
+                frame = json.loads(message.data)
+                kind = frame.get("type")
+                if kind == "change" and frame.get("changed"):
+                    seen.record(frame["version"])
+                elif kind == "subscribed":
+                    seen.opened.set()
+                elif kind == "error":
+                    seen.failed = f"error frame: {frame}"
+                    break
+            seen.failed = seen.failed or f"socket closed by the server (close {socket.close_code})"
+    except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as exc:
+        seen.failed = repr(exc)
+    finally:
+        seen.opened.set()
+
+
 async def ask(http, url, slug, seen, counter, wait=0):
     """One GET /changes for the version this subscriber has; record what it brings."""
     async with http.get(f"{url}/changes?slug={slug}&since={seen.version}&wait={wait}") as response:
@@ -140,6 +170,8 @@ async def subscribe_all(http, url, transport, slugs, since, counter, batch=500):
             seen = Seen(since)
             if transport == "sse":
                 job = sse(url, slug, seen, counter)
+            elif transport == "ws":
+                job = ws(http, url, slug, seen, counter)
             elif transport == "longpoll":
                 job = long_poll(http, url, slug, seen, counter)
             else:

@@ -31,10 +31,11 @@ def test_quick_bench_runs_every_scenario(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads((tmp_path / "latest.json").read_text())
     summary = report["summary"]
-    assert set(report["runs"]) == {"poll", "saves", "propagation", "nginx", "hosts", "capacity", "many"}
+    assert set(report["runs"]) == {"poll", "saves", "propagation", "nginx", "hosts", "capacity", "ws_capacity",
+                                    "many"}
     assert summary["unchanged_rps"] > 0 and summary["unchanged_errors"] == 0
     assert summary["saves_failed"] == 0 and summary["saves_unaccounted"] == 0 and summary["saves_exact"] is True
-    for transport in ("sse", "longpoll", "poll", "longpoll100"):
+    for transport in ("sse", "ws", "longpoll", "poll", "longpoll100"):
         assert summary[f"{transport}_missed"] == 0 and summary[f"{transport}_failed"] == 0
     if report["runs"]["nginx"]:  # run when nginx is installed
         assert summary["longpoll_nginx_missed"] == 0 and summary["longpoll_nginx_failed"] == 0
@@ -45,6 +46,6 @@ def test_quick_bench_runs_every_scenario(tmp_path):
         assert summary["hosts_saves_one_slug_rps"] > 0
     elif os.environ.get("CHANGEFEED_REQUIRE_POSTGRES") == "1":
         pytest.fail("the bench ran no scenario across hosts: no PostgreSQL server answered")
-    assert summary["capacity_dropped"] == 0
+    assert summary["capacity_dropped"] == 0 and summary["ws_capacity_dropped"] == 0
     assert (tmp_path / "propagation.png").stat().st_size > 10_000
     assert "scenario" in result.stdout and "median" in result.stdout  # the table was printed
