@@ -4,6 +4,7 @@ The nginx block is read from README.md, so the manual and this test cannot
 drift apart.
 """
 
+import json
 import re
 import threading
 import time
@@ -64,3 +65,20 @@ def test_unchanged_poll_through_nginx_is_a_304(nginx):
     again = requests.get(f"{nginx}/changes?slug=proxied&since=1", timeout=10,
                          headers={"If-None-Match": first.headers["ETag"]})
     assert again.status_code == 304 and again.content == b""
+
+
+def test_a_websocket_upgrades_through_nginx_and_gets_each_save(nginx, epoch):
+    import websocket  # the test client of tests/test_websocket.py
+
+    ws = websocket.create_connection(nginx.replace("http", "ws", 1) + "/ws", timeout=5)
+    try:
+        ws.send(json.dumps({"type": "subscribe", "slug": "proxied", "since": 0}))
+        assert json.loads(ws.recv())["type"] == "subscribed"
+        for n in range(1, 3):
+            saved_at = time.monotonic()
+            save(nginx, f"w{n}")
+            frame = json.loads(ws.recv())
+            assert (frame["type"], frame["version"], frame["html"], frame["epoch"]) == ("change", n, f"w{n}", epoch)
+            assert time.monotonic() - saved_at < 1.0
+    finally:
+        ws.close()
