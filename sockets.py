@@ -26,8 +26,9 @@ Close codes: 1008 (token missing or invalid when reads need one, or a page
 of another site: do not retry), 4001 (the token expired: reconnect with a
 fresh one), 1009 (a message over CHANGEFEED_WS_MAX_MESSAGE_BYTES), 1012
 (this worker is shutting down: reconnect), 1013 (too slow, or the server is
-full: retry later). The server pings every CHANGEFEED_WS_PING_S and
-simple-websocket drops a peer that has not answered the previous ping.
+full: retry later), 1001 (no answer to the last ping: reconnect). The
+server pings every CHANGEFEED_WS_PING_S and simple-websocket drops a peer
+that has not answered the previous ping.
 """
 
 import json
@@ -64,7 +65,10 @@ BACKLOG = 256  # messages read from the client and not yet handled; past it the 
 CLOSE_WAIT_S = 1.0  # how long a close frame may take to send, and the client to answer it
 
 # Close codes (RFC 6455 7.4; 4001 is ours).
-POLICY_VIOLATION, MESSAGE_TOO_BIG, SERVICE_RESTART, TRY_AGAIN_LATER, TOKEN_EXPIRED = 1008, 1009, 1012, 1013, 4001
+GOING_AWAY, POLICY_VIOLATION, MESSAGE_TOO_BIG, SERVICE_RESTART, TRY_AGAIN_LATER, TOKEN_EXPIRED = (
+    1001, 1008, 1009, 1012, 1013, 4001)
+PING_TIMEOUT = "Ping/Pong timeout"  # simple-websocket's words when a peer missed a ping
+PING_TIMEOUT_REASON = "no answer to the last ping: reconnect"
 EXPIRED_REASON = "token expired: reconnect with a fresh token"
 RESTART_REASON = "server restarting: reconnect"
 SLOW_REASON = "too slow: frames were not read in time"
@@ -501,6 +505,7 @@ class Service:
         environ = request.environ
         environ[UPGRADED] = True
         wire = ws.sock = Wire(ws.sock, self.send_timeout_s)
+        _reconnectable_ping_timeout(ws)
         refusal, rights = self.admit(request)
         release = None
         if refusal is None:
@@ -550,6 +555,22 @@ class Service:
                 except OSError:  # already closed
                     pass
         ws.thread.join(CLOSE_WAIT_S)
+
+
+def _reconnectable_ping_timeout(ws):
+    """Have a missed ping close with 1001, not the library's 1008, which tells a client never to retry.
+
+    A peer that missed a ping is most likely gone; should it still be there
+    (a pong lost, a late one), it must reconnect, not give up for good.
+    """
+    library_close = ws.close
+
+    def close(reason=None, message=None):
+        if reason == POLICY_VIOLATION and message == PING_TIMEOUT:
+            reason, message = GOING_AWAY, PING_TIMEOUT_REASON
+        return library_close(reason, message)
+
+    ws.close = close
 
 
 class Upgraded(Response):
