@@ -304,18 +304,6 @@ class PostgresStore(PageStore):
                 if attempt == 2 or not isinstance(exc, psycopg.OperationalError):
                     raise Unavailable(f"{self.name} failed: {_one_line(exc)}") from None
 
-    def presence(self, slug):
-        """Who is on the page now (presence.Presence), in one statement."""
-        return self._presence_from_rows(self._read(self.PRESENCE, (slug, slug, self.presence_list_max)))
-
-    def presence_version(self, slug):
-        """The page's presence version alone: what an unchanged poll needs to say 304."""
-        rows = self._read(self.PRESENCE_VERSION, (slug,))
-        return rows[0][0] if rows else 0
-
-    def _presence_expired(self):
-        return bool(self._read(self.ANY_EXPIRED, (time.time() - self.presence_ttl_s,)))
-
     def ping(self):
         """Read from the database once; raise Unavailable when it cannot be read."""
         try:

@@ -368,6 +368,22 @@ class PageStore:
     def _presence_changed(self, conn, slugs):
         """Tell the other processes which pages' presence changed (PostgreSQL NOTIFYs; SQLite's watcher reads)."""
 
+    def _read(self, sql, params):  # pragma: no cover - each engine says
+        """Run one read; return its rows, or raise Unavailable."""
+        raise NotImplementedError
+
+    def presence(self, slug):
+        """Who is on the page now (presence.Presence), in one statement."""
+        return self._presence_from_rows(self._read(self.PRESENCE, (slug, slug, self.presence_list_max)))
+
+    def presence_version(self, slug):
+        """The page's presence version alone: what an unchanged poll needs to say 304."""
+        rows = self._read(self.PRESENCE_VERSION, (slug,))
+        return rows[0][0] if rows else 0
+
+    def _presence_expired(self):
+        return bool(self._read(self.ANY_EXPIRED, (time.time() - self.presence_ttl_s,)))
+
     def _presence_from_rows(self, rows):
         """The Presence of the PRESENCE query's rows."""
         first = rows[0]
@@ -774,18 +790,6 @@ class SQLiteStore(PageStore):
             raise Unavailable(str(exc)) from None
         self._give_back(conn)
         return rows
-
-    def presence(self, slug):
-        """Who is on the page now (presence.Presence), in one statement."""
-        return self._presence_from_rows(self._read(self.PRESENCE, (slug, slug, self.presence_list_max)))
-
-    def presence_version(self, slug):
-        """The page's presence version alone: what an unchanged poll needs to say 304."""
-        rows = self._read(self.PRESENCE_VERSION, (slug,))
-        return rows[0][0] if rows else 0
-
-    def _presence_expired(self):
-        return bool(self._read(self.ANY_EXPIRED, (time.time() - self.presence_ttl_s,)))
 
     def ping(self):
         """Read from the database once; raise Unavailable when it cannot be read."""
