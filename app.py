@@ -1,6 +1,7 @@
 """changefeed: save a page, and every open tab learns of the new version.
 
     POST /save       upsert a page; its version goes up by exactly 1
+    POST /delete     delete a page: a tombstone, one version up, that every subscriber hears of
     GET  /changes    anything newer than version `since`? then here it is
                      (with `wait`, held until there is: long-poll)
     GET  /events     the same, pushed as Server-Sent Events
@@ -32,8 +33,9 @@ from clients import is_https, parse_networks
 from limits import Held, QueryCache, WaitGate
 from notify import SQLiteNotifier
 from origins import parse_list, parse_origins, refuse_cross_site_writes
-from schemas import (MAX_NAME, ChangesQuerySchema, EventsQuerySchema, IdempotencyKeySchema, LastEventIdSchema,
-                     PageQuerySchema, PresenceSchema, SaveFormSchema, SaveSchema, TRANSPORTS, reject_constant)
+from schemas import (MAX_NAME, ChangesQuerySchema, DeleteSchema, EventsQuerySchema, IdempotencyKeySchema,
+                     LastEventIdSchema, PageQuerySchema, PresenceSchema, SaveFormSchema, SaveSchema, TRANSPORTS,
+                     reject_constant)
 from store import SQLiteStore, Unavailable
 
 # What a page of an allowed origin may send, and read of the answers.
@@ -97,6 +99,7 @@ def create_app(test_config=None):
     events_schema, last_event_id_schema = EventsQuerySchema(), LastEventIdSchema()
     idempotency_key_schema = IdempotencyKeySchema()
     presence_schema = PresenceSchema()
+    delete_schema = DeleteSchema()
 
     def closing(headers):
         """Once this worker shuts down, each answer ends its connection, so clients move on."""
@@ -116,6 +119,7 @@ def create_app(test_config=None):
     reusable, unchanged_wait = ((CHANGES_PRIVATE_HEADERS, CHANGES_PRIVATE_HEADERS) if verifier.reads
                                 else (CHANGES_HEADERS, CHANGES_UNCHANGED_WAIT_HEADERS))
     auth.register_cli(app, verifier)
+    register_cli(app, store)
     metrics.register(app)  # GET /metrics, unless CHANGEFEED_METRICS=off
     sockets.register(app, store, notifier, verifier, waits)  # GET /ws: WebSocket
     allowed_origins = parse_origins(app.config["CHANGEFEED_CORS_ORIGINS"])
@@ -132,17 +136,7 @@ def create_app(test_config=None):
         """Store a new version of a page and answer {slug, version, updated_at}."""
         same_site_writes_only()
         rights = verifier.verify(request.headers.get("Authorization")) if verifier.enabled else None
-        if request.mimetype == "application/json":
-            item = save_schema.load(json_body())
-        elif request.mimetype in FORM_TYPES:
-            item = save_form_schema.load(request.form.to_dict())
-        else:
-            raise ApiError(
-                415, "unsupported media type",
-                f"Send the body as application/json or as form fields "
-                f"(application/x-www-form-urlencoded, multipart/form-data), "
-                f"not {request.mimetype or 'without a Content-Type'}.",
-            )
+        item = load_body(save_schema, save_form_schema)
         if rights is not None:
             rights.require("write", item["slug"])
         key = request.headers.get("Idempotency-Key")
@@ -153,6 +147,19 @@ def create_app(test_config=None):
         body = {"slug": saved.slug, "version": saved.version, "updated_at": saved.updated_at,
                 "epoch": saved.epoch}
         return body, closing([("Idempotent-Replayed", "true")] if saved.replayed else [])
+
+    @app.post("/delete")
+    def delete():
+        """Delete a page: a tombstone one version up, so every subscriber is told it is gone."""
+        same_site_writes_only()
+        rights = verifier.verify(request.headers.get("Authorization")) if verifier.enabled else None
+        item = load_body(delete_schema, delete_schema, DELETE_EXAMPLE)
+        if rights is not None:
+            rights.require("write", item["slug"])
+        deleted = store.delete(item["slug"], item["base_version"])  # not a save in the metrics: rare, and no body
+        logs.saved(deleted)
+        return {"slug": deleted.slug, "version": deleted.version, "deleted": True,
+                "updated_at": deleted.updated_at, "epoch": deleted.epoch}, closing([])
 
     @app.get("/changes")
     def changes():
@@ -329,8 +336,50 @@ def _open_engine(config, common, heartbeat_s):
                                  heartbeat_s=heartbeat_s)
 
 
+def register_cli(app, store):
+    """`flask delete-page SLUG`: the supported way to delete a page from a shell (never SQL: see schema.sql)."""
+    import click
+
+    @app.cli.command("delete-page")
+    @click.argument("slug")
+    @click.option("--base-version", type=int, default=None,
+                  help="delete only if the page is still at this version")
+    def delete_page(slug, base_version):
+        """Delete page SLUG: subscribers are told it is gone; a later save re-creates it, one version up."""
+        from store import Conflict, NoSuchPage, NotStored, OutcomeUnknown
+
+        try:
+            item = DeleteSchema().load({"slug": slug, "base_version": base_version})
+            deleted = store.delete(item["slug"], item["base_version"])
+        except ValidationError as exc:
+            raise click.ClickException(f"{exc.messages}") from None
+        except NoSuchPage as exc:
+            raise click.ClickException(f"no page {slug!r} to delete"
+                                       + (f" (deleted already at version {exc.version})" if exc.version else ""))
+        except Conflict as exc:
+            raise click.ClickException(f"{slug!r} is at version {exc.version}, not {base_version}: nothing deleted")
+        except (NotStored, OutcomeUnknown) as exc:
+            raise click.ClickException(f"not deleted: {exc}") from None
+        click.echo(f"{deleted.slug}: deleted at version {deleted.version} (epoch {deleted.epoch})")
+
+
 SAVE_EXAMPLE = '{"slug": "home", "html": "<h1>Hi</h1>", "data": {}}'
+DELETE_EXAMPLE = '{"slug": "home"}'
 PRESENCE_EXAMPLE = '{"slug": "home", "client_id": "tab-5f0c2a9e", "name": "Ada", "state": "viewing"}'
+
+
+def load_body(schema, form_schema, example=SAVE_EXAMPLE):
+    """Validate a write's body, sent as JSON or as form fields (curl -d), with the schema for that form."""
+    if request.mimetype == "application/json":
+        return schema.load(json_body(example))
+    if request.mimetype in FORM_TYPES:
+        return form_schema.load(request.form.to_dict())
+    raise ApiError(
+        415, "unsupported media type",
+        f"Send the body as application/json or as form fields "
+        f"(application/x-www-form-urlencoded, multipart/form-data), "
+        f"not {request.mimetype or 'without a Content-Type'}.",
+    )
 
 
 def json_body(example=SAVE_EXAMPLE):

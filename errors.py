@@ -12,7 +12,7 @@ from marshmallow import ValidationError
 from werkzeug.exceptions import HTTPException, SecurityError
 
 import logs
-from store import Busy, Conflict, KeyReused, NotStored, OutcomeUnknown, StorageFull, Unavailable
+from store import Busy, Conflict, KeyReused, NoSuchPage, NotStored, OutcomeUnknown, StorageFull, Unavailable
 
 
 class ShuttingDown(Exception):
@@ -72,6 +72,15 @@ def register(app):
             f"Load that version, or save again with base_version {exc.version} to overwrite it.",
             version=exc.version,
         )
+
+    @app.errorhandler(NoSuchPage)
+    def no_such_page(exc):
+        if exc.version:
+            message = (f"This page is deleted already (its tombstone is version {exc.version}); "
+                       "there is nothing to delete.")
+        else:
+            message = "No page has this slug (it was never saved); there is nothing to delete."
+        return envelope(404, "not found", message, version=exc.version)
 
     @app.errorhandler(KeyReused)
     def key_reused(exc):

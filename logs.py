@@ -128,6 +128,8 @@ def saved(page):
                   "request_id": request_id(environ)}
         if page.replayed:  # a retry answered from its Idempotency-Key: no new version was written
             fields["replayed"] = True
+        if page.deleted:  # POST /delete: the version is a tombstone
+            fields["deleted"] = True
         saves_log.info("saved %s", _kv(fields))
 
 

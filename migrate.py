@@ -74,6 +74,49 @@ UPGRADES = [
         CREATE TABLE presence_clock (value INTEGER NOT NULL);
         INSERT INTO presence_clock (value) VALUES (0);
     """),
+    # Deletes are tombstones; Idempotency-Keys count against CHANGEFEED_MAX_STORED_BYTES; a tab that
+    # said "gone" keeps a row till the TTL (presence entries are a few seconds' state: they start over).
+    (6, """
+        ALTER TABLE page_versions ADD COLUMN deleted INTEGER NOT NULL DEFAULT 0;
+        CREATE TRIGGER page_versions_keep BEFORE DELETE ON page_versions BEGIN
+            SELECT RAISE(ABORT, 'changefeed pages are deleted with POST /delete or `flask delete-page SLUG` (a tombstone), not by removing their row');
+        END;
+        DROP TRIGGER storage_insert;
+        DROP TRIGGER storage_update;
+        DROP TRIGGER storage_delete;
+        CREATE TRIGGER storage_insert AFTER INSERT ON page_versions BEGIN
+            UPDATE storage SET pages = pages + 1 - new.deleted,
+                bytes = bytes + length(CAST(new.html AS BLOB)) + length(CAST(new.data AS BLOB));
+        END;
+        CREATE TRIGGER storage_update AFTER UPDATE OF html, data, deleted ON page_versions BEGIN
+            UPDATE storage SET pages = pages + old.deleted - new.deleted, bytes = bytes
+                + length(CAST(new.html AS BLOB)) + length(CAST(new.data AS BLOB))
+                - length(CAST(old.html AS BLOB)) - length(CAST(old.data AS BLOB));
+        END;
+        CREATE TRIGGER storage_delete AFTER DELETE ON page_versions BEGIN
+            UPDATE storage SET pages = pages - 1 + old.deleted,
+                bytes = bytes - length(CAST(old.html AS BLOB)) - length(CAST(old.data AS BLOB));
+        END;
+        CREATE TRIGGER storage_key_insert AFTER INSERT ON idempotency_keys BEGIN
+            UPDATE storage SET bytes = bytes + 200 + length(CAST(new.key AS BLOB)) + length(CAST(new.slug AS BLOB));
+        END;
+        CREATE TRIGGER storage_key_update AFTER UPDATE OF key, slug ON idempotency_keys BEGIN
+            UPDATE storage SET bytes = bytes + length(CAST(new.key AS BLOB)) + length(CAST(new.slug AS BLOB))
+                - length(CAST(old.key AS BLOB)) - length(CAST(old.slug AS BLOB));
+        END;
+        CREATE TRIGGER storage_key_delete AFTER DELETE ON idempotency_keys BEGIN
+            UPDATE storage SET bytes = bytes - 200 - length(CAST(old.key AS BLOB)) - length(CAST(old.slug AS BLOB));
+        END;
+        UPDATE storage SET bytes = bytes + (SELECT coalesce(sum(200 + length(CAST(key AS BLOB))
+                                                               + length(CAST(slug AS BLOB))), 0) FROM idempotency_keys);
+        DROP TABLE page_editors;
+        CREATE TABLE page_editors (
+            slug TEXT NOT NULL, user_key TEXT NOT NULL, client_id TEXT NOT NULL, name TEXT NOT NULL,
+            state TEXT NOT NULL CHECK (state IN ('viewing', 'editing', 'gone')), seen_at REAL NOT NULL,
+            PRIMARY KEY (slug, user_key, client_id)
+        );
+        CREATE INDEX page_editors_seen_at ON page_editors (seen_at);
+    """),
 ]
 LATEST = UPGRADES[-1][0]
 
@@ -90,6 +133,55 @@ POSTGRES_UPGRADES = [
         CREATE INDEX page_editors_seen_at ON page_editors (seen_at);
         CREATE TABLE presence (slug text PRIMARY KEY, version bigint NOT NULL, changed_at double precision NOT NULL);
         CREATE SEQUENCE presence_clock;
+    """),
+    (6, """
+        ALTER TABLE page_versions ADD COLUMN deleted boolean NOT NULL DEFAULT false;
+        CREATE FUNCTION changefeed_keep_pages() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            RAISE EXCEPTION 'changefeed pages are deleted with POST /delete or `flask delete-page SLUG` (a tombstone), not by removing their row';
+        END
+        $$;
+        CREATE TRIGGER page_versions_keep BEFORE DELETE ON page_versions
+            FOR EACH ROW EXECUTE FUNCTION changefeed_keep_pages();
+        DROP TRIGGER storage_count ON page_versions;
+        CREATE OR REPLACE FUNCTION changefeed_count_storage() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF TG_OP = 'INSERT' THEN
+                UPDATE storage SET pages = pages + (NOT NEW.deleted)::int,
+                                   bytes = bytes + octet_length(NEW.html) + octet_length(NEW.data);
+            ELSIF TG_OP = 'UPDATE' THEN
+                UPDATE storage SET pages = pages + (NOT NEW.deleted)::int - (NOT OLD.deleted)::int,
+                                   bytes = bytes + octet_length(NEW.html) + octet_length(NEW.data)
+                                                 - octet_length(OLD.html) - octet_length(OLD.data);
+            ELSE
+                UPDATE storage SET pages = pages - (NOT OLD.deleted)::int,
+                                   bytes = bytes - octet_length(OLD.html) - octet_length(OLD.data);
+            END IF;
+            RETURN NULL;
+        END
+        $$;
+        CREATE TRIGGER storage_count AFTER INSERT OR DELETE OR UPDATE OF html, data, deleted ON page_versions
+            FOR EACH ROW EXECUTE FUNCTION changefeed_count_storage();
+        CREATE FUNCTION changefeed_count_keys() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF TG_OP = 'INSERT' THEN
+                UPDATE storage SET bytes = bytes + 200 + octet_length(NEW.key) + octet_length(NEW.slug);
+            ELSIF TG_OP = 'UPDATE' THEN
+                UPDATE storage SET bytes = bytes + octet_length(NEW.key) + octet_length(NEW.slug)
+                                                 - octet_length(OLD.key) - octet_length(OLD.slug);
+            ELSE
+                UPDATE storage SET bytes = bytes - 200 - octet_length(OLD.key) - octet_length(OLD.slug);
+            END IF;
+            RETURN NULL;
+        END
+        $$;
+        CREATE TRIGGER storage_count_keys AFTER INSERT OR DELETE OR UPDATE OF key, slug ON idempotency_keys
+            FOR EACH ROW EXECUTE FUNCTION changefeed_count_keys();
+        UPDATE storage SET bytes = bytes + (SELECT coalesce(sum(200 + octet_length(key) + octet_length(slug)), 0)
+                                            FROM idempotency_keys);
+        ALTER TABLE page_editors DROP CONSTRAINT page_editors_state_check;
+        ALTER TABLE page_editors ADD CONSTRAINT page_editors_state_check
+            CHECK (state IN ('viewing', 'editing', 'gone'));
     """),
 ]
 POSTGRES_CHANNEL = "changefeed"  # what saves NOTIFY and every host's listener LISTENs to
@@ -223,14 +315,15 @@ def import_sqlite(path, url):
             raise CannotMigrate(f"{path} is not at schema version {LATEST}: run `python migrate.py` on it first "
                                 "(with CHANGEFEED_DB set and CHANGEFEED_DATABASE_URL unset)")
         (epoch,) = source.execute("SELECT value FROM epoch").fetchone()
-        pages = source.execute("SELECT slug, html, data, version, updated_at FROM page_versions ORDER BY seq")
+        pages = ((slug, html, data, version, updated_at, bool(deleted)) for slug, html, data, version, updated_at, deleted
+                 in source.execute("SELECT slug, html, data, version, updated_at, deleted FROM page_versions ORDER BY seq"))
         with _postgres(url) as conn, conn.transaction():
             if conn.execute("SELECT 1 FROM page_versions LIMIT 1").fetchone():
                 raise CannotMigrate(f"{describe(url)} already holds pages; import into an empty database only")
             conn.execute("UPDATE epoch SET value = %s", (epoch,))
             with conn.cursor() as cursor:
-                cursor.executemany("INSERT INTO page_versions (slug, html, data, version, updated_at)"
-                                   " VALUES (%s, %s, %s, %s, %s)", pages)
+                cursor.executemany("INSERT INTO page_versions (slug, html, data, version, updated_at, deleted)"
+                                   " VALUES (%s, %s, %s, %s, %s, %s)", pages)
             (count,) = conn.execute("SELECT count(*) FROM page_versions").fetchone()
             conn.execute("SELECT pg_notify(%s, '*')", (POSTGRES_CHANNEL,))
         return count

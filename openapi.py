@@ -12,8 +12,8 @@ from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
 from marshmallow import Schema, fields
 
-from schemas import (EPOCH, IDEMPOTENCY_KEY, MAX_INTEGER, PRESENCE_FORMS, SLUG, TRANSPORTS, Count, PresenceSchema,
-                     SaveSchema)
+from schemas import (EPOCH, IDEMPOTENCY_KEY, MAX_INTEGER, PRESENCE_FORMS, SLUG, TRANSPORTS, Count, DeleteSchema,
+                     PresenceSchema, SaveSchema)
 
 
 class ErrorSchema(Schema):
@@ -36,6 +36,10 @@ class SavedSchema(Schema):
     version = fields.Integer(required=True, metadata={"minimum": 1})
     updated_at = fields.String(required=True, metadata={"format": "date-time"})
     epoch = fields.String(required=True)
+
+
+class DeletedSchema(SavedSchema):
+    deleted = fields.Boolean(required=True, metadata={"enum": [True]})
 
 
 class EditorSchema(Schema):
@@ -71,6 +75,8 @@ class ChangeSchema(Schema):
     html = fields.String()
     data = fields.Raw(allow_none=True, metadata={"description": "the JSON value saved"})
     updated_at = fields.String(metadata={"format": "date-time"})
+    deleted = fields.Boolean(metadata={
+        "enum": [True], "description": "the page was deleted: this version is its tombstone (html \"\", data null)"})
     epoch = fields.String(required=True)
     presence = fields.Nested(PresenceListSchema, metadata={
         "description": "with ?presence=V: who is on the page, when its presence version is not V"})
@@ -123,6 +129,8 @@ def build(app):
     spec.components.schema("Error", schema=ErrorSchema)
     spec.components.schema("Saved", schema=SavedSchema)
     spec.components.schema("Change", schema=ChangeSchema)
+    spec.components.schema("Deleted", schema=DeletedSchema)
+    spec.components.schema("DeleteRequest", schema=DeleteSchema)
     spec.components.schema("SaveRequest", schema=SaveSchema(max_html_bytes=0, max_data_bytes=0))
     spec.components.schema("Beat", schema=PresenceSchema)
     spec.components.schema("Beaten", schema=BeatenSchema)
@@ -156,6 +164,20 @@ def build(app):
                     "headers": {"Idempotent-Replayed": _header("`true` when this answers an earlier request")}},
             "409": _error("stale base_version: `version` is the stored one"),
             **_errors("400", "401", "403", "408", "413", "415", "422", "503", "507")},
+    }})
+    spec.path("/delete", operations={"post": {
+        "summary": "Delete a page: a tombstone one version up, which every subscriber is told of",
+        "security": [{}, {"bearer": []}],
+        "requestBody": {"required": True, "content": {
+            "application/json": {"schema": "DeleteRequest"},
+            "application/x-www-form-urlencoded": {"schema": {"type": "object", "required": ["slug"],
+                                                             "properties": {"slug": {"type": "string"},
+                                                                            "base_version": {"type": "string"}}}}}},
+        "responses": {
+            "200": {"description": "deleted", "content": {"application/json": {"schema": "Deleted"}}},
+            "404": _error("no such page, or deleted already (`version`: its tombstone)"),
+            "409": _error("stale base_version: `version` is the stored one"),
+            **_errors("400", "401", "403", "408", "413", "415", "422", "503")},
     }})
     spec.path("/changes", operations={"get": {
         "summary": "Is the page newer than `since`? Then here it is (with `wait`: a long-poll)",

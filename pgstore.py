@@ -87,25 +87,30 @@ class PostgresStore(PageStore):
     """
 
     Error = psycopg.Error
-    (EPOCH, FORGET_KEYS, FIND_KEY, KEEP_KEY, VERSION, STORAGE, FIND_ENTRY, COUNT_ENTRIES, PUT_ENTRY, DROP_ENTRY,
+    (EPOCH, FORGET_KEYS, FIND_KEY, KEEP_KEY, VERSION, STORAGE, FIND_ENTRY, COUNT_ENTRIES, PUT_ENTRY,
      EXPIRE_PAGE, EXPIRE_ALL, ANY_EXPIRED, FORGET_PRESENCE, PRESENCE_VERSION, SET_PRESENCE, PRESENCE) = map(_pg, (
         PageStore.EPOCH, PageStore.FORGET_KEYS, PageStore.FIND_KEY, PageStore.KEEP_KEY, PageStore.VERSION,
-        PageStore.STORAGE, PageStore.FIND_ENTRY, PageStore.COUNT_ENTRIES, PageStore.PUT_ENTRY, PageStore.DROP_ENTRY,
+        PageStore.STORAGE, PageStore.FIND_ENTRY, PageStore.COUNT_ENTRIES, PageStore.PUT_ENTRY,
         PageStore.EXPIRE_PAGE, PageStore.EXPIRE_ALL, PageStore.ANY_EXPIRED, PageStore.FORGET_PRESENCE,
         PageStore.PRESENCE_VERSION, PageStore.SET_PRESENCE, PageStore.PRESENCE))
     NEXT_PRESENCE_VERSION = "SELECT nextval('presence_clock')"
     _native_commits = False  # psycopg waits cooperatively: commits run in a greenlet
     UPSERT = ("INSERT INTO page_versions AS p (slug, html, data, version, updated_at) VALUES (%s, %s, %s, 1, %s)"
               " ON CONFLICT (slug) DO UPDATE SET html = excluded.html, data = excluded.data,"
-              " version = p.version + 1, updated_at = excluded.updated_at RETURNING version")
-    INSERT_NEW = ("INSERT INTO page_versions (slug, html, data, version, updated_at) VALUES (%s, %s, %s, 1, %s)"
-                  " ON CONFLICT (slug) DO NOTHING RETURNING version")
-    UPDATE_FROM = ("UPDATE page_versions SET html = %s, data = %s, version = version + 1, updated_at = %s"
-                   " WHERE slug = %s AND version = %s RETURNING version")
+              " version = p.version + 1, updated_at = excluded.updated_at, deleted = false RETURNING version")
+    INSERT_NEW = ("INSERT INTO page_versions AS p (slug, html, data, version, updated_at) VALUES (%s, %s, %s, 1, %s)"
+                  " ON CONFLICT (slug) DO UPDATE SET html = excluded.html, data = excluded.data,"
+                  " version = p.version + 1, updated_at = excluded.updated_at, deleted = false"
+                  " WHERE p.deleted RETURNING version")
+    UPDATE_FROM = ("UPDATE page_versions SET html = %s, data = %s, version = version + 1, updated_at = %s,"
+                   " deleted = false WHERE slug = %s AND version = %s RETURNING version")
+    DELETE = ("UPDATE page_versions SET html = '', data = 'null', version = version + 1, updated_at = %s,"
+              " deleted = true WHERE slug = %s AND NOT deleted AND (%s::bigint IS NULL OR version = %s)"
+              " RETURNING version")
     TAKE_TURN = "SELECT 1 FROM storage FOR UPDATE"
     CHANGES = ("SELECT e.value, p.version, p.updated_at,"
                " CASE WHEN p.version > %(since)s OR e.value <> %(epoch)s THEN p.html END,"
-               " CASE WHEN p.version > %(since)s OR e.value <> %(epoch)s THEN p.data END"
+               " CASE WHEN p.version > %(since)s OR e.value <> %(epoch)s THEN p.data END, p.deleted"
                " FROM epoch e LEFT JOIN page_versions p ON p.slug = %(slug)s")
 
     generation = 0  # no file to be replaced: the watcher's "new file" check never fires

@@ -10,8 +10,17 @@ CREATE TABLE page_versions (
     data       TEXT NOT NULL,              -- any JSON value, stored as compact JSON text
     version    INTEGER NOT NULL CHECK (version >= 1),
     updated_at TEXT NOT NULL,              -- ISO 8601, UTC, milliseconds
-    seq        INTEGER NOT NULL DEFAULT 0  -- database-wide save counter: what changed since seq N?
+    seq        INTEGER NOT NULL DEFAULT 0, -- database-wide save counter: what changed since seq N?
+    deleted    INTEGER NOT NULL DEFAULT 0  -- 1: a tombstone (POST /delete): html '' and data null
 );
+
+-- A page is deleted by a tombstone (POST /delete, `flask delete-page`), never
+-- by removing its row: its version goes on from there, so a client holding a
+-- later version than a re-created page's is never told "nothing changed",
+-- and max(seq) never goes back, so no save reuses a seq the watchers passed.
+CREATE TRIGGER page_versions_keep BEFORE DELETE ON page_versions BEGIN
+    SELECT RAISE(ABORT, 'changefeed pages are deleted with POST /delete or `flask delete-page SLUG` (a tombstone), not by removing their row');
+END;
 
 -- Lets each server process find the pages saved since it last looked
 -- without scanning every page.
@@ -37,38 +46,54 @@ CREATE TABLE idempotency_keys (
 );
 CREATE INDEX idempotency_keys_created_at ON idempotency_keys (created_at);
 
--- How many pages and bytes (html and data, UTF-8) the database holds, kept
--- by triggers in the same transaction as each save, so the limits on both
--- (CHANGEFEED_MAX_PAGES, CHANGEFEED_MAX_STORED_BYTES) cost one row to read.
+-- How many pages and bytes the database holds, kept by triggers in the same
+-- transaction as each save, so the limits on both (CHANGEFEED_MAX_PAGES,
+-- CHANGEFEED_MAX_STORED_BYTES) cost one row to read. Bytes are the html and
+-- data of every page (UTF-8), plus what each Idempotency-Key kept for
+-- retries costs: its key and slug and 200 bytes for the rest of its row and
+-- its index entries. A tombstone is no page, and holds 4 bytes ('' and null).
 CREATE TABLE storage (
     pages INTEGER NOT NULL,
     bytes INTEGER NOT NULL
 );
 INSERT INTO storage (pages, bytes) VALUES (0, 0);
 CREATE TRIGGER storage_insert AFTER INSERT ON page_versions BEGIN
-    UPDATE storage SET pages = pages + 1,
+    UPDATE storage SET pages = pages + 1 - new.deleted,
         bytes = bytes + length(CAST(new.html AS BLOB)) + length(CAST(new.data AS BLOB));
 END;
-CREATE TRIGGER storage_update AFTER UPDATE OF html, data ON page_versions BEGIN
-    UPDATE storage SET bytes = bytes
+CREATE TRIGGER storage_update AFTER UPDATE OF html, data, deleted ON page_versions BEGIN
+    UPDATE storage SET pages = pages + old.deleted - new.deleted, bytes = bytes
         + length(CAST(new.html AS BLOB)) + length(CAST(new.data AS BLOB))
         - length(CAST(old.html AS BLOB)) - length(CAST(old.data AS BLOB));
 END;
 CREATE TRIGGER storage_delete AFTER DELETE ON page_versions BEGIN
-    UPDATE storage SET pages = pages - 1,
+    UPDATE storage SET pages = pages - 1 + old.deleted,
         bytes = bytes - length(CAST(old.html AS BLOB)) - length(CAST(old.data AS BLOB));
+END;
+CREATE TRIGGER storage_key_insert AFTER INSERT ON idempotency_keys BEGIN
+    UPDATE storage SET bytes = bytes + 200 + length(CAST(new.key AS BLOB)) + length(CAST(new.slug AS BLOB));
+END;
+CREATE TRIGGER storage_key_update AFTER UPDATE OF key, slug ON idempotency_keys BEGIN
+    UPDATE storage SET bytes = bytes + length(CAST(new.key AS BLOB)) + length(CAST(new.slug AS BLOB))
+        - length(CAST(old.key AS BLOB)) - length(CAST(old.slug AS BLOB));
+END;
+CREATE TRIGGER storage_key_delete AFTER DELETE ON idempotency_keys BEGIN
+    UPDATE storage SET bytes = bytes - 200 - length(CAST(old.key AS BLOB)) - length(CAST(old.slug AS BLOB));
 END;
 
 -- Presence: who has a page open now (presence.py). One row per tab that
 -- beats; a tab whose beats stop is deleted after the TTL, so the table holds
--- only the tabs open now. Written with synchronous=NORMAL: it is not worth
+-- only the tabs open now. A tab that said "gone" keeps its row (not listed)
+-- until the TTL, so its next beat still waits the minimum interval: a tab
+-- cannot dodge that interval by alternating "viewing" and "gone".
+-- Written with synchronous=NORMAL: it is not worth
 -- an fsync, and a crash loses at most a few seconds of beats.
 CREATE TABLE page_editors (
     slug      TEXT NOT NULL,
     user_key  TEXT NOT NULL,   -- "sub:<token sub>", or "client:<client_id>" without access control
     client_id TEXT NOT NULL,   -- one per tab
     name      TEXT NOT NULL,   -- shown as text only
-    state     TEXT NOT NULL CHECK (state IN ('viewing', 'editing')),
+    state     TEXT NOT NULL CHECK (state IN ('viewing', 'editing', 'gone')),
     seen_at   REAL NOT NULL,   -- unix time of the last beat
     PRIMARY KEY (slug, user_key, client_id)
 );

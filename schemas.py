@@ -111,6 +111,13 @@ class SaveFormSchema(SaveSchema):
             raise ValidationError({"data": [f"Must be JSON text in a form body: {exc}."]}) from None
 
 
+class DeleteSchema(Schema):
+    """The body of POST /delete: {slug, base_version?} (JSON or form fields); unknown fields are refused."""
+
+    slug = Slug(required=True)
+    base_version = Count(load_default=None, allow_none=True)
+
+
 def validate_name(value):
     """A display name: shown as text only, but still short and free of control characters."""
     if not value.strip():

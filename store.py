@@ -3,8 +3,9 @@
 Views talk to a store through two calls, `save` and `changes`, and never build
 SQL; a PostgreSQL store is a second implementation of the same contract.
 
-A save ends in exactly one of: `Saved` (on disk), `Conflict`, `KeyReused` or
-`NotStored` (certainly not written; `Busy` is one kind), `StorageFull`
+A save (or a delete) ends in exactly one of: `Saved` (on disk), `Conflict`,
+`KeyReused`, `NoSuchPage` or `NotStored` (certainly not written; `Busy` is
+one kind), `StorageFull`
 (refused by a limit: not written either), or `OutcomeUnknown`
 (it may or may not have been written: a retry with the same Idempotency-Key
 settles it). writers.py keeps that promise for grouped saves.
@@ -63,16 +64,18 @@ class Saved:
     updated_at: str
     epoch: str
     replayed: bool = False
+    deleted: bool = False  # the version is a tombstone (a delete)
 
 
 class SaveRequest(NamedTuple):
-    """One save as the store applies it; `key` is its Idempotency-Key, if any."""
+    """One save as the store applies it; `key` is its Idempotency-Key, if any; `delete`: a tombstone instead."""
 
     slug: str
     html: str
     data: str  # JSON text
     base_version: int | None = None
     key: str | None = None
+    delete: bool = False
 
     def fingerprint(self):
         """Identify the request a key was first used for, to refuse the key for another."""
@@ -87,6 +90,7 @@ class Change:
     `html` and `data` are filled only when `version > since`, so an unchanged
     poll never reads the page body. `epoch` is the database's identity: a
     client of another epoch gets the whole state, whatever its `since`.
+    A deleted page is a tombstone version: `deleted`, with html "" and data null.
     """
 
     epoch: str
@@ -94,6 +98,7 @@ class Change:
     updated_at: str | None = None
     html: str | None = None
     data: str | None = None  # JSON text, as saved
+    deleted: bool = False
 
     @property
     def changed(self):
@@ -106,8 +111,9 @@ class Change:
 
         `data` is already compact JSON as stored, so it goes in as it is.
         """
+        gone = '"deleted":true,' if self.deleted else ""  # what a client that renders html still shows: ""
         return (f'{{"changed":true,"version":{self.version},"html":{json.dumps(self.html)},'
-                f'"data":{self.data},"updated_at":"{self.updated_at}","epoch":"{self.epoch}"}}')
+                f'"data":{self.data},{gone}"updated_at":"{self.updated_at}","epoch":"{self.epoch}"}}')
 
     @property
     def unchanged(self):
@@ -135,6 +141,14 @@ class Conflict(Exception):
 
 class KeyReused(Exception):
     """An Idempotency-Key came back with a different request than the one it was first used for."""
+
+
+class NoSuchPage(Exception):
+    """A delete named a page that was never saved, or is deleted already (then at `version`)."""
+
+    def __init__(self, version):
+        super().__init__(f"no such page (version {version})")
+        self.version = version
 
 
 class NotStored(Exception):
@@ -237,7 +251,7 @@ class PageStore:
                 " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET fingerprint = excluded.fingerprint,"
                 " slug = excluded.slug, version = excluded.version, updated_at = excluded.updated_at,"
                 " created_at = excluded.created_at")
-    VERSION = "SELECT version FROM page_versions WHERE slug = ?"
+    VERSION = "SELECT version, deleted FROM page_versions WHERE slug = ?"
     STORAGE = "SELECT pages, bytes FROM storage"
     # (slug, html, data, updated_at) -> version: first save 1, then +1, whatever the last.
     UPSERT = None
@@ -245,16 +259,18 @@ class PageStore:
     INSERT_NEW = None
     # (html, data, updated_at, slug, base_version) -> base + 1, or no row when the stored version is another.
     UPDATE_FROM = None
+    # (updated_at, slug, base_version, base_version) -> the tombstone's version (+1), or no row when the
+    # page is missing, deleted already, or (a base_version given) at another version.
+    DELETE = None
 
     # Presence (presence.py): entries by tab, a version per page from one clock.
     FIND_ENTRY = "SELECT state, name, seen_at FROM page_editors WHERE slug = ? AND user_key = ? AND client_id = ?"
-    COUNT_ENTRIES = "SELECT count(*) FROM page_editors WHERE slug = ?"
+    COUNT_ENTRIES = "SELECT count(*) FROM page_editors WHERE slug = ? AND state <> 'gone'"
     PUT_ENTRY = ("INSERT INTO page_editors (slug, user_key, client_id, name, state, seen_at) VALUES (?, ?, ?, ?, ?, ?)"
                  " ON CONFLICT (slug, user_key, client_id) DO UPDATE SET name = excluded.name,"
                  " state = excluded.state, seen_at = excluded.seen_at")
-    DROP_ENTRY = "DELETE FROM page_editors WHERE slug = ? AND user_key = ? AND client_id = ?"
-    EXPIRE_PAGE = "DELETE FROM page_editors WHERE slug = ? AND seen_at < ?"
-    EXPIRE_ALL = "DELETE FROM page_editors WHERE seen_at < ? RETURNING slug"
+    EXPIRE_PAGE = "DELETE FROM page_editors WHERE slug = ? AND seen_at < ? RETURNING state"
+    EXPIRE_ALL = "DELETE FROM page_editors WHERE seen_at < ? RETURNING slug, state"
     ANY_EXPIRED = "SELECT 1 FROM page_editors WHERE seen_at < ? LIMIT 1"
     FORGET_PRESENCE = ("DELETE FROM presence WHERE changed_at < ?"
                        " AND NOT EXISTS (SELECT 1 FROM page_editors e WHERE e.slug = presence.slug)")
@@ -268,7 +284,7 @@ class PageStore:
                 " LEFT JOIN presence p ON p.slug = ?"
                 " LEFT JOIN (SELECT user_key, max(name) AS name,"
                 "            max(CASE WHEN state = 'editing' THEN 1 ELSE 0 END) AS editing"
-                "            FROM page_editors WHERE slug = ? GROUP BY user_key) g ON 1 = 1"
+                "            FROM page_editors WHERE slug = ? AND state <> 'gone' GROUP BY user_key) g ON 1 = 1"
                 " ORDER BY g.editing DESC, g.name, g.user_key LIMIT ?")
     NEXT_PRESENCE_VERSION = None  # -> the clock's next value
     FORGET_PRESENCE_AFTER_S = 60  # an empty page's presence row is kept this long, then version 0 says "nobody"
@@ -284,6 +300,17 @@ class PageStore:
         writer = self._writer or self._choose_writer()
         deadline = time.monotonic() + self._busy_timeout
         return writer.save(SaveRequest(slug, html, data, base_version, key), deadline)
+
+    def delete(self, slug, base_version=None):
+        """Delete `slug`: a tombstone one version above the last, or raise NoSuchPage, Conflict or NotStored.
+
+        The row stays (html "", data null, `deleted`): versions never go back
+        within an epoch, a re-created page goes on from the tombstone's
+        version, and every transport tells its subscribers the page is gone.
+        """
+        writer = self._writer or self._choose_writer()
+        deadline = time.monotonic() + self._busy_timeout
+        return writer.save(SaveRequest(slug, "", "null", base_version, delete=True), deadline)
 
     def configure_presence(self, ttl_s, min_interval_s, max_per_page, list_max):
         self.presence_ttl_s, self.presence_min_interval_s = ttl_s, min_interval_s
@@ -341,27 +368,36 @@ class PageStore:
         return outcomes
 
     def _apply_beat(self, conn, beat, now, changed):
-        """One tab's beat: refresh, add or (state "gone") remove its entry; a change marks the page."""
+        """One tab's beat: refresh, add or (state "gone") unlist its entry; a change marks the page.
+
+        Every beat waits the minimum interval after the tab's last one, but
+        a "gone" that unlists a listed tab, which is always taken (a tab
+        closing right after it opened must not linger). The unlisted entry
+        stays, state "gone", until the TTL: the tab's next beat still waits
+        its turn, so alternating "viewing" and "gone" changes the list at
+        most twice per interval.
+        """
         key = (beat.slug, beat.user, beat.client_id)
-        if conn.execute(self.EXPIRE_PAGE, (beat.slug, now - self.presence_ttl_s)).rowcount:
+        if any(state != GONE for (state,) in conn.execute(self.EXPIRE_PAGE, (beat.slug, now - self.presence_ttl_s))):
             changed.add(beat.slug)
         row = conn.execute(self.FIND_ENTRY, key).fetchone()
-        if beat.state == GONE:
-            if row is not None:
-                conn.execute(self.DROP_ENTRY, key)
-                changed.add(beat.slug)
-        else:
+        listed = row is not None and row[0] != GONE
+        if beat.state == GONE and not listed:
             if row is not None and now - row[2] < self.presence_min_interval_s:
                 return TooSoon(self.presence_min_interval_s - (now - row[2]))
-            if row is None and conn.execute(self.COUNT_ENTRIES, (beat.slug,)).fetchone()[0] >= self.presence_max_per_page:
-                return PresenceFull(self.presence_max_per_page)
-            conn.execute(self.PUT_ENTRY, (*key, beat.name, beat.state, now))
-            if row is None or (row[0], row[1]) != (beat.state, beat.name):
-                changed.add(beat.slug)
+            return Beaten(beat.slug, 0, user_id(beat.user))  # not listed: nothing changes
+        if beat.state != GONE and row is not None and now - row[2] < self.presence_min_interval_s:
+            return TooSoon(self.presence_min_interval_s - (now - row[2]))
+        if row is None and conn.execute(self.COUNT_ENTRIES, (beat.slug,)).fetchone()[0] >= self.presence_max_per_page:
+            return PresenceFull(self.presence_max_per_page)
+        conn.execute(self.PUT_ENTRY, (*key, beat.name, beat.state, now))
+        if not listed or (row[0], row[1]) != (beat.state, beat.name):
+            changed.add(beat.slug)
         return Beaten(beat.slug, 0, user_id(beat.user))
 
     def _sweep(self, conn, now, changed):
-        changed.update(slug for (slug,) in conn.execute(self.EXPIRE_ALL, (now - self.presence_ttl_s,)).fetchall())
+        changed.update(slug for slug, state in conn.execute(self.EXPIRE_ALL, (now - self.presence_ttl_s,)).fetchall()
+                       if state != GONE)  # an unlisted entry's going changes no list
         conn.execute(self.FORGET_PRESENCE, (now - self.FORGET_PRESENCE_AFTER_S,))
         return None
 
@@ -435,10 +471,12 @@ class PageStore:
                 if row[0] != fingerprint:
                     return KeyReused(item.key)
                 return Saved(row[1], row[2], row[3], epoch, replayed=True)
+        updated_at = utc_now()
+        if item.delete:
+            return self._delete(conn, item, updated_at, epoch)
         limited = self._max_pages is not None or self._max_bytes is not None
         if limited:
-            before = conn.execute(self.STORAGE).fetchone()[1]
-        updated_at = utc_now()
+            before = conn.execute(self.STORAGE).fetchone()
         if item.base_version is None:
             row = conn.execute(self.UPSERT, (item.slug, item.html, item.data, updated_at)).fetchone()
         elif item.base_version == 0:
@@ -450,28 +488,40 @@ class PageStore:
             current = conn.execute(self.VERSION, (item.slug,)).fetchone()
             return Conflict(current[0] if current else 0)
         (version,) = row
-        if limited:
-            refused = self._over_limit(conn, version == 1, before)
+        if item.key is not None:
+            conn.execute(self.KEEP_KEY, (item.key, fingerprint, item.slug, version, updated_at, now))
+        if limited:  # after the key too: what keys keep counts against the byte limit
+            refused = self._over_limit(conn, *before)
             if refused is not None:
                 conn.execute("ROLLBACK TO SAVEPOINT item")  # undo this save only; the caller releases the savepoint
                 return refused
-        if item.key is not None:
-            conn.execute(self.KEEP_KEY, (item.key, fingerprint, item.slug, version, updated_at, now))
         return Saved(item.slug, version, updated_at, epoch)
 
-    def _over_limit(self, conn, new_page, bytes_before):
+    def _delete(self, conn, item, updated_at, epoch):
+        """Turn a page into a tombstone, one version up; a missing or deleted page, or another base, writes nothing."""
+        row = conn.execute(self.DELETE, (updated_at, item.slug, item.base_version, item.base_version)).fetchone()
+        if row is None:
+            current = conn.execute(self.VERSION, (item.slug,)).fetchone()
+            if current is None or current[1]:
+                return NoSuchPage(current[0] if current else 0)
+            return Conflict(current[0])
+        return Saved(item.slug, row[0], updated_at, epoch, deleted=True)
+
+    def _over_limit(self, conn, pages_before, bytes_before):
         """After a save, inside its savepoint: a StorageFull if it took the database past a limit.
 
-        Triggers have already counted it, so this reads one row. Only saves
-        that add a page or grow the bytes stored are refused: a full
-        database still takes new versions of its pages that are no bigger.
+        Triggers have already counted it (and its Idempotency-Key), so this
+        reads one row. Only saves that add a page (a new one, or one
+        re-created over its tombstone) or grow the bytes stored are refused:
+        a full database still takes new versions of its pages that are no bigger.
         """
         pages, stored = conn.execute(self.STORAGE).fetchone()
-        if new_page and self._max_pages is not None and pages > self._max_pages:
+        if pages > pages_before and self._max_pages is not None and pages > self._max_pages:
             return StorageFull("pages", f"the service holds its most pages ({self._max_pages}, "
                                         "CHANGEFEED_MAX_PAGES), so a new page cannot be added")
         if self._max_bytes is not None and stored > self._max_bytes and stored > bytes_before:
-            return StorageFull("stored_bytes", f"the pages would hold more than {self._max_bytes} bytes "
+            return StorageFull("stored_bytes", f"the pages, and the Idempotency-Keys kept for retries, would "
+                                               f"hold more than {self._max_bytes} bytes "
                                                "(CHANGEFEED_MAX_STORED_BYTES), so a page cannot grow or be added")
         return None
 
@@ -505,12 +555,18 @@ class SQLiteStore(PageStore):
               f" VALUES (?, ?, ?, 1, ?, {_NEXT_SEQ})"
               " ON CONFLICT (slug) DO UPDATE SET html = excluded.html,"
               " data = excluded.data, version = page_versions.version + 1,"
-              " updated_at = excluded.updated_at, seq = excluded.seq"
+              " updated_at = excluded.updated_at, seq = excluded.seq, deleted = 0"
               " RETURNING version")
+    # A tombstone is no page: base_version 0 (create) re-creates it, one version above it.
     INSERT_NEW = ("INSERT INTO page_versions (slug, html, data, version, updated_at, seq)"
-                  f" VALUES (?, ?, ?, 1, ?, {_NEXT_SEQ}) ON CONFLICT (slug) DO NOTHING RETURNING version")
+                  f" VALUES (?, ?, ?, 1, ?, {_NEXT_SEQ}) ON CONFLICT (slug) DO UPDATE SET html = excluded.html,"
+                  " data = excluded.data, version = page_versions.version + 1, updated_at = excluded.updated_at,"
+                  " seq = excluded.seq, deleted = 0 WHERE page_versions.deleted RETURNING version")
     UPDATE_FROM = (f"UPDATE page_versions SET html = ?, data = ?, version = version + 1, updated_at = ?,"
-                   f" seq = {_NEXT_SEQ} WHERE slug = ? AND version = ? RETURNING version")
+                   f" seq = {_NEXT_SEQ}, deleted = 0 WHERE slug = ? AND version = ? RETURNING version")
+    DELETE = (f"UPDATE page_versions SET html = '', data = 'null', version = version + 1, updated_at = ?,"
+              f" seq = {_NEXT_SEQ}, deleted = 1 WHERE slug = ? AND NOT deleted AND (? IS NULL OR version = ?)"
+              " RETURNING version")
     NEXT_PRESENCE_VERSION = "UPDATE presence_clock SET value = value + 1 RETURNING value"
     _native_commits = True  # SQLite blocks the thread that commits
 
@@ -765,7 +821,7 @@ class SQLiteStore(PageStore):
             row = conn.execute(
                 "SELECT e.value, p.version, p.updated_at,"
                 " CASE WHEN p.version > ?1 OR e.value != ?3 THEN p.html END,"
-                " CASE WHEN p.version > ?1 OR e.value != ?3 THEN p.data END"
+                " CASE WHEN p.version > ?1 OR e.value != ?3 THEN p.data END, p.deleted"
                 " FROM epoch e LEFT JOIN page_versions p ON p.slug = ?2",
                 (since, slug, epoch),  # a NULL epoch compares as not different
             ).fetchone()
@@ -805,10 +861,13 @@ class SQLiteStore(PageStore):
 
 
 def change_from_row(row):
-    """The Change of a row (epoch, version, updated_at, html, data) of the changes() query: no page is version 0."""
+    """The Change of a row (epoch, version, updated_at, html, data, deleted) of the changes() query.
+
+    No page is version 0.
+    """
     if row[1] is None:
         return Change(row[0], 0)
-    return Change(*row)
+    return Change(row[0], row[1], row[2], row[3], row[4], bool(row[5]))
 
 
 def check_database(path):

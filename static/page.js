@@ -62,6 +62,8 @@ function show(page) {
   else if (!saving && (newDatabase || page.version > baseVersion)) {
     showMessage(`Version ${page.version} was saved elsewhere; your edits are based on version ${baseVersion}.`, "warn");
   }
+  // A delete is a version too (a tombstone: html "" and data null); saving again re-creates the page.
+  if (page.deleted) showMessage(`This page was deleted (version ${page.version}); saving re-creates it.`, "warn");
 }
 
 function renderAge() {

@@ -303,6 +303,22 @@ def test_save_from_outside_the_browser_shows_in_both_tabs(tabs, server):
     expect(a.page.locator("#html")).to_have_value("<h2>from curl</h2>")  # a clean editor follows
 
 
+@pytest.mark.parametrize("transport", ["poll", "sse"])
+def test_a_deleted_page_empties_the_viewer_says_so_and_saving_re_creates_it(open_tab, server, transport):
+    a = open_tab(transport)
+    remote_save(server, "<h2>soon gone</h2>")
+    a.expect_viewer("soon gone", timeout_s=POLL_S + 1)
+    deleted = requests.post(f"{server.url}/delete", json={"slug": "shared"}, timeout=10)
+    assert deleted.status_code == 200
+    a.expect_version(2)
+    expect(a.page.locator("#message")).to_contain_text("This page was deleted (version 2)")
+    expect(a.page.locator("#html")).to_have_value("")
+    a.edit("<h2>back</h2>", "")
+    a.save()
+    a.expect_version(3)
+    assert stored(server)["html"] == "<h2>back</h2>" and "deleted" not in stored(server)
+
+
 def test_conflict_is_reported_and_loses_nothing(tabs, server):
     a, b = tabs
     remote_save(server, "<p>version one</p>")

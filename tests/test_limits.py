@@ -293,6 +293,33 @@ def test_past_the_byte_cap_a_page_cannot_grow_but_can_be_saved_at_its_size(make_
     assert stored_version(database, "big") == 3
 
 
+def test_idempotency_keys_count_against_the_byte_cap_so_they_cannot_grow_the_database_past_it(make_server, database):
+    """5,000 one-byte saves with a key each once grew a 4 KiB-capped database to 3.7 MiB: keys now count."""
+    server = make_server(env={"CHANGEFEED_MAX_STORED_BYTES": "4096", "CHANGEFEED_MAX_PAGES": "1",
+                              "CHANGEFEED_IDEMPOTENCY_TTL_S": "3"})
+    url = f"{server.url}/save"
+    answers = [requests.post(url, json={"slug": "p", "html": "x"}, headers={"Idempotency-Key": f"key-{n:04}"},
+                             timeout=10) for n in range(40)]
+    statuses = [answer.status_code for answer in answers]
+    accepted = statuses.count(200)
+    assert 10 <= accepted < 40 and set(statuses) == {200, 507}, statuses  # ~16 keys of 200 + 8 + 1 bytes
+    assert statuses == sorted(statuses)  # refused from the first key that would pass the cap on
+    refused = answers[accepted].json()
+    assert refused["limit"] == "stored_bytes" and "Idempotency-Keys" in refused["message"]
+    stored = database.query("SELECT bytes FROM storage")[0][0]
+    keys = database.query("SELECT count(*), coalesce(sum(200 + length(key) + length(slug)), 0) FROM idempotency_keys")
+    assert keys[0][0] == accepted and stored == 1 + 4 + keys[0][1] <= 4096
+    # A retry of a kept key is still answered, and a save without a key still takes the page at its size.
+    replay = requests.post(url, json={"slug": "p", "html": "x"}, headers={"Idempotency-Key": "key-0000"}, timeout=10)
+    assert replay.status_code == 200 and replay.headers["Idempotent-Replayed"] == "true"
+    assert requests.post(url, json={"slug": "p", "html": "y"}, timeout=10).status_code == 200
+    time.sleep(3.5)  # the keys expire: the next keyed save forgets them, and their bytes with them
+    fresh = requests.post(url, json={"slug": "p", "html": "z"}, headers={"Idempotency-Key": "key-new"}, timeout=10)
+    assert fresh.status_code == 200
+    assert database.query("SELECT count(*) FROM idempotency_keys") == [(1,)]
+    assert database.query("SELECT bytes FROM storage") == [(1 + 4 + 200 + len("key-new") + 1,)]
+
+
 def worker_pids(server):
     return sorted(child.pid for child in psutil.Process(server.process.pid).children())
 

@@ -32,7 +32,7 @@ def test_migrate_creates_the_table_wal_and_schema_version(tmp_path):
     assert conn.execute("PRAGMA user_version").fetchone()[0] == migrate.LATEST
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     columns = [row[1] for row in conn.execute("PRAGMA table_info(page_versions)")]
-    assert columns == ["slug", "html", "data", "version", "updated_at", "seq"]
+    assert columns == ["slug", "html", "data", "version", "updated_at", "seq", "deleted"]
 
 
 def test_second_run_changes_nothing_and_says_so(tmp_path, save, db_path):
@@ -82,7 +82,8 @@ def shape(db):
     conn = sqlite3.connect(db)
     columns = [row[1:] for row in conn.execute("PRAGMA table_info(page_versions)")]
     indexes = sorted((row[1], row[2]) for row in conn.execute("PRAGMA index_list(page_versions)"))
-    return columns, indexes
+    objects = conn.execute("SELECT type, name, tbl_name FROM sqlite_master ORDER BY type, name").fetchall()
+    return columns, indexes, objects
 
 
 def test_upgrade_from_version_1_matches_a_fresh_database_and_keeps_pages(tmp_path):
@@ -99,6 +100,26 @@ def test_upgrade_from_version_1_matches_a_fresh_database_and_keeps_pages(tmp_pat
     rows = sqlite3.connect(old).execute("SELECT slug, version, seq FROM page_versions ORDER BY slug").fetchall()
     assert [(slug, version) for slug, version, _ in rows] == [("a", 3), ("b", 1)]
     assert len({seq for _, _, seq in rows}) == 2  # each page has its own place in the save order
+    assert sqlite3.connect(old).execute("SELECT pages, bytes FROM storage").fetchone() == (2, 2 * len("<p>null"))
+
+
+def test_upgrade_to_tombstones_counts_kept_keys_and_refuses_removing_a_page_row(tmp_path):
+    """Schema 5 to 6: keys already kept count against the byte limit; a page row can no longer be deleted."""
+    db = str(tmp_path / "v5.sqlite3")
+    conn = sqlite3.connect(db, isolation_level=None)
+    conn.executescript(V1_SCHEMA)
+    conn.executescript("".join(f"BEGIN; {sql}; PRAGMA user_version = {v}; COMMIT;"
+                               for v, sql in migrate.UPGRADES if v <= 5))
+    conn.execute("INSERT INTO page_versions (slug, html, data, version, updated_at, seq)"
+                 " VALUES ('kept', 'x', '{}', 3, 't', 1)")
+    conn.execute("INSERT INTO idempotency_keys VALUES ('k-1', 'f', 'kept', 3, 't', 0)")
+    conn.close()
+    assert "upgraded from schema version 5 to 6" in run_migrate(db)
+    conn = sqlite3.connect(db)
+    assert conn.execute("SELECT pages, bytes FROM storage").fetchone() == (1, 3 + 200 + len("k-1") + len("kept"))
+    with pytest.raises(sqlite3.IntegrityError, match="POST /delete"):
+        conn.execute("DELETE FROM page_versions WHERE slug = 'kept'")
+    conn.execute("INSERT INTO page_editors VALUES ('kept', 'client:x', 'x', 'Ada', 'gone', 0)")  # allowed now
 
 
 def test_a_newer_schema_is_refused_by_migrate_and_by_the_app_and_left_alone(tmp_path, db_path):

@@ -276,20 +276,61 @@ def test_a_save_waiting_for_a_lock_never_stalls_the_other_requests_of_its_worker
     assert requests.get(f"{server.url}/changes?slug=held&since=0", timeout=5).json()["version"] == 2
 
 
-def test_the_upgrade_to_presence_matches_a_fresh_database_and_keeps_pages(database):
-    """Schema 4 to 5 (presence) on PostgreSQL: the same tables and columns as a new database."""
+# What schema 6 (tombstones, keys counted in storage, "gone" entries) added, taken away again: schema 5.
+BACK_TO_SCHEMA_5 = """
+    DROP TRIGGER page_versions_keep ON page_versions; DROP FUNCTION changefeed_keep_pages();
+    DROP TRIGGER storage_count_keys ON idempotency_keys; DROP FUNCTION changefeed_count_keys();
+    DROP TRIGGER storage_count ON page_versions;
+    ALTER TABLE page_versions DROP COLUMN deleted;
+    CREATE OR REPLACE FUNCTION changefeed_count_storage() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        IF TG_OP = 'INSERT' THEN
+            UPDATE storage SET pages = pages + 1, bytes = bytes + octet_length(NEW.html) + octet_length(NEW.data);
+        ELSIF TG_OP = 'UPDATE' THEN
+            UPDATE storage SET bytes = bytes + octet_length(NEW.html) + octet_length(NEW.data)
+                                             - octet_length(OLD.html) - octet_length(OLD.data);
+        ELSE
+            UPDATE storage SET pages = pages - 1, bytes = bytes - octet_length(OLD.html) - octet_length(OLD.data);
+        END IF;
+        RETURN NULL;
+    END
+    $$;
+    CREATE TRIGGER storage_count AFTER INSERT OR DELETE OR UPDATE OF html, data ON page_versions
+        FOR EACH ROW EXECUTE FUNCTION changefeed_count_storage();
+    ALTER TABLE page_editors DROP CONSTRAINT page_editors_state_check;
+    ALTER TABLE page_editors ADD CONSTRAINT page_editors_state_check CHECK (state IN ('viewing', 'editing'));
+    UPDATE schema_version SET version = 5;
+"""
 
-    def shape():
-        return database.query(
-            "SELECT table_name, column_name, data_type, is_nullable FROM information_schema.columns"
-            " WHERE table_schema = 'public' ORDER BY table_name, column_name")
 
-    fresh = shape()
+def _shape(database):
+    return database.query(
+        "SELECT table_name, column_name, data_type, is_nullable FROM information_schema.columns"
+        " WHERE table_schema = 'public' ORDER BY table_name, column_name")
+
+
+def test_the_upgrades_from_schema_4_match_a_fresh_database_and_keep_pages(database):
+    """Schema 4 to 5 (presence) to 6 (tombstones) on PostgreSQL: the same tables and columns as a new database."""
+    fresh = _shape(database)
+    database.query(BACK_TO_SCHEMA_5)
     database.query("INSERT INTO page_versions (slug, html, data, version, updated_at) VALUES"
                    " ('kept', 'x', '{}', 3, '2026-11-24T00:00:00.000Z')")
     database.query("DROP TABLE page_editors; DROP TABLE presence; DROP SEQUENCE presence_clock;"
                    " UPDATE schema_version SET version = 4")
     migrate.migrate_postgres(database.url)
-    assert shape() == fresh
-    assert database.query("SELECT version FROM schema_version") == [(5,)]
-    assert database.query("SELECT version FROM page_versions WHERE slug = 'kept'") == [(3,)]
+    assert _shape(database) == fresh
+    assert database.query("SELECT version FROM schema_version") == [(migrate.LATEST,)]
+    assert database.query("SELECT version, deleted FROM page_versions WHERE slug = 'kept'") == [(3, False)]
+    assert database.query("SELECT pages, bytes FROM storage") == [(1, 3)]
+
+
+def test_the_upgrade_to_tombstones_counts_kept_keys_and_takes_gone_entries(database):
+    """Schema 5 to 6 on PostgreSQL: keys already kept count against the byte limit; an entry may say "gone"."""
+    database.query(BACK_TO_SCHEMA_5)
+    database.query("INSERT INTO page_versions (slug, html, data, version, updated_at) VALUES"
+                   " ('kept', 'x', '{}', 3, '2026-11-24T00:00:00.000Z');"
+                   " INSERT INTO idempotency_keys VALUES ('k-1', 'f', 'kept', 3, 't', 0)")
+    migrate.migrate_postgres(database.url)
+    assert database.query("SELECT pages, bytes FROM storage") == [(1, 3 + 200 + len("k-1") + len("kept"))]
+    database.query("INSERT INTO page_editors VALUES ('kept', 'client:x', 'x', 'Ada', 'gone', 0)")
+    assert database.query("SELECT state FROM page_editors") == [("gone",)]

@@ -121,6 +121,20 @@ def test_a_gone_beat_is_never_too_soon(client):
     assert beat(client, state="gone").status_code == 200
 
 
+def test_alternating_viewing_and_gone_cannot_dodge_the_minimum_interval(client, database):
+    """200 beats of one tab in 0.3 s, alternating viewing and gone, were all taken and broadcast."""
+    answers = [beat(client, state=("viewing", "gone")[n % 2]) for n in range(40)]
+    statuses = [answer.status_code for answer in answers]
+    assert statuses[:2] == [200, 200]  # it arrives, and its going is always taken at once
+    assert set(statuses[2:]) == {429}, statuses
+    assert {answer.json["limit"] for answer in answers[2:]} == {"presence_interval"}
+    assert presence_of(client) == {"version": answers[1].json["version"], "count": 0, "editing": 0, "editors": []}
+    assert database.query("SELECT state FROM page_editors") == [("gone",)]  # kept, unlisted, till the TTL
+    time.sleep(1.05)  # CHANGEFEED_PRESENCE_MIN_INTERVAL_MS
+    assert beat(client).status_code == 200
+    assert presence_of(client)["count"] == 1
+
+
 def test_beats_faster_than_the_minimum_interval_get_429_with_retry_after(client):
     assert beat(client).status_code == 200
     fast = beat(client, state="editing")
