@@ -19,6 +19,15 @@ IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}\Z")  # printable ASCII, no spa
 CLIENT_ID = re.compile(r"[A-Za-z0-9_-]{8,64}\Z")
 MAX_NAME = 40
 PRESENCE_FORMS = ("list", "count")
+# A lone (unpaired) surrogate: JSON's "\ud800" decodes to one, but it is not Unicode text, and
+# encoding it as UTF-8 (to store, log or send it) fails.
+SURROGATE = re.compile("[\ud800-\udfff]")
+SURROGATE_MESSAGE = "Contains an unpaired surrogate (U+D800 to U+DFFF); send valid Unicode text."
+
+
+def has_surrogate(text):
+    """Whether `text` holds a lone surrogate; ASCII text (most of it) is answered without a scan."""
+    return not text.isascii() and SURROGATE.search(text) is not None
 
 
 def validate_slug(value):
@@ -39,7 +48,19 @@ def utf8_size(value, field):
         raise ValidationError({field: ["Contains an unpaired surrogate; send valid Unicode text."]})
 
 
-class Slug(fields.String):
+class Text(fields.String):
+    """A string of valid Unicode, refused before any other rule: what cannot be encoded cannot be stored or sent."""
+
+    default_error_messages = {"surrogate": SURROGATE_MESSAGE}
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        value = super()._deserialize(value, attr, data, **kwargs)
+        if has_surrogate(value):
+            raise self.make_error("surrogate")
+        return value
+
+
+class Slug(Text):
     """A page name: letters, digits and hyphens, folded to lower case so Home is home."""
 
     def __init__(self, **kwargs):
@@ -69,7 +90,7 @@ class SaveSchema(Schema):
     """The body of POST /save: {slug, html, data?, base_version?}; unknown fields are refused."""
 
     slug = Slug(required=True)
-    html = fields.String(required=True)
+    html = Text(required=True)
     data = fields.Raw(load_default=None, allow_none=True)
     base_version = Count(load_default=None, allow_none=True)
 
@@ -128,11 +149,11 @@ class PresenceSchema(Schema):
         unknown = EXCLUDE  # a WebSocket message carries its `type` too
 
     slug = Slug(required=True)
-    client_id = fields.String(required=True, validate=validate.Regexp(
+    client_id = Text(required=True, validate=validate.Regexp(
         CLIENT_ID, error="Must be 8 to 64 letters, digits, - or _, the same for every beat of one tab "
                          "(e.g. a random UUID)."))
-    name = fields.String(load_default=None, allow_none=True, validate=validate_name)
-    state = fields.String(required=True, validate=validate.OneOf(
+    name = Text(load_default=None, allow_none=True, validate=validate_name)
+    state = Text(required=True, validate=validate.OneOf(
         ("viewing", "editing", "gone"), error="Must be viewing, editing or gone (the tab closed)."))
 
 
@@ -140,7 +161,7 @@ class PresenceQuery:
     """The presence parameters of a read: ?presence=V (the version held) and ?presence_form=list|count."""
 
     presence = Count(load_default=None, allow_none=True)
-    presence_form = fields.String(load_default="list", validate=validate.OneOf(
+    presence_form = Text(load_default="list", validate=validate.OneOf(
         PRESENCE_FORMS, error="Must be list (who is here) or count (how many)."))
 
 
@@ -152,7 +173,7 @@ class ChangesQuerySchema(Schema):
 
     slug = Slug(required=True)
     since = Count(load_default=0)
-    epoch = fields.String(load_default=None, validate=validate.Regexp(
+    epoch = Text(load_default=None, validate=validate.Regexp(
         EPOCH, error="Must be the epoch of an earlier answer (letters, digits, - and _)."))
     wait = Count(load_default=0)
     presence = PresenceQuery.presence
@@ -173,7 +194,7 @@ class EventsQuerySchema(Schema):
 
     slug = Slug(required=True)
     since = Count(load_default=0)
-    epoch = fields.String(load_default=None, validate=validate.Regexp(
+    epoch = Text(load_default=None, validate=validate.Regexp(
         EPOCH, error="Must be the epoch of an earlier answer (letters, digits, - and _)."))
     presence = PresenceQuery.presence
     presence_form = PresenceQuery.presence_form
@@ -187,6 +208,8 @@ class LastEventId(fields.Field):
     }
 
     def _deserialize(self, value, attr, data, **kwargs):
+        if isinstance(value, str) and has_surrogate(value):
+            raise ValidationError(SURROGATE_MESSAGE)
         epoch, _, version = value.rpartition(":") if isinstance(value, str) else ("", "", value)
         if epoch and not EPOCH.fullmatch(epoch):
             raise self.make_error("invalid")
@@ -205,7 +228,7 @@ class LastEventIdSchema(Schema):
 class IdempotencyKeySchema(Schema):
     """The Idempotency-Key header of POST /save: a client-chosen unique key, quoted or not."""
 
-    key = fields.String(data_key="Idempotency-Key", load_default=None, validate=validate.Regexp(
+    key = Text(data_key="Idempotency-Key", load_default=None, validate=validate.Regexp(
         IDEMPOTENCY_KEY, error="Must be 1 to 255 printable ASCII characters without spaces, "
                                'unique per save, e.g. a UUID ("8e03978e-40d5-43e8-bc93-6894a57f9324").'))
 
@@ -225,7 +248,7 @@ class PageQuerySchema(Schema):
         unknown = EXCLUDE
 
     slug = Slug(load_default="demo")
-    transport = fields.String(load_default="poll", validate=validate.OneOf(
+    transport = Text(load_default="poll", validate=validate.OneOf(
         TRANSPORTS, error=f"Must be one of {', '.join(TRANSPORTS)}."))
 
 
