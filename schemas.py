@@ -5,6 +5,7 @@ schema with a message naming the field, before any view or store sees it.
 """
 
 import json
+import math
 import re
 
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, post_load, pre_load, validate
@@ -19,6 +20,7 @@ IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}\Z")  # printable ASCII, no spa
 CLIENT_ID = re.compile(r"[A-Za-z0-9_-]{8,64}\Z")
 MAX_NAME = 40
 PRESENCE_FORMS = ("list", "count")
+MAX_DATA_DEPTH = 64  # levels of arrays and objects in `data`: far more than a page needs, far below a stack's
 # A lone (unpaired) surrogate: JSON's "\ud800" decodes to one, but it is not Unicode text, and
 # encoding it as UTF-8 (to store, log or send it) fails.
 SURROGATE = re.compile("[\ud800-\udfff]")
@@ -109,7 +111,10 @@ class SaveSchema(Schema):
             raise ValidationError(
                 {"html": [f"Must be at most {self.max_html_bytes} bytes of UTF-8 (got {size})."]}
             )
-        item["data"] = json.dumps(item["data"], ensure_ascii=False, separators=(",", ":"))
+        problem = data_problem(item["data"], MAX_DATA_DEPTH, self.max_data_bytes)
+        if problem:
+            raise ValidationError({"data": [problem]})
+        item["data"] = json.dumps(item["data"], ensure_ascii=False, separators=(",", ":"), allow_nan=False)
         size = utf8_size(item["data"], "data")
         if size > self.max_data_bytes:
             raise ValidationError(
@@ -130,6 +135,46 @@ class SaveFormSchema(SaveSchema):
             return {**form, "data": json.loads(text, parse_constant=reject_constant)}
         except ValueError as exc:
             raise ValidationError({"data": [f"Must be JSON text in a form body: {exc}."]}) from None
+        except RecursionError:  # nested far deeper than MAX_DATA_DEPTH: the parser itself gave up
+            raise ValidationError({"data": [DEPTH_MESSAGE]}) from None
+
+
+DEPTH_MESSAGE = f"Must be nested at most {MAX_DATA_DEPTH} levels deep (arrays and objects)."
+
+
+def data_problem(value, max_depth, max_values):
+    """What makes a parsed `data` value unfit to store and send back as JSON, or None.
+
+    Refused: a number too large for a float (JSON's 1e400 parses as
+    infinity, which JSON cannot say), a lone surrogate in a key or a
+    string, nesting deeper than `max_depth`, and more than `max_values`
+    values (each is at least one byte of JSON, so that many are over the
+    size limit anyway, and the walk stops early). One pass, without
+    recursion: a deep value must not exhaust the stack that refuses it.
+    """
+    pending = [((value,), 0)]  # (values, how many arrays and objects hold them)
+    seen = 0
+    while pending:
+        values, depth = pending.pop()
+        seen += len(values)
+        if seen > max_values:
+            return f"Must be at most {max_values} bytes as compact JSON (it holds more than {max_values} values)."
+        for item in values:
+            if isinstance(item, str):
+                if has_surrogate(item):
+                    return SURROGATE_MESSAGE
+            elif isinstance(item, float):
+                if not math.isfinite(item):
+                    return "Numbers must be finite: one is too large for a 64-bit float (e.g. 1e400)."
+            elif isinstance(item, (dict, list)):
+                if depth >= max_depth:
+                    return DEPTH_MESSAGE
+                if isinstance(item, dict):
+                    if any(has_surrogate(key) for key in item):
+                        return "A key contains an unpaired surrogate (U+D800 to U+DFFF); send valid Unicode text."
+                    item = tuple(item.values())
+                pending.append((item, depth + 1))
+    return None
 
 
 def validate_name(value):

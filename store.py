@@ -109,7 +109,7 @@ class Change:
 
         `data` is already compact JSON as stored, so it goes in as it is.
         """
-        return (f'{{"changed":true,"version":{self.version},"html":{json.dumps(self.html)},'
+        return (f'{{"changed":true,"version":{self.version},"html":{json.dumps(self.html, allow_nan=False)},'
                 f'"data":{self.data},"updated_at":"{self.updated_at}","epoch":"{self.epoch}"}}')
 
     @property
