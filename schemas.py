@@ -63,13 +63,19 @@ class Text(fields.String):
 
 
 class Slug(Text):
-    """A page name: letters, digits and hyphens, folded to lower case so Home is home."""
+    """A page name: letters, digits and hyphens, folded to lower case so Home is home.
+
+    Checked as sent, then folded: lower() maps some non-ASCII letters to ASCII
+    ones (U+212A KELVIN SIGN to k), which the rule must not let through.
+    """
 
     def __init__(self, **kwargs):
-        super().__init__(validate=validate_slug, metadata={"pattern": f"^{SLUG.pattern}$"}, **kwargs)
+        super().__init__(metadata={"pattern": f"^{SLUG.pattern}$"}, **kwargs)
 
     def _deserialize(self, value, attr, data, **kwargs):
-        return super()._deserialize(value, attr, data, **kwargs).lower()
+        value = super()._deserialize(value, attr, data, **kwargs)
+        validate_slug(value)
+        return value.lower()
 
 
 class Count(fields.Field):

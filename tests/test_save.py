@@ -199,3 +199,11 @@ def test_data_64_levels_deep_is_stored_and_read_back(client):
                          content_type="application/json")
     assert answer.status_code == 422 and "64 levels" in answer.json["fields"]["data"][0]
 
+
+def test_a_slug_with_the_kelvin_sign_is_refused_not_folded_to_k(client, database):
+    """U+212A lowers to an ASCII k: the slug rule applies to the text as sent, before folding."""
+    for slug in ("\u212a", "\u212aelvin", "\u0130d"):  # KELVIN SIGN; I WITH DOT ABOVE lowers to i + U+0307
+        answer = client.post("/save", json={"slug": slug, "html": "x"})
+        assert answer.status_code == 422 and list(answer.json["fields"]) == ["slug"], (slug, answer.text)
+        assert client.get("/changes", query_string={"slug": slug}).status_code == 422
+    assert database.query("SELECT count(*) FROM page_versions") == [(0,)]
