@@ -15,6 +15,7 @@ Run it with `python migrate.py && flask run`, or in production with
 import json
 
 from flask import Flask, Response, render_template, request
+from flask.json.provider import DefaultJSONProvider
 from flask_cors import CORS
 from marshmallow import ValidationError
 
@@ -78,6 +79,17 @@ PAGE_HEADERS = [
 ]
 
 
+class StrictJSONProvider(DefaultJSONProvider):
+    """Flask's JSON, refusing NaN and Infinity: they are not JSON, and a client's parser would fail on the answer.
+
+    An answer that would hold one fails on the server (a logged 500) instead.
+    """
+
+    def dumps(self, obj, **kwargs):
+        kwargs.setdefault("allow_nan", False)
+        return super().dumps(obj, **kwargs)
+
+
 def create_app(test_config=None):
     """Build the app from the environment's settings, overridden by `test_config`."""
     app = Flask(__name__, instance_relative_config=True)
@@ -86,6 +98,7 @@ def create_app(test_config=None):
     app.config["MAX_CONTENT_LENGTH"] = app.config["CHANGEFEED_MAX_BODY_BYTES"]
     hosts = parse_list(app.config["CHANGEFEED_TRUSTED_HOSTS"])
     app.config["TRUSTED_HOSTS"] = None if "*" in hosts else sorted(hosts)
+    app.json = StrictJSONProvider(app)
     app.json.sort_keys = False
     logs.register(app)  # first, so whatever follows logs with a level and a name; the access log if asked
 

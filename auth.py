@@ -22,6 +22,7 @@ from flask import has_request_context, request
 
 import logs
 from errors import ApiError
+from schemas import has_surrogate
 from store import Unavailable
 
 CLAIM = "changefeed"
@@ -142,6 +143,12 @@ class TokenVerifier:
             raise AuthError(401, "invalid_token", "The token's signature is not valid for this service.") from None
         except jwt.InvalidTokenError as exc:
             raise AuthError(401, "invalid_token", f"The token was refused: {exc}.") from None
+        sub = claims.get("sub")
+        if isinstance(sub, str) and has_surrogate(sub):
+            # It names the user in presence lists and log lines: text that cannot be encoded would fail
+            # there, in the middle of other users' beats. The message leaves it out for the same reason.
+            raise AuthError(401, "invalid_token", "The token was refused: its `sub` claim contains an unpaired "
+                                                  "surrogate (U+D800 to U+DFFF), not valid Unicode text.")
         if has_request_context():  # who made this request, for its log lines (logs.py)
             request.environ[logs.SUB] = claims.get("sub")
         rights = claims.get(CLAIM) if isinstance(claims.get(CLAIM), dict) else {}

@@ -73,7 +73,7 @@ def _pg(sql):
 
 def notify_payload(saved):
     """The NOTIFY payload of a transaction's saves: [[slug, version], ...], or `*` when too long."""
-    payload = json.dumps([[s.slug, s.version] for s in saved], separators=(",", ":"))
+    payload = json.dumps([[s.slug, s.version] for s in saved], separators=(",", ":"), allow_nan=False)
     return payload if len(payload) <= MAX_PAYLOAD else EVERYTHING
 
 
@@ -218,7 +218,7 @@ class PostgresStore(PageStore):
 
     def _presence_changed(self, conn, slugs):
         if slugs:
-            payload = json.dumps(slugs, separators=(",", ":"))
+            payload = json.dumps(slugs, separators=(",", ":"), allow_nan=False)
             conn.execute("SELECT pg_notify(%s, %s)",
                          (PRESENCE_CHANNEL, payload if len(payload) <= MAX_PAYLOAD else EVERYTHING))
 

@@ -88,7 +88,7 @@ class Presence:
         """The JSON text of this presence, built once for every client it goes to."""
         return json.dumps({"version": self.version, "count": self.count, "editing": self.editing,
                            "editors": [{"id": i, "name": n, "state": s} for i, n, s in self.editors]},
-                          separators=(",", ":"), ensure_ascii=False)
+                          separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
     @cached_property
     def count_body(self):

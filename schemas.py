@@ -5,6 +5,7 @@ schema with a message naming the field, before any view or store sees it.
 """
 
 import json
+import math
 import re
 
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, post_load, pre_load, validate
@@ -19,6 +20,16 @@ IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}\Z")  # printable ASCII, no spa
 CLIENT_ID = re.compile(r"[A-Za-z0-9_-]{8,64}\Z")
 MAX_NAME = 40
 PRESENCE_FORMS = ("list", "count")
+MAX_DATA_DEPTH = 64  # levels of arrays and objects in `data`: far more than a page needs, far below a stack's
+# A lone (unpaired) surrogate: JSON's "\ud800" decodes to one, but it is not Unicode text, and
+# encoding it as UTF-8 (to store, log or send it) fails.
+SURROGATE = re.compile("[\ud800-\udfff]")
+SURROGATE_MESSAGE = "Contains an unpaired surrogate (U+D800 to U+DFFF); send valid Unicode text."
+
+
+def has_surrogate(text):
+    """Whether `text` holds a lone surrogate; ASCII text (most of it) is answered without a scan."""
+    return not text.isascii() and SURROGATE.search(text) is not None
 
 
 def validate_slug(value):
@@ -39,14 +50,32 @@ def utf8_size(value, field):
         raise ValidationError({field: ["Contains an unpaired surrogate; send valid Unicode text."]})
 
 
-class Slug(fields.String):
-    """A page name: letters, digits and hyphens, folded to lower case so Home is home."""
+class Text(fields.String):
+    """A string of valid Unicode, refused before any other rule: what cannot be encoded cannot be stored or sent."""
 
-    def __init__(self, **kwargs):
-        super().__init__(validate=validate_slug, metadata={"pattern": f"^{SLUG.pattern}$"}, **kwargs)
+    default_error_messages = {"surrogate": SURROGATE_MESSAGE}
 
     def _deserialize(self, value, attr, data, **kwargs):
-        return super()._deserialize(value, attr, data, **kwargs).lower()
+        value = super()._deserialize(value, attr, data, **kwargs)
+        if has_surrogate(value):
+            raise self.make_error("surrogate")
+        return value
+
+
+class Slug(Text):
+    """A page name: letters, digits and hyphens, folded to lower case so Home is home.
+
+    Checked as sent, then folded: lower() maps some non-ASCII letters to ASCII
+    ones (U+212A KELVIN SIGN to k), which the rule must not let through.
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(metadata={"pattern": f"^{SLUG.pattern}$"}, **kwargs)
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        value = super()._deserialize(value, attr, data, **kwargs)
+        validate_slug(value)
+        return value.lower()
 
 
 class Count(fields.Field):
@@ -69,7 +98,7 @@ class SaveSchema(Schema):
     """The body of POST /save: {slug, html, data?, base_version?}; unknown fields are refused."""
 
     slug = Slug(required=True)
-    html = fields.String(required=True)
+    html = Text(required=True)
     data = fields.Raw(load_default=None, allow_none=True)
     base_version = Count(load_default=None, allow_none=True)
 
@@ -88,7 +117,10 @@ class SaveSchema(Schema):
             raise ValidationError(
                 {"html": [f"Must be at most {self.max_html_bytes} bytes of UTF-8 (got {size})."]}
             )
-        item["data"] = json.dumps(item["data"], ensure_ascii=False, separators=(",", ":"))
+        problem = data_problem(item["data"], MAX_DATA_DEPTH, self.max_data_bytes)
+        if problem:
+            raise ValidationError({"data": [problem]})
+        item["data"] = json.dumps(item["data"], ensure_ascii=False, separators=(",", ":"), allow_nan=False)
         size = utf8_size(item["data"], "data")
         if size > self.max_data_bytes:
             raise ValidationError(
@@ -109,6 +141,46 @@ class SaveFormSchema(SaveSchema):
             return {**form, "data": json.loads(text, parse_constant=reject_constant)}
         except ValueError as exc:
             raise ValidationError({"data": [f"Must be JSON text in a form body: {exc}."]}) from None
+        except RecursionError:  # nested far deeper than MAX_DATA_DEPTH: the parser itself gave up
+            raise ValidationError({"data": [DEPTH_MESSAGE]}) from None
+
+
+DEPTH_MESSAGE = f"Must be nested at most {MAX_DATA_DEPTH} levels deep (arrays and objects)."
+
+
+def data_problem(value, max_depth, max_values):
+    """What makes a parsed `data` value unfit to store and send back as JSON, or None.
+
+    Refused: a number too large for a float (JSON's 1e400 parses as
+    infinity, which JSON cannot say), a lone surrogate in a key or a
+    string, nesting deeper than `max_depth`, and more than `max_values`
+    values (each is at least one byte of JSON, so that many are over the
+    size limit anyway, and the walk stops early). One pass, without
+    recursion: a deep value must not exhaust the stack that refuses it.
+    """
+    pending = [((value,), 0)]  # (values, how many arrays and objects hold them)
+    seen = 0
+    while pending:
+        values, depth = pending.pop()
+        seen += len(values)
+        if seen > max_values:
+            return f"Must be at most {max_values} bytes as compact JSON (it holds more than {max_values} values)."
+        for item in values:
+            if isinstance(item, str):
+                if has_surrogate(item):
+                    return SURROGATE_MESSAGE
+            elif isinstance(item, float):
+                if not math.isfinite(item):
+                    return "Numbers must be finite: one is too large for a 64-bit float (e.g. 1e400)."
+            elif isinstance(item, (dict, list)):
+                if depth >= max_depth:
+                    return DEPTH_MESSAGE
+                if isinstance(item, dict):
+                    if any(has_surrogate(key) for key in item):
+                        return "A key contains an unpaired surrogate (U+D800 to U+DFFF); send valid Unicode text."
+                    item = tuple(item.values())
+                pending.append((item, depth + 1))
+    return None
 
 
 class DeleteSchema(Schema):
@@ -135,11 +207,11 @@ class PresenceSchema(Schema):
         unknown = EXCLUDE  # a WebSocket message carries its `type` too
 
     slug = Slug(required=True)
-    client_id = fields.String(required=True, validate=validate.Regexp(
+    client_id = Text(required=True, validate=validate.Regexp(
         CLIENT_ID, error="Must be 8 to 64 letters, digits, - or _, the same for every beat of one tab "
                          "(e.g. a random UUID)."))
-    name = fields.String(load_default=None, allow_none=True, validate=validate_name)
-    state = fields.String(required=True, validate=validate.OneOf(
+    name = Text(load_default=None, allow_none=True, validate=validate_name)
+    state = Text(required=True, validate=validate.OneOf(
         ("viewing", "editing", "gone"), error="Must be viewing, editing or gone (the tab closed)."))
 
 
@@ -147,7 +219,7 @@ class PresenceQuery:
     """The presence parameters of a read: ?presence=V (the version held) and ?presence_form=list|count."""
 
     presence = Count(load_default=None, allow_none=True)
-    presence_form = fields.String(load_default="list", validate=validate.OneOf(
+    presence_form = Text(load_default="list", validate=validate.OneOf(
         PRESENCE_FORMS, error="Must be list (who is here) or count (how many)."))
 
 
@@ -159,7 +231,7 @@ class ChangesQuerySchema(Schema):
 
     slug = Slug(required=True)
     since = Count(load_default=0)
-    epoch = fields.String(load_default=None, validate=validate.Regexp(
+    epoch = Text(load_default=None, validate=validate.Regexp(
         EPOCH, error="Must be the epoch of an earlier answer (letters, digits, - and _)."))
     wait = Count(load_default=0)
     presence = PresenceQuery.presence
@@ -180,7 +252,7 @@ class EventsQuerySchema(Schema):
 
     slug = Slug(required=True)
     since = Count(load_default=0)
-    epoch = fields.String(load_default=None, validate=validate.Regexp(
+    epoch = Text(load_default=None, validate=validate.Regexp(
         EPOCH, error="Must be the epoch of an earlier answer (letters, digits, - and _)."))
     presence = PresenceQuery.presence
     presence_form = PresenceQuery.presence_form
@@ -194,6 +266,8 @@ class LastEventId(fields.Field):
     }
 
     def _deserialize(self, value, attr, data, **kwargs):
+        if isinstance(value, str) and has_surrogate(value):
+            raise ValidationError(SURROGATE_MESSAGE)
         epoch, _, version = value.rpartition(":") if isinstance(value, str) else ("", "", value)
         if epoch and not EPOCH.fullmatch(epoch):
             raise self.make_error("invalid")
@@ -212,7 +286,7 @@ class LastEventIdSchema(Schema):
 class IdempotencyKeySchema(Schema):
     """The Idempotency-Key header of POST /save: a client-chosen unique key, quoted or not."""
 
-    key = fields.String(data_key="Idempotency-Key", load_default=None, validate=validate.Regexp(
+    key = Text(data_key="Idempotency-Key", load_default=None, validate=validate.Regexp(
         IDEMPOTENCY_KEY, error="Must be 1 to 255 printable ASCII characters without spaces, "
                                'unique per save, e.g. a UUID ("8e03978e-40d5-43e8-bc93-6894a57f9324").'))
 
@@ -232,7 +306,7 @@ class PageQuerySchema(Schema):
         unknown = EXCLUDE
 
     slug = Slug(load_default="demo")
-    transport = fields.String(load_default="poll", validate=validate.OneOf(
+    transport = Text(load_default="poll", validate=validate.OneOf(
         TRANSPORTS, error=f"Must be one of {', '.join(TRANSPORTS)}."))
 
 

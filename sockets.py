@@ -33,6 +33,7 @@ that has not answered the previous ping.
 
 import json
 import logging
+import math
 import socket
 import threading
 import time
@@ -53,7 +54,8 @@ from errors import ApiError
 from limits import TooManyWaits
 from notify import Subscription
 from origins import parse_origins
-from schemas import EPOCH, MAX_NAME, Count, PresenceQuery, PresenceSchema, Slug, reject_constant
+from schemas import (EPOCH, MAX_INTEGER, MAX_NAME, SLUG, Count, PresenceQuery, PresenceSchema, Slug, Text,
+                     has_surrogate, reject_constant)
 from store import Unavailable
 
 log = logging.getLogger(__name__)
@@ -86,7 +88,7 @@ class SubscribeSchema(Schema):
 
     slug = Slug(required=True)
     since = Count(load_default=0)
-    epoch = fields.String(load_default=None, allow_none=True, validate=validate.Regexp(
+    epoch = Text(load_default=None, allow_none=True, validate=validate.Regexp(
         EPOCH, error="Must be the epoch of an earlier answer (letters, digits, - and _)."))
     presence = PresenceQuery.presence
     presence_form = PresenceQuery.presence_form
@@ -101,13 +103,49 @@ class UnsubscribeSchema(Schema):
     slug = Slug(required=True)
 
 
+MAX_PING_ID = 100  # characters
+
+
+class PingId(fields.Field):
+    """A ping's `id`, echoed in the pong: only what is sure to go out again as JSON text.
+
+    null, a whole number up to 2**63 - 1 either way, a finite number, or a
+    string of at most MAX_PING_ID characters of valid Unicode. Anything else
+    (a lone surrogate, Infinity from 1e400, a deep or huge value) could fail
+    to encode in the pong, and so is refused here.
+    """
+
+    default_error_messages = {
+        "invalid": f"Must be null, a finite number, or a string of at most {MAX_PING_ID} characters of valid "
+                   "Unicode; the pong echoes it.",
+    }
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if isinstance(value, str) and len(value) <= MAX_PING_ID and not has_surrogate(value):
+            return value
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) <= MAX_INTEGER:
+            return value
+        if isinstance(value, float) and math.isfinite(value):
+            return value
+        raise self.make_error("invalid")
+
+
+class PingSchema(Schema):
+    """{"type": "ping", "id"?}."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+    id = PingId(load_default=None, allow_none=True)
+
+
 def _reason(text):
     """A close reason: at most 123 bytes of UTF-8 (RFC 6455), cut at a character."""
     return text.encode()[:123].decode(errors="ignore")
 
 
 def _frame(kind, **fields):
-    return json.dumps({"type": kind, **fields}, separators=(",", ":"), ensure_ascii=False)
+    return json.dumps({"type": kind, **fields}, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
 def error_frame(error, message, **details):
@@ -230,8 +268,8 @@ class Socket:
             kind = body.get("type")
             if kind not in TYPES or not isinstance(kind, str):
                 raise ValidationError({"type": [f"Must be one of {', '.join(TYPES)}."]})
-            if isinstance(body.get("slug"), str):
-                slug = body["slug"].lower()
+            if isinstance(body.get("slug"), str) and SLUG.fullmatch(body["slug"]):
+                slug = body["slug"].lower()  # echoed in an error frame: only a slug as sent, sure to encode
             getattr(self, f"on_{kind}")(body)
         except ValidationError as exc:
             self.queue(error_frame("invalid message", "Fix the fields listed in `fields` and send the message "
@@ -263,7 +301,7 @@ class Socket:
         self.queue(("unsubscribe", self.service.unsubscribe_schema.load(body)["slug"]))
 
     def on_ping(self, body):
-        self.queue(_frame("pong", id=body.get("id")))
+        self.queue(_frame("pong", id=self.service.ping_schema.load(body)["id"]))
 
     def on_presence(self, body):
         item = self.service.presence_schema.load(body)
@@ -474,6 +512,7 @@ class Service:
         self.max_slugs = config["CHANGEFEED_WS_MAX_SLUGS"]
         self.send_timeout_s = config["CHANGEFEED_SEND_TIMEOUT_S"]
         self.subscribe_schema, self.unsubscribe_schema = SubscribeSchema(), UnsubscribeSchema()
+        self.ping_schema = PingSchema()
         self.presence_schema = PresenceSchema()
 
     def admit(self, req):

@@ -15,6 +15,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import sqlite3
 import time
@@ -28,6 +29,8 @@ from urllib.parse import quote
 import migrate
 from migrate import SchemaTooNew
 from presence import GONE, Beat, Beaten, Presence, PresenceFull, Sweep, TooSoon, user_id
+
+log = logging.getLogger(__name__)
 
 try:  # the commit thread waits for its turn with a real sleep, even where gevent patched time
     from gevent.monkey import get_original
@@ -112,7 +115,7 @@ class Change:
         `data` is already compact JSON as stored, so it goes in as it is.
         """
         gone = '"deleted":true,' if self.deleted else ""  # what a client that renders html still shows: ""
-        return (f'{{"changed":true,"version":{self.version},"html":{json.dumps(self.html)},'
+        return (f'{{"changed":true,"version":{self.version},"html":{json.dumps(self.html, allow_nan=False)},'
                 f'"data":{self.data},{gone}"updated_at":"{self.updated_at}","epoch":"{self.epoch}"}}')
 
     @property
@@ -341,18 +344,12 @@ class PageStore:
         now = time.time()
         changed, outcomes = set(), []
         for item in items:
-            conn.execute("SAVEPOINT item")
-            try:
-                if isinstance(item, Sweep):
-                    outcome = self._sweep(conn, now, changed)
-                else:
-                    outcome = self._apply_beat(conn, item, now, changed)
-            except self.Error as exc:
-                if self._fatal(conn, exc):
-                    raise
-                conn.execute("ROLLBACK TO SAVEPOINT item")
-                outcome = NotStored(self._reason(exc))
-            conn.execute("RELEASE SAVEPOINT item")
+            item_changed = set()  # the pages this item changed: none, should it be rolled back
+            outcome = self._in_savepoint(conn, item, lambda: (
+                self._sweep(conn, now, item_changed) if isinstance(item, Sweep)
+                else self._apply_beat(conn, item, now, item_changed)))
+            if not isinstance(outcome, NotStored):
+                changed |= item_changed
             outcomes.append(outcome)
         versions = {}
         for slug in sorted(changed):  # in order: two hosts' transactions never wait on each other in a cycle
@@ -443,18 +440,32 @@ class PageStore:
         self.epoch = epoch
         if any(item.key is not None for item in items):
             conn.execute(self.FORGET_KEYS, (now - self._key_ttl,))
-        outcomes = []
-        for item in items:
-            conn.execute("SAVEPOINT item")
-            try:
-                outcomes.append(self._apply(conn, item, now, epoch))
-            except self.Error as exc:
-                if self._fatal(conn, exc):
-                    raise
-                conn.execute("ROLLBACK TO SAVEPOINT item")
-                outcomes.append(NotStored(self._reason(exc)))
-            conn.execute("RELEASE SAVEPOINT item")
-        return outcomes
+        return [self._in_savepoint(conn, item, lambda: self._apply(conn, item, now, epoch)) for item in items]
+
+    def _in_savepoint(self, conn, item, apply):
+        """Run `apply()` for one item in a savepoint of its own; return its outcome.
+
+        Only a database error that lost the whole transaction fails the
+        batch (it is raised). Any other failure is this item's alone: its
+        savepoint is rolled back, it gets its own NotStored, and the others
+        still commit. That includes exceptions that are not database errors
+        (a string the driver cannot encode, a bug): left to escape, they
+        would end every caller of the batch in OutcomeUnknown.
+        """
+        conn.execute("SAVEPOINT item")
+        try:
+            outcome = apply()
+        except self.Error as exc:
+            if self._fatal(conn, exc):
+                raise
+            conn.execute("ROLLBACK TO SAVEPOINT item")
+            outcome = NotStored(self._reason(exc))
+        except Exception as exc:  # noqa: BLE001 - see above: this item only, logged with its traceback
+            log.exception("%s for %r not stored", type(item).__name__, getattr(item, "slug", None))
+            conn.execute("ROLLBACK TO SAVEPOINT item")
+            outcome = NotStored(f"it could not be written ({type(exc).__name__}); the error is logged")
+        conn.execute("RELEASE SAVEPOINT item")
+        return outcome
 
     def _apply(self, conn, item, now, epoch):
         """Write one save inside the caller's transaction; a stale base writes nothing.

@@ -1,5 +1,7 @@
 """Every bad input gets one JSON error shape naming the field and the reason; nothing is written."""
 
+import json
+
 import pytest
 import requests
 
@@ -154,3 +156,15 @@ def test_real_server_answers_every_bad_request_and_keeps_serving(server, databas
     assert page_count(database) == 0
     saved = session.post(server.url + "/save", json={"slug": "still-up", "html": "ok"}, timeout=10)
     assert saved.status_code == 200 and saved.json()["version"] == 1
+
+
+def test_an_answer_that_would_hold_nan_is_a_json_500_never_invalid_json(database):
+    """Flask's JSON provider refuses NaN and Infinity: a client's JSON.parse would fail on the whole answer."""
+    app = create_app({**database.config})
+    app.add_url_rule("/nan", "nan", lambda: {"n": float("nan"), "m": float("inf")})
+    try:
+        response = app.test_client().get("/nan")
+        strict = json.loads(response.text, parse_constant=lambda name: pytest.fail(f"{name} in the answer"))
+        assert response.status_code == 500 and strict["error"] and strict["request_id"], response.text
+    finally:
+        close_app(app)

@@ -7,6 +7,7 @@ event streams and long-polls on other workers, against real gunicorn.
 import threading
 import time
 
+import jwt
 import pytest
 import requests
 
@@ -225,6 +226,35 @@ def test_with_access_control_the_user_is_the_tokens_sub_and_needs_read(database)
         assert beat(client, "tab-bbbbbbbb", state="editing").status_code == 200
         listed = presence_of(client)
         assert listed["count"] == 1 and listed["editors"][0]["state"] == "editing"
+    finally:
+        close_app(app)
+
+
+def test_a_name_with_a_lone_surrogate_is_refused_naming_it_and_nothing_is_listed(client, database):
+    """Valid JSON ("\\ud800"), not Unicode: it used to pass the schema and fail in the store, a 500 (or, with
+    group commit, a 503 for every beat in its transaction)."""
+    answer = client.post("/presence", data='{"slug": "home", "client_id": "tab-aaaaaaaa", "name": "Ada \\ud800",'
+                                           ' "state": "viewing"}', content_type="application/json")
+    assert answer.status_code == 422 and list(answer.json["fields"]) == ["name"], answer.text
+    assert "surrogate" in answer.json["fields"]["name"][0]
+    assert database.query("SELECT count(*) FROM page_editors") == [(0,)]
+    assert beat(client).status_code == 200  # the next good beat is taken
+
+
+def test_a_token_whose_sub_holds_a_lone_surrogate_is_refused_as_invalid_naming_the_claim(database):
+    """The sub names the user in presence lists and logs: one that cannot be encoded is an invalid token (401)."""
+    secret = "s" * 32
+    app = create_app({**database.config, "TESTING": True, "CHANGEFEED_JWT_SECRET": secret})
+    try:
+        client = app.test_client()
+        bad = jwt.encode({"sub": "eve\ud800", "exp": int(time.time()) + 300, "changefeed": {"read": ["*"]}},
+                         secret, algorithm="HS256")
+        answer = beat(client, Authorization=f"Bearer {bad}")
+        assert answer.status_code == 401 and answer.json["error"] == "invalid token", answer.text
+        assert "`sub`" in answer.json["message"] and "sub" in answer.headers["WWW-Authenticate"]
+        assert database.query("SELECT count(*) FROM page_editors") == [(0,)]
+        good = app.extensions["changefeed.auth"].mint("eve", read=["*"])
+        assert beat(client, Authorization=f"Bearer {good}").status_code == 200
     finally:
         close_app(app)
 

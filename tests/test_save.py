@@ -1,5 +1,6 @@
 """POST /save: one row per slug, its version bumped by exactly 1 per save."""
 
+import json
 import pytest
 import re
 import time
@@ -155,3 +156,54 @@ def test_a_refused_save_does_not_use_up_its_idempotency_key(client):
     assert stale.status_code == 409
     assert keyed(client, "k-2", html="<p>v2</p>", base_version=1).get_json()["version"] == 2
     assert keyed(client, "k-1", html="<p>stale</p>", base_version=0).status_code == 409  # checked again
+
+
+def deep(levels):
+    """JSON text of `levels` nested arrays around 0."""
+    return "[" * levels + "0" + "]" * levels
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"data": '{"slug": "big", "html": "x", "data": {"n": 1e400}}', "content_type": "application/json"},
+    {"data": '{"slug": "big", "html": "x", "data": [1, [-1e400]]}', "content_type": "application/json"},
+    {"data": {"slug": "big", "html": "x", "data": '{"n": 1e400}'}},
+], ids=["json", "json negative, nested", "form"])
+def test_a_number_too_large_for_a_float_is_refused_on_data_and_nothing_is_stored(client, database, kwargs):
+    """json.loads reads 1e400 as infinity, which json.dumps would store as the bare token Infinity: not JSON."""
+    answer = client.post("/save", **kwargs)
+    assert answer.status_code == 422 and list(answer.json["fields"]) == ["data"], answer.text
+    assert "finite" in answer.json["fields"]["data"][0]
+    assert database.query("SELECT count(*) FROM page_versions") == [(0,)]
+
+
+@pytest.mark.parametrize("levels, form", [(65, False), (900, False), (65, True), (1000, True)],
+                         ids=["json 65", "json 900", "form 65", "form 1000"])
+def test_data_nested_past_64_levels_is_refused_naming_the_limit(client, database, levels, form):
+    """Deep nesting once made a 500 (RecursionError in json.loads or json.dumps); now a 422 that says the limit."""
+    if form:
+        answer = client.post("/save", data={"slug": "deep", "html": "x", "data": deep(levels)})
+    else:
+        answer = client.post("/save", data=f'{{"slug": "deep", "html": "x", "data": {deep(levels)}}}',
+                             content_type="application/json")
+    assert answer.status_code == 422 and list(answer.json["fields"]) == ["data"], answer.text
+    assert "64 levels" in answer.json["fields"]["data"][0]
+    assert database.query("SELECT count(*) FROM page_versions") == [(0,)]
+
+
+def test_data_64_levels_deep_is_stored_and_read_back(client):
+    answer = client.post("/save", data=f'{{"slug": "deep", "html": "x", "data": {{"a": {deep(63)}}}}}',
+                         content_type="application/json")
+    assert answer.status_code == 200, answer.text
+    assert client.get("/changes?slug=deep").json["data"] == {"a": json.loads(deep(63))}
+    answer = client.post("/save", data=f'{{"slug": "deep", "html": "x", "data": {{"a": {deep(64)}}}}}',
+                         content_type="application/json")
+    assert answer.status_code == 422 and "64 levels" in answer.json["fields"]["data"][0]
+
+
+def test_a_slug_with_the_kelvin_sign_is_refused_not_folded_to_k(client, database):
+    """U+212A lowers to an ASCII k: the slug rule applies to the text as sent, before folding."""
+    for slug in ("\u212a", "\u212aelvin", "\u0130d"):  # KELVIN SIGN; I WITH DOT ABOVE lowers to i + U+0307
+        answer = client.post("/save", json={"slug": slug, "html": "x"})
+        assert answer.status_code == 422 and list(answer.json["fields"]) == ["slug"], (slug, answer.text)
+        assert client.get("/changes", query_string={"slug": slug}).status_code == 422
+    assert database.query("SELECT count(*) FROM page_versions") == [(0,)]

@@ -190,11 +190,61 @@ def test_unsubscribe_is_acknowledged_and_stops_that_slugs_frames(server, connect
 
 def test_ping_is_answered_with_pong_echoing_its_id(server, connect):
     ws = connect(server)
-    for ident in (7, "a", {"nested": [1, None]}, None):
+    for ident in (7, -2**63 + 1, 2.5, "a", "\u00e9\u2603\U0001f600" + "x" * 97, None):
         ws.send(type="ping", id=ident)
         assert ws.next() == {"type": "pong", "id": ident}
     ws.send(type="ping")
     assert ws.next() == {"type": "pong", "id": None}
+
+
+def strict_json(text):
+    """Parse as a browser's JSON.parse would: NaN and Infinity are not JSON."""
+    return json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in a frame: not JSON"))
+
+
+@pytest.mark.sqlite_only  # no store is involved
+@pytest.mark.parametrize("ident", [
+    '"\\ud800"', "1e400", "-1e400", "1" * 30, '"' + "x" * 101 + '"', "true", '{"nested": [1, null]}',
+    "[" * 900 + "]" * 900,
+], ids=["lone surrogate", "1e400", "-1e400", "30 digits", "101 characters", "true", "object", "900 deep"])
+def test_a_ping_id_the_pong_cannot_echo_gets_an_error_frame_and_the_socket_stays_open(server, connect, ident):
+    """A lone surrogate once closed the socket with 1011 (the pong could not be encoded), 1e400 came back
+    as Infinity, and a deep id was an internal error: each is now refused as any bad message is."""
+    ws = connect(server)
+    ws.ws.send(f'{{"type": "ping", "id": {ident}}}')
+    opcode, frame = ws.ws.recv_data_frame(True)
+    assert opcode == ABNF.OPCODE_TEXT, (opcode, frame.data[:2])
+    frame = strict_json(frame.data)
+    assert (frame["type"], frame["error"], list(frame["fields"])) == ("error", "invalid message", ["id"]), frame
+    ws.ping("still open")
+    assert "Traceback" not in server.log()
+
+
+@pytest.mark.sqlite_only  # no store is involved
+def test_an_error_frame_names_the_messages_slug_only_when_valid_as_sent(server, connect):
+    """A lone surrogate there once made the error frame itself unencodable: the socket closed with 1011."""
+    ws = connect(server)
+    deep_id = "[" * 900 + "]" * 900  # once an internal error, now an invalid id: either way an error frame
+    for text in ('{"type": "ping", "slug": "\\ud800", "id": %s}' % deep_id,
+                 '{"type": "ping", "slug": "\\u212a", "id": true}'):
+        ws.ws.send(text)
+        frame = ws.next()
+        assert (frame["type"], "slug" in frame) == ("error", False), frame
+        ws.ping()
+    ws.send(type="ping", slug="Home", id=True)  # a valid one is still named, folded
+    assert ws.next()["slug"] == "home"
+
+
+def test_a_presence_message_with_a_lone_surrogate_name_is_refused_naming_it(server, connect, database):
+    """It used to reach the store, fail its whole group commit, and answer `unavailable`."""
+    ws = connect(server)
+    ws.ws.send('{"type": "presence", "slug": "home", "client_id": "tab-12345678", "name": "\\ud800",'
+               ' "state": "viewing"}')
+    frame = ws.next()
+    assert (frame["type"], frame["error"], list(frame["fields"])) == ("error", "invalid message", ["name"]), frame
+    assert database.query("SELECT count(*) FROM page_editors") == [(0,)]
+    ws.send(type="presence", slug="home", client_id="tab-12345678", name="Ada", state="viewing")
+    assert ws.next()["type"] == "beat"
 
 
 def test_one_socket_follows_many_slugs_each_save_reaching_only_its_frame(server, connect, make_store):
@@ -283,9 +333,9 @@ def test_a_message_over_the_size_limit_closes_the_socket_1009(make_server, conne
     server = make_server(workers=1, env={"CHANGEFEED_WS_MAX_MESSAGE_BYTES": "1024"})
     ws = connect(server)
     ws.ping()
-    ws.send(type="ping", id="x" * 900)  # under the limit
-    assert ws.next()["id"] == "x" * 900
-    ws.send(type="ping", id="x" * 2000)
+    ws.send(type="ping", id="under", pad="x" * 900)  # under the limit (an id holds at most 100 characters)
+    assert ws.next()["id"] == "under"
+    ws.send(type="ping", id="over", pad="x" * 2000)
     assert ws.closed()[0] == 1009
 
 
