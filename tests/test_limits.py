@@ -372,3 +372,60 @@ def test_waits_that_come_and_go_leave_no_memory_behind(make_server):
     grown_mib = (worker.memory_info().rss - before) / 2**20
     assert grown_mib < 6, f"the worker grew {grown_mib:.1f} MiB over 3,000 closed waits"
     assert worker.num_fds() < 40  # every connection's descriptor was closed
+
+
+# A body the app answers without reading (a refusal, or a GET that carries one).
+UNREAD = {"CHANGEFEED_BODY_TIMEOUT_S": "2", "CHANGEFEED_MAX_BODY_BYTES": "1000"}
+UNREAD_BOUND_S = 3 * 2  # a few times the body timeout; without a bound the trickle holds the socket for ever
+
+
+def trickle_until_closed(sock, limit_s):
+    """Send a body a byte every 0.3 s, as a slowloris does, until the server ends the connection.
+
+    Return (what the server sent, seconds until it closed), or (what it sent, None) if it was still
+    open after `limit_s`.
+    """
+    started = time.monotonic()
+    sock.settimeout(0.3)
+    received = b""
+    while time.monotonic() - started < limit_s:
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            try:
+                sock.sendall(b" ")
+            except OSError:  # reset: the server closed while we sent
+                return received, time.monotonic() - started
+            continue
+        except ConnectionResetError:
+            return received, time.monotonic() - started
+        if not chunk:
+            return received, time.monotonic() - started
+        received += chunk
+    return received, None
+
+
+@socket_only
+@pytest.mark.parametrize("head, status", [
+    (b"POST /save HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+     b"Content-Length: 100000\r\n\r\n", 413),
+    (b"POST /save HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: text/plain\r\nContent-Length: 500\r\n\r\n", 415),
+    (b"POST /save HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nSec-Fetch-Site: cross-site\r\n"
+     b"Origin: https://evil.example\r\nContent-Length: 500\r\n\r\n", 403),
+    (b"GET /changes?slug=a HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 500\r\n\r\n", 200),
+], ids=["413 over the limit", "415 not json nor form", "403 cross-site", "GET with a body"])
+def test_a_body_answered_before_it_is_read_cannot_hold_the_connection_by_trickling(make_server, database, head,
+                                                                                    status):
+    """gevent read what the app left of a body after answering, with no deadline: a byte a second kept it."""
+    server = make_server(env=UNREAD)
+    sock = connect(server)
+    sock.sendall(head)
+    answer, closed_after_s = trickle_until_closed(sock, limit_s=UNREAD_BOUND_S + 4)
+    assert answer.startswith(b"HTTP/1.1 %d" % status), answer[:300]
+    assert closed_after_s is not None, "still open: the server waits for the trickled body"
+    assert closed_after_s < UNREAD_BOUND_S
+    if status >= 400:  # refused at once: the client is told the connection ends, and nothing more is read
+        assert b"\r\nconnection: close\r\n" in answer.lower().split(b"\r\n\r\n")[0] + b"\r\n"
+        assert body_of(answer)["request_id"]
+    assert stored_version(database, "a") == 0
+    assert_answers_normally(server)
