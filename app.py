@@ -18,6 +18,7 @@ from flask_cors import CORS
 from marshmallow import ValidationError
 
 import auth
+import bodies
 import errors
 import logs
 import metrics
@@ -79,6 +80,7 @@ PAGE_HEADERS = [
 def create_app(test_config=None):
     """Build the app from the environment's settings, overridden by `test_config`."""
     app = Flask(__name__, instance_relative_config=True)
+    app.request_class = bodies.Request  # a chunked body past MAX_CONTENT_LENGTH is a 413, not cut short
     app.config.from_mapping(settings.from_environ())
     app.config.from_mapping(test_config or {})
     app.config["MAX_CONTENT_LENGTH"] = app.config["CHANGEFEED_MAX_BODY_BYTES"]

@@ -429,3 +429,60 @@ def test_a_body_answered_before_it_is_read_cannot_hold_the_connection_by_trickli
         assert body_of(answer)["request_id"]
     assert stored_version(database, "a") == 0
     assert_answers_normally(server)
+
+
+BODY_LIMIT = 2000
+
+
+@pytest.fixture
+def serve(request, make_server, database):
+    """The base URL of the service with a small body limit: under gunicorn, or under the development server."""
+    if request.param == "gunicorn":
+        yield make_server(env={"CHANGEFEED_MAX_BODY_BYTES": str(BODY_LIMIT)}).url
+        return
+    import threading
+
+    from werkzeug.serving import make_server as make_werkzeug_server
+
+    from conftest import free_port
+
+    app = create_app({**database.config, "CHANGEFEED_MAX_BODY_BYTES": BODY_LIMIT})
+    port = free_port()
+    httpd = make_werkzeug_server("127.0.0.1", port, app, threaded=True)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{port}"
+    httpd.shutdown()
+    thread.join(timeout=10)
+    close_app(app)
+
+
+def chunked(body):
+    """A body requests sends with Transfer-Encoding: chunked (no Content-Length), in 500-byte chunks."""
+    return iter([body[i:i + 500] for i in range(0, len(body), 500)])
+
+
+@socket_only
+@pytest.mark.parametrize("serve", ["gunicorn", "flask run"], indirect=True)
+def test_a_chunked_body_over_the_limit_is_refused_413_not_cut_short(serve, database):
+    """werkzeug stopped reading a body of no stated length at the limit and handed on what it had read."""
+    small_json = json.dumps({"slug": "cut", "html": "x"}).encode()
+    multipart = (b'--b\r\nContent-Disposition: form-data; name="slug"\r\n\r\ncut\r\n'
+                 b'--b\r\nContent-Disposition: form-data; name="html"\r\n\r\n' + b"x" * BODY_LIMIT + b"\r\n--b--\r\n")
+    over = [
+        ("application/json", small_json + b" " * BODY_LIMIT),  # was saved: the JSON ended before the cut
+        ("application/json", json.dumps({"slug": "cut", "html": "x" * BODY_LIMIT}).encode()),  # was 400
+        ("application/x-www-form-urlencoded", b"slug=cut&html=" + b"x" * BODY_LIMIT),
+        ("multipart/form-data; boundary=b", multipart),
+    ]
+    for content_type, body in over:
+        response = requests.post(f"{serve}/save", data=chunked(body), headers={"Content-Type": content_type},
+                                 timeout=10)
+        assert response.status_code == 413, (content_type, response.text)
+        assert response.json()["error"] == "request entity too large"
+        assert str(BODY_LIMIT) in response.json()["message"]
+    assert stored_version(database, "cut") == 0
+    at_limit = small_json + b" " * (BODY_LIMIT - len(small_json))  # exactly the limit: taken
+    assert requests.post(f"{serve}/save", data=chunked(at_limit), headers={"Content-Type": "application/json"},
+                         timeout=10).status_code == 200
+    assert stored_version(database, "cut") == 1
