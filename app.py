@@ -186,8 +186,9 @@ def create_app(test_config=None):
             etag = f"{etag}.p{present.version}"
         headers = closing([("ETag", f'"{etag}"'), *(unchanged_wait if wait and not news else reusable)])
         if_none_match = request.environ.get("HTTP_IF_NONE_MATCH")
-        # A browser sends back exactly the tag it got: compare that first, parse only otherwise.
-        if if_none_match and (if_none_match == headers[0][1] or request.if_none_match.contains(etag)):
+        # A browser sends back exactly the tag it got: compare that first, parse only otherwise. The
+        # comparison is weak (RFC 9110 13.1.2): a cache may send W/"tag", in a list, or `*`.
+        if if_none_match and (if_none_match == headers[0][1] or request.if_none_match.contains_weak(etag)):
             metrics.POLLS_304[wait > 0].inc()
             return Response(status=304, headers=headers)
         metrics.POLLS_200[wait > 0].inc()
