@@ -83,6 +83,18 @@ def bearer_token(authorization):
     return token.strip()
 
 
+def read_token(request):
+    """The token a read carries: its `Authorization: Bearer` header's, else the read cookie's, else None.
+
+    Only a Bearer header outranks the cookie: behind HTTP Basic auth a browser
+    adds `Authorization: Basic ...` to every request, cookie reads included.
+    """
+    header = request.headers.get("Authorization")
+    if header is not None and header.partition(" ")[0].lower() == "bearer":
+        return bearer_token(header)
+    return request.cookies.get(READ_COOKIE) or None
+
+
 def _patterns(value):
     """The entries of a right: a list of strings (a lone string is one entry, anything else none).
 
@@ -150,11 +162,11 @@ class TokenVerifier:
                       metrics=rights.get("metrics") is True)
 
     def read_rights(self, request):
-        """The Rights of a read: from its Authorization header, or else from the read cookie."""
-        header = request.headers.get("Authorization")
-        if header is None and request.cookies.get(READ_COOKIE):
-            return self.verify_token(request.cookies[READ_COOKIE])
-        return self.verify(header)
+        """The Rights of a read: from its Bearer header, or else from the read cookie (see read_token)."""
+        token = read_token(request)
+        if token is None:
+            return self.verify(request.headers.get("Authorization"))  # the 401 that says what to send
+        return self.verify_token(token)
 
     def mint(self, sub, read=(), write=(), ttl_s=3600, metrics=False):
         """Sign a token with the configured secret (for `flask token create`)."""

@@ -204,6 +204,22 @@ def test_the_read_cookie_is_secure_when_the_client_used_https(make_client, peer,
     assert ("; Secure" in cookie) is secure
 
 
+BASIC = {"Authorization": "Basic dXNlcjpwYXNz"}  # what a browser adds to every request behind HTTP Basic auth
+
+
+@pytest.mark.parametrize("path", ["/changes?slug=docs-intro", "/changes?slug=docs-intro&wait=1",
+                                  "/events?slug=docs-intro"], ids=["poll", "long-poll", "events"])
+def test_the_read_cookie_authorises_reads_beside_another_authorization_scheme(make_client, path):
+    client = make_client(CHANGEFEED_AUTH_READS=1)
+    assert client.post("/session", headers=bearer(token())).status_code == 204
+    read = client.get(path, headers=BASIC, buffered=False)
+    assert read.status_code == 200, read.get_data()
+    read.close()
+    assert_refused(client.get(path, headers=bearer("not.a.jwt")), 401, "invalid_token")  # a Bearer header wins
+    client.delete("/session")
+    assert_refused(client.get(path, headers=BASIC), 401, "invalid_token")  # no cookie: no token
+
+
 def test_an_expired_cookie_token_is_refused_like_a_header(make_client):
     client = make_client(CHANGEFEED_AUTH_READS=1)
     client.set_cookie("changefeed_read", token(exp_in=-120))

@@ -371,6 +371,14 @@ def test_a_token_lets_read_its_slugs_only_and_the_socket_closes_4001_when_it_exp
 
 
 @pytest.mark.sqlite_only
+def test_the_read_cookie_is_honoured_beside_a_basic_authorization_header(guarded, connect):
+    """Behind HTTP Basic auth the browser's handshake carries `Authorization: Basic ...` as well as the cookie."""
+    ws = connect(guarded, header=["Authorization: Basic dXNlcjpwYXNz"], cookie=f"changefeed_read={token()}")
+    ws.subscribe("docs-intro")
+    ws.ping()
+
+
+@pytest.mark.sqlite_only
 def test_with_public_reads_an_anonymous_socket_reads_but_needs_a_token_for_presence(make_server, connect):
     server = make_server(workers=1, env={"CHANGEFEED_JWT_SECRET": SECRET})
     ws = connect(server)
