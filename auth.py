@@ -33,6 +33,12 @@ CLAIM = "changefeed"
 # never use it to write.
 READ_COOKIE = "changefeed_read"
 
+# A token may say it expires in the year 10000, or later than a float can hold. Its rights are taken to
+# last at most this long: 400 days, the longest a browser keeps a cookie (RFC 6265bis), and a wait or
+# a date any clock function can take (a read cookie, a stream's end, a WebSocket's, a long-poll's).
+MAX_LIFETIME_S = 400 * 86400
+LAST_DATE = 253402300799  # 9999-12-31T23:59:59Z: an `exp` past it is taken as this
+
 
 class AuthError(ApiError):
     """A 401 or 403 in the service's error shape, with the RFC 6750 header."""
@@ -71,7 +77,8 @@ class Rights:
         return self
 
     def seconds_left(self):
-        return self.expires_at - time.time()
+        """Seconds until the token expires, at most MAX_LIFETIME_S."""
+        return min(self.expires_at - time.time(), MAX_LIFETIME_S)
 
 
 def bearer_token(authorization):
@@ -157,8 +164,9 @@ class TokenVerifier:
         if has_request_context():  # who made this request, for its log lines (logs.py)
             request.environ[logs.SUB] = claims.get("sub")
         rights = claims.get(CLAIM) if isinstance(claims.get(CLAIM), dict) else {}
+        expires_at = min(int(claims["exp"]), LAST_DATE) + self.leeway  # PyJWT checked that int() takes it
         return Rights(sub=claims.get("sub"), read=_patterns(rights.get("read")),
-                      write=_patterns(rights.get("write")), expires_at=float(claims["exp"]) + self.leeway,
+                      write=_patterns(rights.get("write")), expires_at=expires_at,
                       metrics=rights.get("metrics") is True)
 
     def read_rights(self, request):

@@ -17,7 +17,7 @@ import pytest
 import requests
 
 from app import create_app
-from conftest import close_app
+from conftest import close_app, development_server
 
 pytestmark = pytest.mark.engines
 
@@ -440,20 +440,9 @@ def serve(request, make_server, database):
     if request.param == "gunicorn":
         yield make_server(env={"CHANGEFEED_MAX_BODY_BYTES": str(BODY_LIMIT)}).url
         return
-    import threading
-
-    from werkzeug.serving import make_server as make_werkzeug_server
-
-    from conftest import free_port
-
     app = create_app({**database.config, "CHANGEFEED_MAX_BODY_BYTES": BODY_LIMIT})
-    port = free_port()
-    httpd = make_werkzeug_server("127.0.0.1", port, app, threaded=True)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{port}"
-    httpd.shutdown()
-    thread.join(timeout=10)
+    with development_server(app) as url:
+        yield url
     close_app(app)
 
 
