@@ -77,10 +77,25 @@ PAGE_HEADERS = [
 ]
 
 
+class App(Flask):
+    """Flask, reading bodies with bodies.Request, and answering its automatic OPTIONS in JSON like the rest."""
+
+    request_class = bodies.Request  # a chunked body past MAX_CONTENT_LENGTH is a 413, not cut short
+
+    def make_default_options_response(self):
+        """200 {"allow": [...]} with the Allow header (Flask's own is an empty text/html body).
+
+        A CORS preflight is this answer too, with flask-cors's headers added.
+        """
+        allowed = sorted(super().make_default_options_response().allow)
+        response = self.json.response({"allow": allowed})
+        response.allow.update(allowed)
+        return response
+
+
 def create_app(test_config=None):
     """Build the app from the environment's settings, overridden by `test_config`."""
-    app = Flask(__name__, instance_relative_config=True)
-    app.request_class = bodies.Request  # a chunked body past MAX_CONTENT_LENGTH is a 413, not cut short
+    app = App(__name__, instance_relative_config=True)
     app.config.from_mapping(settings.from_environ())
     app.config.from_mapping(test_config or {})
     app.config["MAX_CONTENT_LENGTH"] = app.config["CHANGEFEED_MAX_BODY_BYTES"]

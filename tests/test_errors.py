@@ -132,6 +132,21 @@ def test_wrong_method_lists_the_allowed_ones(client):
     assert response.headers["Allow"] and "POST" in response.get_json()["message"]
 
 
+def test_options_answers_json_naming_the_allowed_methods_on_every_route(app, client):
+    """Flask's automatic OPTIONS answer was an empty text/html body, where every answer is documented as JSON."""
+    adapter = app.url_map.bind("localhost")
+    paths = {rule.rule for rule in app.url_map.iter_rules() if rule.endpoint != "static"}
+    # /ws matches a WebSocket handshake only (werkzeug): anything else there, OPTIONS too, is its JSON 400.
+    assert client.options("/ws").get_json()["error"] == "bad request"
+    for path in paths - {"/ws"}:
+        response = client.options(path)
+        assert response.status_code == 200, path
+        assert response.headers["Content-Type"] == "application/json", path
+        allowed = sorted(adapter.allowed_methods(path))
+        assert response.get_json() == {"allow": allowed}, path
+        assert sorted(response.headers["Allow"].split(", ")) == allowed, path
+
+
 def test_limits_are_configurable(database):
     app = create_app({**database.config, "CHANGEFEED_MAX_HTML_BYTES": 10, "CHANGEFEED_MAX_DATA_BYTES": 10})
     client = app.test_client()
