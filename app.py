@@ -20,6 +20,7 @@ from flask_cors import CORS
 from marshmallow import ValidationError
 
 import auth
+import bodies
 import errors
 import logs
 import metrics
@@ -90,15 +91,31 @@ class StrictJSONProvider(DefaultJSONProvider):
         return super().dumps(obj, **kwargs)
 
 
+class App(Flask):
+    """Flask, reading bodies with bodies.Request, writing strict JSON, and answering its automatic OPTIONS in JSON."""
+
+    request_class = bodies.Request  # a chunked body past MAX_CONTENT_LENGTH is a 413, not cut short
+    json_provider_class = StrictJSONProvider
+
+    def make_default_options_response(self):
+        """200 {"allow": [...]} with the Allow header (Flask's own is an empty text/html body).
+
+        A CORS preflight is this answer too, with flask-cors's headers added.
+        """
+        allowed = sorted(super().make_default_options_response().allow)
+        response = self.json.response({"allow": allowed})
+        response.allow.update(allowed)
+        return response
+
+
 def create_app(test_config=None):
     """Build the app from the environment's settings, overridden by `test_config`."""
-    app = Flask(__name__, instance_relative_config=True)
+    app = App(__name__, instance_relative_config=True)
     app.config.from_mapping(settings.from_environ())
     app.config.from_mapping(test_config or {})
     app.config["MAX_CONTENT_LENGTH"] = app.config["CHANGEFEED_MAX_BODY_BYTES"]
     hosts = parse_list(app.config["CHANGEFEED_TRUSTED_HOSTS"])
     app.config["TRUSTED_HOSTS"] = None if "*" in hosts else sorted(hosts)
-    app.json = StrictJSONProvider(app)
     app.json.sort_keys = False
     logs.register(app)  # first, so whatever follows logs with a level and a name; the access log if asked
 
@@ -204,8 +221,9 @@ def create_app(test_config=None):
             etag = f"{etag}.p{present.version}"
         headers = closing([("ETag", f'"{etag}"'), *(unchanged_wait if wait and not news else reusable)])
         if_none_match = request.environ.get("HTTP_IF_NONE_MATCH")
-        # A browser sends back exactly the tag it got: compare that first, parse only otherwise.
-        if if_none_match and (if_none_match == headers[0][1] or request.if_none_match.contains(etag)):
+        # A browser sends back exactly the tag it got: compare that first, parse only otherwise. The
+        # comparison is weak (RFC 9110 13.1.2): a cache may send W/"tag", in a list, or `*`.
+        if if_none_match and (if_none_match == headers[0][1] or request.if_none_match.contains_weak(etag)):
             metrics.POLLS_304[wait > 0].inc()
             return Response(status=304, headers=headers)
         metrics.POLLS_200[wait > 0].inc()

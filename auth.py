@@ -34,6 +34,12 @@ CLAIM = "changefeed"
 # never use it to write.
 READ_COOKIE = "changefeed_read"
 
+# A token may say it expires in the year 10000, or later than a float can hold. Its rights are taken to
+# last at most this long: 400 days, the longest a browser keeps a cookie (RFC 6265bis), and a wait or
+# a date any clock function can take (a read cookie, a stream's end, a WebSocket's, a long-poll's).
+MAX_LIFETIME_S = 400 * 86400
+LAST_DATE = 253402300799  # 9999-12-31T23:59:59Z: an `exp` past it is taken as this
+
 
 class AuthError(ApiError):
     """A 401 or 403 in the service's error shape, with the RFC 6750 header."""
@@ -72,7 +78,8 @@ class Rights:
         return self
 
     def seconds_left(self):
-        return self.expires_at - time.time()
+        """Seconds until the token expires, at most MAX_LIFETIME_S."""
+        return min(self.expires_at - time.time(), MAX_LIFETIME_S)
 
 
 def bearer_token(authorization):
@@ -82,6 +89,18 @@ def bearer_token(authorization):
         raise AuthError(401, "invalid_token", "This needs a token: send Authorization: Bearer <token> "
                                               "(a JWT from your identity provider, or `flask token create`).")
     return token.strip()
+
+
+def read_token(request):
+    """The token a read carries: its `Authorization: Bearer` header's, else the read cookie's, else None.
+
+    Only a Bearer header outranks the cookie: behind HTTP Basic auth a browser
+    adds `Authorization: Basic ...` to every request, cookie reads included.
+    """
+    header = request.headers.get("Authorization")
+    if header is not None and header.partition(" ")[0].lower() == "bearer":
+        return bearer_token(header)
+    return request.cookies.get(READ_COOKIE) or None
 
 
 def _patterns(value):
@@ -152,16 +171,17 @@ class TokenVerifier:
         if has_request_context():  # who made this request, for its log lines (logs.py)
             request.environ[logs.SUB] = claims.get("sub")
         rights = claims.get(CLAIM) if isinstance(claims.get(CLAIM), dict) else {}
+        expires_at = min(int(claims["exp"]), LAST_DATE) + self.leeway  # PyJWT checked that int() takes it
         return Rights(sub=claims.get("sub"), read=_patterns(rights.get("read")),
-                      write=_patterns(rights.get("write")), expires_at=float(claims["exp"]) + self.leeway,
+                      write=_patterns(rights.get("write")), expires_at=expires_at,
                       metrics=rights.get("metrics") is True)
 
     def read_rights(self, request):
-        """The Rights of a read: from its Authorization header, or else from the read cookie."""
-        header = request.headers.get("Authorization")
-        if header is None and request.cookies.get(READ_COOKIE):
-            return self.verify_token(request.cookies[READ_COOKIE])
-        return self.verify(header)
+        """The Rights of a read: from its Bearer header, or else from the read cookie (see read_token)."""
+        token = read_token(request)
+        if token is None:
+            return self.verify(request.headers.get("Authorization"))  # the 401 that says what to send
+        return self.verify_token(token)
 
     def mint(self, sub, read=(), write=(), ttl_s=3600, metrics=False):
         """Sign a token with the configured secret (for `flask token create`)."""

@@ -115,6 +115,15 @@ ERRORS = {
 }
 
 
+# Flask answers OPTIONS on every route by itself (app.App: in JSON); a CORS preflight is this answer too.
+OPTIONS = {"summary": "The methods this path allows", "responses": {"200": {
+    "description": "the methods, also in the Allow header",
+    "headers": {"Allow": _header("the same methods, comma-separated")},
+    "content": {"application/json": {"schema": {
+        "type": "object", "required": ["allow"],
+        "properties": {"allow": {"type": "array", "items": {"type": "string"}, "example": ["OPTIONS", "POST"]}}}}}}}}
+
+
 def _errors(*codes):
     return {code: ERRORS[code] for code in codes}
 
@@ -255,4 +264,8 @@ def build(app):
                        {"in": "query", "name": "transport", "schema": {"enum": list(TRANSPORTS)}}],
         "responses": {"200": {"description": "html", "content": {"text/html": {"schema": {"type": "string"}}}},
                       **_errors("400", "422")}}})
-    return spec.to_dict()
+    document = spec.to_dict()
+    for path, operations in document["paths"].items():
+        if path != "/ws":  # a WebSocket route matches a handshake only: OPTIONS there is its 400
+            operations["options"] = OPTIONS
+    return document

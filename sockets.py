@@ -49,7 +49,7 @@ from wsproto.utilities import LocalProtocolError
 
 import metrics
 import presence as presence_module
-from auth import READ_COOKIE, AuthError, bearer_token
+from auth import AuthError, read_token
 from errors import ApiError
 from limits import TooManyWaits
 from notify import Subscription
@@ -523,14 +523,14 @@ class Service:
             return (SERVICE_RESTART, RESTART_REASON), None
         if not self.verifier.enabled:
             return None, None
-        header, cookie = req.headers.get("Authorization"), req.cookies.get(READ_COOKIE)
-        if header is None and not cookie:
-            if self.verifier.reads:
-                return (POLICY_VIOLATION, "a token is needed: send Authorization: Bearer, or the cookie of "
-                                          "POST /session"), None
-            return None, None
         try:
-            rights = self.verifier.verify_token(bearer_token(header) if header is not None else cookie)
+            token = read_token(req)  # as an HTTP read: a Bearer header, else the cookie (beside a Basic header too)
+            if token is None:
+                if self.verifier.reads:
+                    return (POLICY_VIOLATION, "a token is needed: send Authorization: Bearer, or the cookie of "
+                                              "POST /session"), None
+                return None, None
+            rights = self.verifier.verify_token(token)
         except AuthError as exc:
             if exc.expired:
                 return (TOKEN_EXPIRED, EXPIRED_REASON), None

@@ -12,6 +12,10 @@ descriptor and a greenlet; enough of them take a worker's every descriptor
 - the request line and headers: within the header timeout of their first
   byte (else 408 and closed);
 - the body: within the body timeout of the headers (else 408 and closed);
+  one the app answers without reading whole (413, 415, 403, a GET that
+  carries one) is not read at all: the answer says `Connection: close`,
+  instead of gevent reading the rest, however slowly it comes, to reach the
+  next request;
 - every write: a client that takes nothing for the send timeout is dropped;
 - a long-poll or stream whose client closed its end ends at once, instead of
   at its next write (an event, or a heartbeat 15 s later): its place among
@@ -103,7 +107,8 @@ class Handler(PyWSGIHandler):
         environ = super().get_environ()
         limits = self.server.limits
         if self.content_length or environ.get("HTTP_TRANSFER_ENCODING", "").lower() == "chunked":
-            environ["wsgi.input"] = DeadlineInput(self, environ["wsgi.input"], limits["body_s"])
+            # gevent discards what the app left of the body through self.wsgi_input: that too has the deadline.
+            self.wsgi_input = environ["wsgi.input"] = DeadlineInput(self, self.wsgi_input, limits["body_s"])
         # Writes: a client that takes nothing for this long is gone, or is holding the socket on purpose.
         self.socket.settimeout(limits["send_s"])
         # Bound to the socket, not to this handler: the handler holds the environ, and a
@@ -111,6 +116,13 @@ class Handler(PyWSGIHandler):
         # the garbage collector's rare full pass (gunicorn.conf.py makes those rare).
         environ["changefeed.on_disconnect"] = partial(on_disconnect, self.socket._sock)
         return environ
+
+    def start_response(self, status, headers, exc_info=None):
+        # Answered before its body was read: the connection ends rather than wait for the rest of it.
+        if (isinstance(self.wsgi_input, DeadlineInput) and self.wsgi_input.unread()
+                and not any(name.lower() == "connection" for name, _ in headers)):
+            headers = [*headers, ("Connection", "close")]
+        return super().start_response(status, headers, exc_info)
 
     def handle_error(self, t, v, tb):
         if isinstance(v, socket.timeout):  # a write timed out: the client stopped reading
@@ -165,8 +177,7 @@ class DeadlineInput:
                 return method(*args)
         except HeaderTimeout:
             metrics.refused("body_timeout")
-            # The rest of the body is not worth waiting for: gevent must not read it, and the connection ends.
-            self._stream._chunked_input_error = True
+            # The rest of the body is not worth waiting for: the connection ends (so _discard reads no more).
             self._handler.close_connection = True
             raise RequestTimeout("The request body took too long to arrive; send it at once.") from None
 
@@ -182,8 +193,26 @@ class DeadlineInput:
     def __iter__(self):
         return iter(self.readline, b"")
 
+    def unread(self):
+        """Whether some of the body is still to come (gevent's Input knows how far it got)."""
+        stream = self._stream
+        if stream.chunked_input:
+            return stream.chunk_length != 0  # 0 once the last chunk was read
+        return stream.position < (stream.content_length or 0)
+
     def _discard(self):
-        self._stream._discard()
+        """What gevent calls after the answer, to reach the next request: read the rest, within the deadline.
+
+        Not at all when the connection ends anyway (an answer given before
+        the body was read says so): a slow client could trickle it for ever,
+        each byte restarting the send timeout, the only one that applied.
+        """
+        if self._handler.close_connection:
+            return
+        try:
+            self._call(self._stream._discard)
+        except RequestTimeout:  # _call ended the connection; the answer was sent already
+            pass
 
 
 class Worker(GeventPyWSGIWorker):

@@ -329,6 +329,22 @@ def server(make_server):
     return make_server()
 
 
+@contextmanager
+def development_server(app):
+    """Serve `app` as `flask run` does (werkzeug's server: threads, no gevent) on a free port; yield its URL."""
+    from werkzeug.serving import make_server as make_werkzeug_server
+
+    port = free_port()
+    httpd = make_werkzeug_server("127.0.0.1", port, app, threaded=True)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        httpd.shutdown()
+        thread.join(timeout=10)
+
+
 class EventStream:
     """A Server-Sent Events client: reads the stream in a thread, one parsed event at a time."""
 

@@ -1,6 +1,7 @@
 """Access control with standard JWTs: every 401 and 403, with tokens minted here by PyJWT, as an outside issuer would."""
 
 import time
+from contextlib import nullcontext
 
 import jwt
 import pytest
@@ -9,6 +10,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from app import create_app
+from conftest import close_app, development_server
 
 SECRET = "test-secret-" + "0123456789abcdef" * 4  # 75 bytes: long enough for HS512 too
 PAGE = {"slug": "docs-intro", "html": "<p>x</p>"}
@@ -202,6 +204,69 @@ def test_the_read_cookie_is_secure_when_the_client_used_https(make_client, peer,
     headers = {**bearer(token()), **({"X-Forwarded-Proto": proto} if proto else {})}
     cookie = client.post("/session", headers=headers, environ_base={"REMOTE_ADDR": peer}).headers["Set-Cookie"]
     assert ("; Secure" in cookie) is secure
+
+
+BASIC = {"Authorization": "Basic dXNlcjpwYXNz"}  # what a browser adds to every request behind HTTP Basic auth
+
+
+@pytest.mark.parametrize("path", ["/changes?slug=docs-intro", "/changes?slug=docs-intro&wait=1",
+                                  "/events?slug=docs-intro"], ids=["poll", "long-poll", "events"])
+def test_the_read_cookie_authorises_reads_beside_another_authorization_scheme(make_client, path):
+    client = make_client(CHANGEFEED_AUTH_READS=1)
+    assert client.post("/session", headers=bearer(token())).status_code == 204
+    read = client.get(path, headers=BASIC, buffered=False)
+    assert read.status_code == 200, read.get_data()
+    read.close()
+    assert_refused(client.get(path, headers=bearer("not.a.jwt")), 401, "invalid_token")  # a Bearer header wins
+    client.delete("/session")
+    assert_refused(client.get(path, headers=BASIC), 401, "invalid_token")  # no cookie: no token
+
+
+# exp: the last second of year 9999 (a date one second later overflows), 2**63, and more than a float holds.
+FAR_FUTURE = [253402300799, 2**63, 10**400]
+FAR_FUTURE_IDS = ["year 9999", "2**63", "10**400"]
+COOKIE_DAYS_S = 400 * 86400  # the longest a browser keeps a cookie (RFC 6265bis)
+
+
+@pytest.mark.parametrize("exp", FAR_FUTURE, ids=FAR_FUTURE_IDS)
+def test_a_token_expiring_far_in_the_future_gets_a_read_cookie_of_400_days(make_client, exp):
+    client = make_client(CHANGEFEED_AUTH_READS=1)
+    far = bearer(token(exp_in=None, exp=exp))
+    answer = client.post("/session", headers=far)
+    assert answer.status_code == 204, answer.get_data()
+    assert f"Max-Age={COOKIE_DAYS_S};" in answer.headers["Set-Cookie"]
+    assert client.get("/changes?slug=docs-intro&wait=1").status_code == 200  # a long-poll with the cookie
+    assert client.post("/save", json=PAGE, headers=far).status_code == 200
+
+
+# gevent takes a wait of any length; a thread's (flask run) ends in OverflowError past threading.TIMEOUT_MAX.
+STREAMS = [*(pytest.param("flask run", exp, id=f"flask run, {name}") for exp, name in zip(FAR_FUTURE, FAR_FUTURE_IDS)),
+           pytest.param("gunicorn", 10**400, id="gunicorn, 10**400")]
+
+
+@pytest.mark.parametrize("serve, exp", STREAMS)
+def test_a_stream_with_a_token_expiring_far_in_the_future_opens_and_goes_on(make_server, database, open_stream,
+                                                                            serve, exp):
+    """The stream waits until its token's expiry: a wait longer than the clock functions take (OverflowError)."""
+    far = bearer(token(exp_in=None, exp=exp))
+    env = {"CHANGEFEED_JWT_SECRET": SECRET, "CHANGEFEED_AUTH_READS": "1"}
+    app = None
+    if serve == "gunicorn":
+        served = nullcontext(make_server(workers=1, env=env).url)
+    else:
+        app = create_app({**database.config, **env})
+        served = development_server(app)
+    with served as url:
+        assert requests.post(f"{url}/save", json=PAGE, headers=far, timeout=10).status_code == 200
+        stream = open_stream(f"{url}/events?slug=docs-intro", headers=far)
+        assert stream.response.status == 200
+        assert stream.next() == {"retry": "2000"}
+        assert stream.next()["data"]["version"] == 1
+        assert requests.post(f"{url}/save", json=PAGE, headers=far, timeout=10).status_code == 200
+        assert stream.next()["data"]["version"] == 2  # still open after its first wait
+        stream.close()
+    if app is not None:
+        close_app(app)
 
 
 def test_an_expired_cookie_token_is_refused_like_a_header(make_client):

@@ -74,6 +74,18 @@ def test_matching_if_none_match_is_304_with_no_body(client, save):
     assert response.headers["ETag"] == etag
 
 
+def test_a_weak_or_listed_if_none_match_with_the_etag_is_304(client, save):
+    """RFC 9110: If-None-Match compares weakly, and may list tags or be `*` (caches and proxies send these)."""
+    save()
+    etag = client.get("/changes?slug=home&since=0").headers["ETag"]
+    for header in (f"W/{etag}", f'"other", W/{etag}', f'W/"other",{etag}', "*"):
+        response = client.get("/changes?slug=home&since=0", headers={"If-None-Match": header})
+        assert response.status_code == 304, header
+        assert response.data == b"" and response.headers["ETag"] == etag
+    for header in ('W/"other"', f'"other", W/"{etag[1:-1]}x"'):  # no tag of this answer: the answer itself
+        assert client.get("/changes?slug=home&since=0", headers={"If-None-Match": header}).status_code == 200
+
+
 def test_etag_changes_whenever_the_answer_does(client, save):
     def etag(since):
         return client.get(f"/changes?slug=home&since={since}").headers["ETag"]

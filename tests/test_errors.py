@@ -12,6 +12,7 @@ pytestmark = pytest.mark.engines
 
 MiB = 1024 * 1024
 JSON = "application/json"
+FORM = "application/x-www-form-urlencoded"
 
 
 def body(text, content_type=JSON):
@@ -56,6 +57,7 @@ BAD_REQUESTS = [
     ("base_version huge", "POST", "/save", page(base_version=10**30), 422, "invalid request", "base_version"),
     ("form data not json", "POST", "/save", {"data": {"slug": "a", "html": "x", "data": "{oops"}}, 422,
      "invalid request", "data"),
+    ("form html not UTF-8", "POST", "/save", body("slug=a&html=%FF", FORM), 422, "invalid request", "html"),
     ("form base_version text", "POST", "/save", {"data": {"slug": "a", "html": "x", "base_version": "1.5"}},
      422, "invalid request", "base_version"),
     ("form base_version 5000 digits", "POST", "/save",
@@ -132,6 +134,50 @@ def test_over_size_error_says_the_limit(client):
 def test_wrong_method_lists_the_allowed_ones(client):
     response = client.get("/save")
     assert response.headers["Allow"] and "POST" in response.get_json()["message"]
+
+
+def test_options_answers_json_naming_the_allowed_methods_on_every_route(app, client):
+    """Flask's automatic OPTIONS answer was an empty text/html body, where every answer is documented as JSON."""
+    adapter = app.url_map.bind("localhost")
+    paths = {rule.rule for rule in app.url_map.iter_rules() if rule.endpoint != "static"}
+    # /ws matches a WebSocket handshake only (werkzeug): anything else there, OPTIONS too, is its JSON 400.
+    assert client.options("/ws").get_json()["error"] == "bad request"
+    for path in paths - {"/ws"}:
+        response = client.options(path)
+        assert response.status_code == 200, path
+        assert response.headers["Content-Type"] == "application/json", path
+        allowed = sorted(adapter.allowed_methods(path))
+        assert response.get_json() == {"allow": allowed}, path
+        assert sorted(response.headers["Allow"].split(", ")) == allowed, path
+
+
+def multipart(**fields):
+    parts = [b'--b\r\nContent-Disposition: form-data; name="%s"\r\n\r\n%s\r\n' % (name.encode(), value)
+             for name, value in fields.items()]
+    return b"".join(parts) + b"--b--\r\n"
+
+
+MULTIPART = "multipart/form-data; boundary=b"
+
+
+def test_a_form_field_that_is_not_utf8_is_422_naming_it_and_nothing_is_written(client, database):
+    """werkzeug kept `%FF` as the text "%FF", a raw byte in a multipart field as U+FFFD: both were saved."""
+    for content_type, sent, field in [
+        (FORM, b"slug=a&html=%FF", "html"),
+        (FORM, b"slug=a&html=caf%C3", "html"),  # cut in the middle of a character
+        (FORM, b"slug=a&html=%ED%A0%80", "html"),  # an encoded surrogate: not UTF-8 either
+        (FORM, b"slug=a&html=\xff", "html"),  # a byte sent as it is
+        (FORM, b"slug=%FF&html=x", "slug"),
+        (MULTIPART, multipart(slug=b"a", html=b"\xff\xfe"), "html"),
+    ]:
+        response = client.post("/save", data=sent, content_type=content_type)
+        assert_error_shape(response.status_code, response.headers, response.get_json(), 422, "invalid request", field)
+        assert "UTF-8" in response.get_json()["fields"][field][0], sent
+    assert page_count(database) == 0
+    for content_type, sent in [(FORM, "slug=a&html=caf%C3%A9+%E2%82%AC".encode()), (FORM, "slug=a&html=café €".encode()),
+                               (MULTIPART, multipart(slug=b"a", html="café €".encode()))]:
+        assert client.post("/save", data=sent, content_type=content_type).status_code == 200
+        assert client.get("/changes?slug=a").get_json()["html"] == "café €"
 
 
 def test_limits_are_configurable(database):

@@ -17,7 +17,7 @@ import pytest
 import requests
 
 from app import create_app
-from conftest import close_app
+from conftest import close_app, development_server
 
 pytestmark = pytest.mark.engines
 
@@ -399,3 +399,106 @@ def test_waits_that_come_and_go_leave_no_memory_behind(make_server):
     grown_mib = (worker.memory_info().rss - before) / 2**20
     assert grown_mib < 6, f"the worker grew {grown_mib:.1f} MiB over 3,000 closed waits"
     assert worker.num_fds() < 40  # every connection's descriptor was closed
+
+
+# A body the app answers without reading (a refusal, or a GET that carries one).
+UNREAD = {"CHANGEFEED_BODY_TIMEOUT_S": "2", "CHANGEFEED_MAX_BODY_BYTES": "1000"}
+UNREAD_BOUND_S = 3 * 2  # a few times the body timeout; without a bound the trickle holds the socket for ever
+
+
+def trickle_until_closed(sock, limit_s):
+    """Send a body a byte every 0.3 s, as a slowloris does, until the server ends the connection.
+
+    Return (what the server sent, seconds until it closed), or (what it sent, None) if it was still
+    open after `limit_s`.
+    """
+    started = time.monotonic()
+    sock.settimeout(0.3)
+    received = b""
+    while time.monotonic() - started < limit_s:
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            try:
+                sock.sendall(b" ")
+            except OSError:  # reset: the server closed while we sent
+                return received, time.monotonic() - started
+            continue
+        except ConnectionResetError:
+            return received, time.monotonic() - started
+        if not chunk:
+            return received, time.monotonic() - started
+        received += chunk
+    return received, None
+
+
+@socket_only
+@pytest.mark.parametrize("head, status", [
+    (b"POST /save HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+     b"Content-Length: 100000\r\n\r\n", 413),
+    (b"POST /save HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: text/plain\r\nContent-Length: 500\r\n\r\n", 415),
+    (b"POST /save HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nSec-Fetch-Site: cross-site\r\n"
+     b"Origin: https://evil.example\r\nContent-Length: 500\r\n\r\n", 403),
+    (b"GET /changes?slug=a HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 500\r\n\r\n", 200),
+], ids=["413 over the limit", "415 not json nor form", "403 cross-site", "GET with a body"])
+def test_a_body_answered_before_it_is_read_cannot_hold_the_connection_by_trickling(make_server, database, head,
+                                                                                    status):
+    """gevent read what the app left of a body after answering, with no deadline: a byte a second kept it."""
+    server = make_server(env=UNREAD)
+    sock = connect(server)
+    sock.sendall(head)
+    answer, closed_after_s = trickle_until_closed(sock, limit_s=UNREAD_BOUND_S + 4)
+    assert answer.startswith(b"HTTP/1.1 %d" % status), answer[:300]
+    assert closed_after_s is not None, "still open: the server waits for the trickled body"
+    assert closed_after_s < UNREAD_BOUND_S
+    if status >= 400:  # refused at once: the client is told the connection ends, and nothing more is read
+        assert b"\r\nconnection: close\r\n" in answer.lower().split(b"\r\n\r\n")[0] + b"\r\n"
+        assert body_of(answer)["request_id"]
+    assert stored_version(database, "a") == 0
+    assert_answers_normally(server)
+
+
+BODY_LIMIT = 2000
+
+
+@pytest.fixture
+def serve(request, make_server, database):
+    """The base URL of the service with a small body limit: under gunicorn, or under the development server."""
+    if request.param == "gunicorn":
+        yield make_server(env={"CHANGEFEED_MAX_BODY_BYTES": str(BODY_LIMIT)}).url
+        return
+    app = create_app({**database.config, "CHANGEFEED_MAX_BODY_BYTES": BODY_LIMIT})
+    with development_server(app) as url:
+        yield url
+    close_app(app)
+
+
+def chunked(body):
+    """A body requests sends with Transfer-Encoding: chunked (no Content-Length), in 500-byte chunks."""
+    return iter([body[i:i + 500] for i in range(0, len(body), 500)])
+
+
+@socket_only
+@pytest.mark.parametrize("serve", ["gunicorn", "flask run"], indirect=True)
+def test_a_chunked_body_over_the_limit_is_refused_413_not_cut_short(serve, database):
+    """werkzeug stopped reading a body of no stated length at the limit and handed on what it had read."""
+    small_json = json.dumps({"slug": "cut", "html": "x"}).encode()
+    multipart = (b'--b\r\nContent-Disposition: form-data; name="slug"\r\n\r\ncut\r\n'
+                 b'--b\r\nContent-Disposition: form-data; name="html"\r\n\r\n' + b"x" * BODY_LIMIT + b"\r\n--b--\r\n")
+    over = [
+        ("application/json", small_json + b" " * BODY_LIMIT),  # was saved: the JSON ended before the cut
+        ("application/json", json.dumps({"slug": "cut", "html": "x" * BODY_LIMIT}).encode()),  # was 400
+        ("application/x-www-form-urlencoded", b"slug=cut&html=" + b"x" * BODY_LIMIT),
+        ("multipart/form-data; boundary=b", multipart),
+    ]
+    for content_type, body in over:
+        response = requests.post(f"{serve}/save", data=chunked(body), headers={"Content-Type": content_type},
+                                 timeout=10)
+        assert response.status_code == 413, (content_type, response.text)
+        assert response.json()["error"] == "request entity too large"
+        assert str(BODY_LIMIT) in response.json()["message"]
+    assert stored_version(database, "cut") == 0
+    at_limit = small_json + b" " * (BODY_LIMIT - len(small_json))  # exactly the limit: taken
+    assert requests.post(f"{serve}/save", data=chunked(at_limit), headers={"Content-Type": "application/json"},
+                         timeout=10).status_code == 200
+    assert stored_version(database, "cut") == 1

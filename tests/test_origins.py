@@ -112,6 +112,16 @@ def test_a_listed_origin_gets_cors_headers_with_credentials_and_an_answered_pref
     assert "ETag" in read.headers["Access-Control-Expose-Headers"]
 
 
+def test_a_preflight_of_a_listed_origin_is_answered_in_json_with_its_cors_headers(cors_client):
+    preflight = cors_client.options("/save", headers={
+        "Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "content-type"})
+    assert preflight.status_code == 200 and preflight.headers["Content-Type"] == "application/json"
+    assert preflight.get_json() == {"allow": ["OPTIONS", "POST"]}
+    assert preflight.headers["Access-Control-Allow-Origin"] == "https://app.example"
+    assert "POST" in preflight.headers["Access-Control-Allow-Methods"]
+
+
 @pytest.mark.parametrize("listed", [False, True], ids=["no list (default)", "another origin listed"])
 def test_an_unlisted_origin_gets_no_cors_headers(client, cors_client, listed):
     client = cors_client if listed else client

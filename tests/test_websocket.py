@@ -421,6 +421,23 @@ def test_a_token_lets_read_its_slugs_only_and_the_socket_closes_4001_when_it_exp
 
 
 @pytest.mark.sqlite_only
+def test_a_token_expiring_past_what_a_float_holds_connects_and_reads(guarded, connect):
+    """Its `exp` (10**400) made the handshake fail (OverflowError): its rights now last at most 400 days."""
+    ws = connect(guarded, header=[f"Authorization: Bearer {token(exp_in=None, exp=10**400)}"])
+    ws.subscribe("docs-intro")
+    ws.nothing_for(1.5)  # the pump's first wait, until the token's clamped end, is a sane one
+    ws.ping()
+
+
+@pytest.mark.sqlite_only
+def test_the_read_cookie_is_honoured_beside_a_basic_authorization_header(guarded, connect):
+    """Behind HTTP Basic auth the browser's handshake carries `Authorization: Basic ...` as well as the cookie."""
+    ws = connect(guarded, header=["Authorization: Basic dXNlcjpwYXNz"], cookie=f"changefeed_read={token()}")
+    ws.subscribe("docs-intro")
+    ws.ping()
+
+
+@pytest.mark.sqlite_only
 def test_with_public_reads_an_anonymous_socket_reads_but_needs_a_token_for_presence(make_server, connect):
     server = make_server(workers=1, env={"CHANGEFEED_JWT_SECRET": SECRET})
     ws = connect(server)
