@@ -248,6 +248,7 @@ class PageStore:
     Error = Exception
     EPOCH = "SELECT value FROM epoch"
     FORGET_KEYS = "DELETE FROM idempotency_keys WHERE created_at <= ?"
+    OLDEST_KEY = "SELECT min(created_at) FROM idempotency_keys"
     FIND_KEY = ("SELECT fingerprint, slug, version, updated_at FROM idempotency_keys"
                 " WHERE key = ? AND created_at > ?")
     KEEP_KEY = ("INSERT INTO idempotency_keys (key, fingerprint, slug, version, updated_at, created_at)"
@@ -294,6 +295,7 @@ class PageStore:
 
     _max_pages = _max_bytes = None
     _key_ttl = 86_400
+    _forget_keys_at = 0.0  # when the oldest Idempotency-Key expires, as far as this process knows: look then
     _busy_timeout = 10.0
     _writer = _presence_writer = None
     presence_ttl_s, presence_min_interval_s, presence_max_per_page, presence_list_max = 15.0, 1.0, 200, 50
@@ -438,8 +440,8 @@ class PageStore:
         # Read in the transaction, so each answer names the database that holds its save.
         (epoch,) = conn.execute(self.EPOCH).fetchone()
         self.epoch = epoch
-        if any(item.key is not None for item in items):
-            conn.execute(self.FORGET_KEYS, (now - self._key_ttl,))
+        if now >= self._forget_keys_at:
+            self._forget_keys(conn, now)
         return [self._in_savepoint(conn, item, lambda: self._apply(conn, item, now, epoch)) for item in items]
 
     def _in_savepoint(self, conn, item, apply):
@@ -517,6 +519,18 @@ class PageStore:
                 return NoSuchPage(current[0] if current else 0)
             return Conflict(current[0])
         return Saved(item.slug, row[0], updated_at, epoch, deleted=True)
+
+    def _forget_keys(self, conn, now):
+        """Delete the Idempotency-Keys past their window, and note when the oldest left expires.
+
+        Their bytes count against the byte limit, so they must go when they
+        expire, whether or not new keys come. Until the oldest key left
+        expires (or, with none left, a window from now: any key kept later
+        expires later) no batch looks again.
+        """
+        conn.execute(self.FORGET_KEYS, (now - self._key_ttl,))
+        (oldest,) = conn.execute(self.OLDEST_KEY).fetchone()
+        self._forget_keys_at = (now if oldest is None else oldest) + self._key_ttl
 
     def _over_limit(self, conn, pages_before, bytes_before):
         """After a save, inside its savepoint: a StorageFull if it took the database past a limit.

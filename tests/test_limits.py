@@ -313,11 +313,15 @@ def test_idempotency_keys_count_against_the_byte_cap_so_they_cannot_grow_the_dat
     replay = requests.post(url, json={"slug": "p", "html": "x"}, headers={"Idempotency-Key": "key-0000"}, timeout=10)
     assert replay.status_code == 200 and replay.headers["Idempotent-Replayed"] == "true"
     assert requests.post(url, json={"slug": "p", "html": "y"}, timeout=10).status_code == 200
-    time.sleep(3.5)  # the keys expire: the next keyed save forgets them, and their bytes with them
+    assert requests.post(url, json={"slug": "p", "html": "y" * 500}, timeout=10).status_code == 507  # full
+    time.sleep(3.5)  # the keys expire: the next save forgets them, and their bytes with them
+    assert requests.post(url, json={"slug": "p", "html": "y" * 500}, timeout=10).status_code == 200
+    assert database.query("SELECT count(*) FROM idempotency_keys") == [(0,)]
+    assert database.query("SELECT bytes FROM storage") == [(500 + 4,)]
     fresh = requests.post(url, json={"slug": "p", "html": "z"}, headers={"Idempotency-Key": "key-new"}, timeout=10)
     assert fresh.status_code == 200
     assert database.query("SELECT count(*) FROM idempotency_keys") == [(1,)]
-    assert database.query("SELECT bytes FROM storage") == [(1 + 4 + 200 + len("key-new") + 1,)]
+    assert database.query("SELECT bytes FROM storage") == [(1 + 4 + 200 + len("key-new") + len("p"),)]
 
 
 def worker_pids(server):
