@@ -207,7 +207,7 @@ class DeadlineInput:
         the body was read says so): a slow client could trickle it for ever,
         each byte restarting the send timeout, the only one that applied.
         """
-        if self._handler.close_connection:
+        if self._handler.close_connection or not self.unread():  # the usual case: read whole, no timer
             return
         try:
             self._call(self._stream._discard)
