@@ -86,6 +86,27 @@ def test_a_delete_takes_form_fields_and_refuses_bad_input_with_the_field_named(c
     assert client.post("/delete", data="slug=home", content_type="text/plain").status_code == 415
 
 
+def test_with_access_control_a_delete_needs_write_on_the_slug_and_is_refused_from_another_site(database):
+    from app import create_app
+    from conftest import close_app
+    from test_auth import SECRET, token
+
+    app = create_app({**database.config, "TESTING": True, "CHANGEFEED_JWT_SECRET": SECRET})
+    try:
+        client = app.test_client()
+        writer = {"Authorization": f"Bearer {token(write=['docs-*'])}"}
+        assert client.post("/save", json={"slug": "docs-a", "html": "x"}, headers=writer).status_code == 200
+        assert client.post("/delete", json={"slug": "docs-a"}).status_code == 401
+        reader = {"Authorization": f"Bearer {token(write=[])}"}
+        assert client.post("/delete", json={"slug": "docs-a"}, headers=reader).status_code == 403
+        cross = {**writer, "Origin": "https://evil.example", "Sec-Fetch-Site": "cross-site"}
+        assert client.post("/delete", json={"slug": "docs-a"}, headers=cross).status_code == 403
+        assert database.query("SELECT deleted FROM page_versions") in ([(0,)], [(False,)])  # nothing deleted
+        assert client.post("/delete", json={"slug": "docs-a"}, headers=writer).json["version"] == 2
+    finally:
+        close_app(app)
+
+
 def test_a_tombstone_frees_its_place_under_the_page_limit(database, make_store):
     store = make_store(max_pages=1)
     store.save("one", "x", "null")
