@@ -381,12 +381,11 @@ class PageStore:
             changed.add(beat.slug)
         row = conn.execute(self.FIND_ENTRY, key).fetchone()
         listed = row is not None and row[0] != GONE
-        if beat.state == GONE and not listed:
-            if row is not None and now - row[2] < self.presence_min_interval_s:
-                return TooSoon(self.presence_min_interval_s - (now - row[2]))
-            return Beaten(beat.slug, 0, user_id(beat.user))  # not listed: nothing changes
-        if beat.state != GONE and row is not None and now - row[2] < self.presence_min_interval_s:
+        leaving = beat.state == GONE and listed  # always taken
+        if row is not None and not leaving and now - row[2] < self.presence_min_interval_s:
             return TooSoon(self.presence_min_interval_s - (now - row[2]))
+        if beat.state == GONE and not listed:
+            return Beaten(beat.slug, 0, user_id(beat.user))  # not listed: nothing changes
         if row is None and conn.execute(self.COUNT_ENTRIES, (beat.slug,)).fetchone()[0] >= self.presence_max_per_page:
             return PresenceFull(self.presence_max_per_page)
         conn.execute(self.PUT_ENTRY, (*key, beat.name, beat.state, now))
