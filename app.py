@@ -19,26 +19,34 @@ from flask.json.provider import DefaultJSONProvider
 from flask_cors import CORS
 from marshmallow import ValidationError
 
-import auth
-import bodies
-import errors
-import logs
-import metrics
-import openapi
-import presence
-import settings
-import sockets
-from errors import ApiError, ShuttingDown
-from auth import TokenVerifier
-from feeds import event_stream, long_poll
-from clients import is_https, parse_networks
-from limits import Held, QueryCache, WaitGate
-from notify import SQLiteNotifier
-from origins import parse_list, parse_origins, refuse_cross_site_writes
-from schemas import (MAX_NAME, ChangesQuerySchema, DeleteSchema, EventsQuerySchema, IdempotencyKeySchema,
-                     LastEventIdSchema, PageQuerySchema, PresenceSchema, SaveFormSchema, SaveSchema, TRANSPORTS,
-                     reject_constant)
-from store import SQLiteStore, Unavailable
+from changefeed.core import presence, settings
+from changefeed.core.clients import is_https, parse_networks
+from changefeed.core.errors import ApiError, ShuttingDown
+from changefeed.core.outcomes import Unavailable
+from changefeed.core.schemas import (
+    MAX_NAME,
+    TRANSPORTS,
+    ChangesQuerySchema,
+    DeleteSchema,
+    EventsQuerySchema,
+    IdempotencyKeySchema,
+    LastEventIdSchema,
+    PageQuerySchema,
+    PresenceSchema,
+    SaveFormSchema,
+    SaveSchema,
+    reject_constant,
+)
+from changefeed.http import bodies, errors, openapi
+from changefeed.ops import logs, metrics
+from changefeed.security import tokens as auth
+from changefeed.security.limits import Held, QueryCache, WaitGate
+from changefeed.security.origins import parse_list, parse_origins, refuse_cross_site_writes
+from changefeed.security.tokens import TokenVerifier
+from changefeed.stores.sqlite import SQLiteStore
+from changefeed.transports import websocket as sockets
+from changefeed.transports.feeds import event_stream, long_poll
+from changefeed.transports.notify import SQLiteNotifier
 
 # What a page of an allowed origin may send, and read of the answers.
 CORS_REQUEST_HEADERS = ["Content-Type", "Idempotency-Key", "Authorization", "If-None-Match", "Last-Event-ID"]
@@ -356,8 +364,8 @@ def open_store(config):
 
 def _open_engine(config, common, heartbeat_s):
     if config["CHANGEFEED_DATABASE_URL"]:
-        from pglisten import PostgresNotifier
-        from pgstore import PostgresStore
+        from changefeed.stores.postgres import PostgresStore
+        from changefeed.transports.pg_listen import PostgresNotifier
 
         store = PostgresStore(config["CHANGEFEED_DATABASE_URL"], pool_size=config["CHANGEFEED_DATABASE_POOL_SIZE"],
                               pool_timeout_ms=config["CHANGEFEED_DATABASE_POOL_TIMEOUT_MS"], **common)
@@ -377,7 +385,7 @@ def register_cli(app, store):
                   help="delete only if the page is still at this version")
     def delete_page(slug, base_version):
         """Delete page SLUG: subscribers are told it is gone; a later save re-creates it, one version up."""
-        from store import Conflict, NoSuchPage, NotStored, OutcomeUnknown
+        from changefeed.core.outcomes import Conflict, NoSuchPage, NotStored, OutcomeUnknown
 
         try:
             item = DeleteSchema().load({"slug": slug, "base_version": base_version})

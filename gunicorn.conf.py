@@ -31,7 +31,7 @@ workers = int(os.environ.get("CHANGEFEED_WORKERS", multiprocessing.cpu_count()))
 # worker.Worker is gevent_pywsgi with time limits on slow and idle clients
 # (CHANGEFEED_HEADER_TIMEOUT_S, _BODY_TIMEOUT_S, _KEEPALIVE_S, _SEND_TIMEOUT_S):
 # gunicorn's own `keepalive` and `timeout` do not reach gevent's server.
-worker_class = "worker.Worker"
+worker_class = "changefeed.ops.worker.Worker"
 worker_connections = int(os.environ.get("CHANGEFEED_WORKER_CONNECTIONS", 20_000))
 
 # With gevent this is the worker's heartbeat to the master, not a request
@@ -43,7 +43,7 @@ timeout = 30
 graceful_timeout = 10
 
 # No gunicorn access log: the app writes its own when CHANGEFEED_ACCESS_LOG is
-# `json` or `kv` (logs.py: one structured line per request, with the request
+# `json` or `kv` (ops/logs.py: one structured line per request, with the request
 # id, written when a stream or long-poll ends, token parameters redacted).
 # It is off by default: nginx in front logs requests, and a line per poll
 # costs throughput. Request bodies (page contents) are never logged.
@@ -53,7 +53,7 @@ accesslog = None
 # machine (tests, benchmarks) would contend for its single default path.
 control_socket_disable = True
 
-# GET /metrics adds up every worker's counts (metrics.py): each process writes
+# GET /metrics adds up every worker's counts (ops/metrics.py): each process writes
 # its own to files in PROMETHEUS_MULTIPROC_DIR. Unless that names a folder,
 # each server gets a private one, made here as the master loads this file:
 # before anything imports prometheus-client (it picks its mode on import) and
@@ -74,8 +74,8 @@ def on_starting(server):
     back, instead of failing to boot, which would stop the whole server. The
     app is not preloaded: gevent must patch a worker before the app is built.
     """
-    from settings import from_environ
-    from store import MASTER_CHECKED, check_database
+    from changefeed.core.settings import from_environ
+    from changefeed.stores.sqlite import MASTER_CHECKED, check_database
 
     settings = from_environ()
     if settings["CHANGEFEED_DATABASE_URL"]:

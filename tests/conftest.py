@@ -29,8 +29,8 @@ import pytest
 import requests
 
 from app import create_app
-from migrate import migrate, migrate_postgres
-from store import SQLiteStore
+from changefeed.stores.schema import migrate, migrate_postgres
+from changefeed.stores.sqlite import SQLiteStore
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -152,7 +152,7 @@ class Database:
         """A store of this database, opened as another process of the service would (the caller closes it)."""
         if self.engine == "sqlite":
             return SQLiteStore(self.path, **options)
-        from pgstore import PostgresStore
+        from changefeed.stores.postgres import PostgresStore
 
         return PostgresStore(self.url, **options)
 

@@ -16,9 +16,9 @@ import requests
 from playwright.sync_api import Error as PlaywrightError
 from playwright.sync_api import expect
 
+from changefeed.stores.schema import migrate
+from changefeed.stores.sqlite import SQLiteStore
 from conftest import ROOT, find_chromium
-from migrate import migrate
-from store import SQLiteStore
 
 find_chromium()  # one skip line for the module when there is no browser
 

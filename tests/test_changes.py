@@ -4,7 +4,7 @@ import sqlite3
 
 import pytest
 
-import migrate
+from changefeed.stores import schema as migrate
 
 pytestmark = pytest.mark.engines
 

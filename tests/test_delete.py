@@ -112,7 +112,7 @@ def test_a_tombstone_frees_its_place_under_the_page_limit(database, make_store):
     store.save("one", "x", "null")
     store.delete("one")
     assert store.save("two", "x", "null").version == 1  # the tombstone is no page
-    from store import StorageFull
+    from changefeed.core.outcomes import StorageFull
 
     with pytest.raises(StorageFull):
         store.save("one", "back", "null")  # re-creating it adds a page again: over the limit

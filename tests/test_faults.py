@@ -18,10 +18,11 @@ import gevent
 import pytest
 import requests
 
-from feeds import event_stream, long_poll
-from notify import SQLiteNotifier
-from store import Busy, NotStored, OutcomeUnknown, Saved, SaveRequest, SQLiteStore, Unavailable
-from writers import GroupCommit
+from changefeed.core.outcomes import Busy, NotStored, OutcomeUnknown, Saved, SaveRequest, Unavailable
+from changefeed.stores.sqlite import SQLiteStore
+from changefeed.stores.writers import GroupCommit
+from changefeed.transports.feeds import event_stream, long_poll
+from changefeed.transports.notify import SQLiteNotifier
 
 pytestmark = pytest.mark.engines
 

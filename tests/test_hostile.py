@@ -17,8 +17,8 @@ import pytest
 import requests
 from websocket import ABNF
 
-from presence import Beat, Beaten
-from store import NotStored, Saved, SaveRequest
+from changefeed.core.outcomes import NotStored, Saved, SaveRequest
+from changefeed.core.presence import Beat, Beaten
 from test_websocket import connect  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.engines

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import requests
 
+from changefeed.stores.schema import migrate
 from conftest import ROOT, free_port
-from migrate import migrate
 
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "changefeed" / "clean-venvs"
 

@@ -17,10 +17,10 @@ import requests
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
-import metrics
 from app import create_app
+from changefeed.core.outcomes import Busy, NotStored, OutcomeUnknown, StorageFull
+from changefeed.ops import metrics
 from conftest import close_app
-from store import Busy, NotStored, OutcomeUnknown, StorageFull
 
 pytestmark = pytest.mark.engines
 

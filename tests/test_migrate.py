@@ -7,10 +7,10 @@ import sys
 
 import pytest
 
-import migrate
 from app import create_app
+from changefeed.core.outcomes import SchemaOutOfDate
+from changefeed.stores import schema as migrate
 from conftest import ROOT
-from store import SchemaOutOfDate
 
 
 def run_migrate(db):

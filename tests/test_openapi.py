@@ -2,7 +2,7 @@
 
 from openapi_spec_validator import validate
 
-from schemas import ChangesQuerySchema, EventsQuerySchema
+from changefeed.core.schemas import ChangesQuerySchema, EventsQuerySchema
 
 
 def test_the_document_is_valid_openapi_3_1_and_served(client):

@@ -18,10 +18,10 @@ import psycopg
 import pytest
 import requests
 
-import migrate
 from app import create_app
+from changefeed.stores import schema as migrate
+from changefeed.stores.postgres import EVERYTHING, notify_payload
 from conftest import ROOT, TEST_DATABASE_URL, close_app
-from pgstore import EVERYTHING, notify_payload
 from test_transports import http_save, start_long_poll, streams_per_worker
 
 QUIET = {"CHANGEFEED_SSE_HEARTBEAT_MS": "600000"}  # no heartbeat re-read: only a wake-up can deliver

@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-import settings
+from changefeed.core import settings
 from conftest import ROOT
 
 README = (ROOT / "README.md").read_text()

@@ -1,9 +1,10 @@
 """POST /save: one row per slug, its version bumped by exactly 1 per save."""
 
 import json
-import pytest
 import re
 import time
+
+import pytest
 
 from app import create_app
 from conftest import close_app

@@ -22,9 +22,9 @@ import psutil
 import pytest
 import requests
 
+from changefeed.stores.schema import migrate
+from changefeed.stores.sqlite import SQLiteStore
 from conftest import read_epoch
-from migrate import migrate
-from store import SQLiteStore
 
 MiB = 1024 * 1024
 HEARTBEAT_MS = 200  # streams send a comment this often while idle: a live stream shows it quickly

@@ -16,7 +16,7 @@ import psutil
 import pytest
 import requests
 
-import migrate
+from changefeed.stores import schema as migrate
 
 pytestmark = pytest.mark.engines
 

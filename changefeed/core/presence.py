@@ -22,6 +22,9 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import NamedTuple
 
+from changefeed.core.errors import ApiError
+from changefeed.core.outcomes import NotStored, OutcomeUnknown
+
 STATES = ("viewing", "editing")
 GONE = "gone"  # a beat that says the tab closed: its entry goes at once
 
@@ -127,9 +130,6 @@ def beat_of(item, rights, max_name):
 
 def record(store, beat, config):
     """Record a heartbeat and return the answer to it; raise an ApiError (429, 503) saying what to do instead."""
-    from errors import ApiError  # errors imports the store, which imports this module
-    from store import NotStored, OutcomeUnknown
-
     min_interval_ms = config["CHANGEFEED_PRESENCE_MIN_INTERVAL_MS"]
     try:
         beaten = store.beat(beat)

@@ -14,8 +14,9 @@ import threading
 import time
 from contextlib import contextmanager
 
-import metrics
-from store import Unavailable, after_fork_in_child
+from changefeed.core.outcomes import Unavailable
+from changefeed.ops import metrics
+from changefeed.stores.sqlite import after_fork_in_child
 
 log = logging.getLogger(__name__)
 

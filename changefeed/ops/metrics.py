@@ -26,7 +26,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histo
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from store import Busy, Conflict, KeyReused, NotStored, OutcomeUnknown, StorageFull
+from changefeed.core.outcomes import Busy, Conflict, KeyReused, NotStored, OutcomeUnknown, StorageFull
 
 # prometheus-client picks the mode the same way, when it is imported: a
 # scrape must read the files exactly when the values are written to them.
@@ -126,7 +126,7 @@ def register(app):
     (a scraper on a private network); without access control `on` is open.
     Call it after `app.extensions["changefeed.auth"]` is set.
     """
-    # Here, not at the top: worker.py imports this module in gunicorn's master,
+    # Here, not at the top: ops/worker.py imports this module in gunicorn's master,
     # before gevent patches the workers, and Flask imported there makes each
     # worker's exit print "Exception ignored" from logging's lock.
     from flask import Response, request

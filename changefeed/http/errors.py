@@ -11,20 +11,18 @@ from flask import current_app, jsonify, request
 from marshmallow import ValidationError
 from werkzeug.exceptions import HTTPException, SecurityError
 
-import logs
-from store import Busy, Conflict, KeyReused, NoSuchPage, NotStored, OutcomeUnknown, StorageFull, Unavailable
-
-
-class ShuttingDown(Exception):
-    """This worker is stopping: the client should ask again, on a new connection."""
-
-
-class ApiError(Exception):
-    """An error a view raises to answer with the envelope."""
-
-    def __init__(self, status, error, message, **details):
-        super().__init__(message)
-        self.status, self.error, self.message, self.details = status, error, message, details
+from changefeed.core.errors import ApiError, ShuttingDown
+from changefeed.core.outcomes import (
+    Busy,
+    Conflict,
+    KeyReused,
+    NoSuchPage,
+    NotStored,
+    OutcomeUnknown,
+    StorageFull,
+    Unavailable,
+)
+from changefeed.ops import logs
 
 
 def envelope(status, error, message, headers=None, **details):

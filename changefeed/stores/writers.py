@@ -18,8 +18,8 @@ when its commit had already begun.
 import time
 from functools import partial
 
-import metrics
-from store import Busy, NotStored, OutcomeUnknown
+from changefeed.core.outcomes import Busy, OutcomeUnknown
+from changefeed.ops import metrics
 
 # A commit that has begun normally ends in milliseconds; a caller waits this
 # much past its deadline for it before answering that the outcome is unknown.

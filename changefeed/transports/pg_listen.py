@@ -1,7 +1,7 @@
 """Wake-ups across hosts: each server process LISTENs to the saves of every host.
 
 A save's transaction sends one NOTIFY with the slugs and versions it wrote
-(pgstore.py); PostgreSQL delivers it, once committed, to every connection
+(stores/postgres.py); PostgreSQL delivers it, once committed, to every connection
 listening on the channel, on every host. Each process holds one such
 connection, outside the pool and used for nothing else, and wakes its own
 long-polls and streams of those slugs, reading each changed page once for
@@ -11,7 +11,7 @@ Notifications are not durable: a dropped connection or a restarted server
 loses those sent meanwhile. So the listener reconnects with backoff and,
 once it listens again, re-reads every page it has subscribers on: a change
 made while it was deaf is delivered then, never missed. Streams and
-long-polls also re-read the page on each heartbeat tick (feeds.py), which
+long-polls also re-read the page on each heartbeat tick (transports/feeds.py), which
 bounds what any missed wake-up could cost.
 """
 
@@ -23,9 +23,10 @@ import time
 
 import psycopg
 
-from notify import Notifier
-from pgstore import CHANNEL, EVERYTHING, KEEPALIVES, PRESENCE_CHANNEL, _one_line
-from store import Unavailable, after_fork_in_child
+from changefeed.core.outcomes import Unavailable
+from changefeed.stores.postgres import CHANNEL, EVERYTHING, KEEPALIVES, PRESENCE_CHANNEL, _one_line
+from changefeed.stores.sqlite import after_fork_in_child
+from changefeed.transports.notify import Notifier
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 A long-poll or an event stream holds a socket, a descriptor and a greenlet
 for as long as it lasts, so they are counted: per process (past the cap a
 503, try another process) and per client address (past the cap a 429, you
-have enough open already; clients.py says who the client is behind a proxy).
+have enough open already; core/clients.py says who the client is behind a proxy).
 
 Each server process counts its own: a client spread over W processes may
 hold W times its cap. For one cap across all of them, put nginx's
@@ -14,8 +14,8 @@ import resource
 from collections import OrderedDict
 from contextlib import contextmanager
 
-from clients import client_address
-from errors import ApiError
+from changefeed.core.clients import client_address
+from changefeed.core.errors import ApiError
 
 RESERVED_FDS = 256  # descriptors kept for the database, the watcher, logs and requests that do not wait
 

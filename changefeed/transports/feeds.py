@@ -16,9 +16,9 @@ import logging
 import time
 from contextlib import contextmanager
 
-import metrics
-from presence import now_for as presence_now
-from store import Change, Unavailable
+from changefeed.core.outcomes import Change, Unavailable
+from changefeed.core.presence import now_for as presence_now
+from changefeed.ops import metrics
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ HEARTBEAT = b": heartbeat\n\n"
 
 @contextmanager
 def _ends_when_gone(subscription, on_disconnect):
-    """Have the server end `subscription`'s wait when its client disconnects (gunicorn: worker.py)."""
+    """Have the server end `subscription`'s wait when its client disconnects (gunicorn: ops/worker.py)."""
     cancel = on_disconnect(subscription.leave) if on_disconnect is not None else None
     try:
         yield

@@ -8,7 +8,7 @@ with the public key as an HMAC secret. Rights live in one claim:
     {"sub": "editor-1", "exp": ..., "changefeed": {"read": ["*"], "write": ["docs-*", "home"]}}
 
 Each entry is a slug, or a prefix ending in `*`; `*` alone is every slug.
-`"metrics": true` in the claim lets a scraper read GET /metrics (metrics.py).
+`"metrics": true` in the claim lets a scraper read GET /metrics (ops/metrics.py).
 Errors follow RFC 6750: 401 `invalid_token` for a missing, unreadable,
 forged or expired token, 403 `insufficient_scope` for a slug outside its
 rights, each with a `WWW-Authenticate: Bearer` header.
@@ -20,10 +20,10 @@ from dataclasses import dataclass
 import jwt
 from flask import has_request_context, request
 
-import logs
-from errors import ApiError
-from schemas import has_surrogate
-from store import Unavailable
+from changefeed.core.errors import ApiError
+from changefeed.core.outcomes import Unavailable
+from changefeed.core.schemas import has_surrogate
+from changefeed.ops import logs
 
 CLAIM = "changefeed"
 
@@ -168,7 +168,7 @@ class TokenVerifier:
             # there, in the middle of other users' beats. The message leaves it out for the same reason.
             raise AuthError(401, "invalid_token", "The token was refused: its `sub` claim contains an unpaired "
                                                   "surrogate (U+D800 to U+DFFF), not valid Unicode text.")
-        if has_request_context():  # who made this request, for its log lines (logs.py)
+        if has_request_context():  # who made this request, for its log lines (ops/logs.py)
             request.environ[logs.SUB] = claims.get("sub")
         rights = claims.get(CLAIM) if isinstance(claims.get(CLAIM), dict) else {}
         expires_at = min(int(claims["exp"]), LAST_DATE) + self.leeway  # PyJWT checked that int() takes it

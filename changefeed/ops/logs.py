@@ -31,11 +31,11 @@ from urllib.parse import quote, unquote_plus
 from flask import request
 from flask.logging import default_handler
 
-from clients import CLIENT, client_address, parse_networks
+from changefeed.core.clients import CLIENT, client_address, parse_networks
 
 # Keys of the WSGI environ that carry what a log line needs past the view.
 REQUEST_ID = "changefeed.request_id"
-SUB = "changefeed.sub"  # the `sub` of the token verified for this request (auth.py sets it)
+SUB = "changefeed.sub"  # the `sub` of the token verified for this request (security/tokens.py sets it)
 
 # What a proxy's X-Request-Id may be; anything else (a forged log line, a
 # megabyte) is ignored and replaced by an id of our own.

@@ -1,4 +1,4 @@
-"""Pages in PostgreSQL: the store contract (store.py) for several hosts sharing one database.
+"""Pages in PostgreSQL: the store contract (stores/sqlite.py) for several hosts sharing one database.
 
 The same answers as SQLiteStore, from the same save steps (store.PageStore):
 first save 1, then exactly +1, the same conflicts, keys and limits. What
@@ -11,7 +11,7 @@ differs is how the engine is reached and how failures read:
   the app).
 - A save's transaction ends with one NOTIFY naming the slugs and versions
   it wrote (never the page: a payload holds at most 8000 bytes), which
-  every host's listener (pglisten.py) hears. Group commit still applies:
+  every host's listener (transports/pg_listen.py) hears. Group commit still applies:
   one transaction, one NOTIFY and one commit for all the saves a process
   has waiting, which matters here as PostgreSQL commits notifying
   transactions one at a time.
@@ -31,10 +31,11 @@ import psycopg
 from psycopg import errors, pq
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-import migrate
-from migrate import SchemaTooNew, describe
-from store import (MASTER_CHECKED, Busy, NotStored, OutcomeUnknown, PageStore, SchemaOutOfDate,
-                   Saved, Unavailable, after_fork_in_child, change_from_row, unless_settled)
+from changefeed.core.outcomes import Busy, NotStored, OutcomeUnknown, Saved, SchemaOutOfDate, Unavailable
+from changefeed.stores import schema as migrate
+from changefeed.stores import writers
+from changefeed.stores.schema import SchemaTooNew, describe
+from changefeed.stores.sqlite import MASTER_CHECKED, PageStore, after_fork_in_child, change_from_row, unless_settled
 
 
 def cooperate():
@@ -206,7 +207,6 @@ class PostgresStore(PageStore):
     # -- saves ---------------------------------------------------------------------------------
 
     def _choose_writer(self):
-        import writers
 
         # psycopg waits cooperatively: the commit runs in a greenlet, not a native thread.
         self._writer = (self._writer_class or writers.for_this_process(native_thread=False))(self.save_batch)

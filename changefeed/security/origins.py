@@ -10,7 +10,7 @@ browsers (curl, scripts, servers) send neither and are not affected.
 
 from urllib.parse import urlsplit
 
-from errors import ApiError
+from changefeed.core.errors import ApiError
 
 SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
 

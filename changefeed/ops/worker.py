@@ -34,8 +34,8 @@ import gevent
 from gunicorn.workers.ggevent import GeventPyWSGIWorker, PyWSGIHandler
 from werkzeug.exceptions import RequestTimeout
 
-import metrics
-import settings
+from changefeed.core import settings
+from changefeed.ops import metrics
 
 
 class HeaderTimeout(socket.timeout):

@@ -47,16 +47,27 @@ from simple_websocket import ConnectionClosed
 from wsproto.events import CloseConnection
 from wsproto.utilities import LocalProtocolError
 
-import metrics
-import presence as presence_module
-from auth import AuthError, read_token
-from errors import ApiError
-from limits import TooManyWaits
-from notify import Subscription
-from origins import parse_origins
-from schemas import (EPOCH, MAX_INTEGER, MAX_NAME, SLUG, Count, PresenceQuery, PresenceSchema, Slug, Text,
-                     has_surrogate, reject_constant)
-from store import Unavailable
+from changefeed.core import presence as presence_module
+from changefeed.core.errors import ApiError
+from changefeed.core.outcomes import Unavailable
+from changefeed.core.schemas import (
+    EPOCH,
+    MAX_INTEGER,
+    MAX_NAME,
+    SLUG,
+    Count,
+    PresenceQuery,
+    PresenceSchema,
+    Slug,
+    Text,
+    has_surrogate,
+    reject_constant,
+)
+from changefeed.ops import metrics
+from changefeed.security.limits import TooManyWaits
+from changefeed.security.origins import parse_origins
+from changefeed.security.tokens import AuthError, read_token
+from changefeed.transports.notify import Subscription
 
 log = logging.getLogger(__name__)
 
@@ -644,7 +655,7 @@ def register(app, store, notifier, verifier, waits):
 
     @blueprint.after_request
     def upgraded(response):
-        """Once a socket was served, its access log line (logs.py) says 101, not 0 (gevent) or 200 (werkzeug).
+        """Once a socket was served, its access log line (ops/logs.py) says 101, not 0 (gevent) or 200 (werkzeug).
 
         The connection is shut down by then: the server's attempt to write
         these headers fails quietly (a broken pipe), and it reads no next request.

@@ -12,8 +12,18 @@ from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
 from marshmallow import Schema, fields
 
-from schemas import (EPOCH, IDEMPOTENCY_KEY, MAX_INTEGER, PRESENCE_FORMS, SLUG, TRANSPORTS, Count, DeleteSchema,
-                     PresenceSchema, SaveSchema)
+from changefeed.core.schemas import (
+    EPOCH,
+    IDEMPOTENCY_KEY,
+    MAX_INTEGER,
+    PRESENCE_FORMS,
+    SLUG,
+    TRANSPORTS,
+    Count,
+    DeleteSchema,
+    PresenceSchema,
+    SaveSchema,
+)
 
 
 class ErrorSchema(Schema):

@@ -1,0 +1,1 @@
+"""The core: plain types and pure functions every layer may import (outcomes, errors, presence, schemas, settings)."""

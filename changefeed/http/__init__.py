@@ -1,0 +1,1 @@
+"""The HTTP layer: blueprints, the one error shape, request bodies and the OpenAPI document."""

@@ -1,0 +1,1 @@
+"""Stores: where pages live (SQLite, PostgreSQL), their schemas and migrations, and the write queue."""

@@ -1,0 +1,106 @@
+-- changefeed on PostgreSQL: the same tables as schema.sql, for several app
+-- hosts sharing one database (CHANGEFEED_DATABASE_URL). `python migrate.py`
+-- applies it to an empty database and records its version in schema_version.
+-- There is no `seq` column: hosts learn of saves by LISTEN/NOTIFY, not by
+-- reading the save order.
+
+CREATE TABLE page_versions (
+    slug       text PRIMARY KEY,             -- lower case letters, digits, hyphens
+    html       text NOT NULL,                -- untrusted: shown only in a sandboxed iframe
+    data       text NOT NULL,                -- any JSON value, as compact JSON text (exactly as sent back)
+    version    bigint NOT NULL CHECK (version >= 1),
+    updated_at text NOT NULL,                -- ISO 8601, UTC, milliseconds, as on SQLite
+    deleted    boolean NOT NULL DEFAULT false  -- a tombstone (POST /delete): html '' and data null
+);
+
+-- Pages are deleted by a tombstone, never by removing their row (see schema.sql).
+CREATE FUNCTION changefeed_keep_pages() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'changefeed pages are deleted with POST /delete or `flask delete-page SLUG` (a tombstone), not by removing their row';
+END
+$$;
+CREATE TRIGGER page_versions_keep BEFORE DELETE ON page_versions
+    FOR EACH ROW EXECUTE FUNCTION changefeed_keep_pages();
+
+-- The database's identity, sent with every answer (see schema.sql).
+CREATE TABLE epoch (
+    value text NOT NULL  -- 16 lower-case hex digits
+);
+INSERT INTO epoch (value) VALUES (substr(md5(random()::text || clock_timestamp()::text), 1, 16));
+
+CREATE TABLE idempotency_keys (
+    key         text PRIMARY KEY,
+    fingerprint text NOT NULL,
+    slug        text NOT NULL,
+    version     bigint NOT NULL,
+    updated_at  text NOT NULL,
+    created_at  double precision NOT NULL  -- unix time
+);
+CREATE INDEX idempotency_keys_created_at ON idempotency_keys (created_at);
+
+-- Pages and bytes held, kept by triggers in each save's transaction, so
+-- the limits cost one row to read; Idempotency-Keys count too (see schema.sql).
+CREATE TABLE storage (
+    pages bigint NOT NULL,
+    bytes bigint NOT NULL
+);
+INSERT INTO storage (pages, bytes) VALUES (0, 0);
+
+CREATE FUNCTION changefeed_count_storage() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        UPDATE storage SET pages = pages + (NOT NEW.deleted)::int,
+                           bytes = bytes + octet_length(NEW.html) + octet_length(NEW.data);
+    ELSIF TG_OP = 'UPDATE' THEN
+        UPDATE storage SET pages = pages + (NOT NEW.deleted)::int - (NOT OLD.deleted)::int,
+                           bytes = bytes + octet_length(NEW.html) + octet_length(NEW.data)
+                                         - octet_length(OLD.html) - octet_length(OLD.data);
+    ELSE
+        UPDATE storage SET pages = pages - (NOT OLD.deleted)::int,
+                           bytes = bytes - octet_length(OLD.html) - octet_length(OLD.data);
+    END IF;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER storage_count AFTER INSERT OR DELETE OR UPDATE OF html, data, deleted ON page_versions
+    FOR EACH ROW EXECUTE FUNCTION changefeed_count_storage();
+
+CREATE FUNCTION changefeed_count_keys() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        UPDATE storage SET bytes = bytes + 200 + octet_length(NEW.key) + octet_length(NEW.slug);
+    ELSIF TG_OP = 'UPDATE' THEN
+        UPDATE storage SET bytes = bytes + octet_length(NEW.key) + octet_length(NEW.slug)
+                                         - octet_length(OLD.key) - octet_length(OLD.slug);
+    ELSE
+        UPDATE storage SET bytes = bytes - 200 - octet_length(OLD.key) - octet_length(OLD.slug);
+    END IF;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER storage_count_keys AFTER INSERT OR DELETE OR UPDATE OF key, slug ON idempotency_keys
+    FOR EACH ROW EXECUTE FUNCTION changefeed_count_keys();
+
+-- Presence: who has a page open now (see schema.sql).
+CREATE TABLE page_editors (
+    slug      text NOT NULL,
+    user_key  text NOT NULL,
+    client_id text NOT NULL,
+    name      text NOT NULL,
+    state     text NOT NULL CHECK (state IN ('viewing', 'editing', 'gone')),
+    seen_at   double precision NOT NULL,
+    PRIMARY KEY (slug, user_key, client_id)
+);
+CREATE INDEX page_editors_seen_at ON page_editors (seen_at);
+CREATE TABLE presence (
+    slug       text PRIMARY KEY,
+    version    bigint NOT NULL,
+    changed_at double precision NOT NULL
+);
+-- Hosts learn of presence changes by NOTIFY, so a sequence (no row to take turns on) hands out versions.
+CREATE SEQUENCE presence_clock;
+
+-- The schema version migrate.py last applied (SQLite keeps it in PRAGMA user_version).
+CREATE TABLE schema_version (
+    version integer NOT NULL
+);
