@@ -4,12 +4,13 @@ How a page's shell examples are found, marked and compared: tests/docs_examples.
 """
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from changefeed.core import settings
-from conftest import ROOT
+from conftest import ROOT, Database, Server
 from docs_examples import run, same_answer, shell_blocks
 
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -17,22 +18,22 @@ CONFIGURATION = ROOT / "docs" / "configuration.md"
 REGENERATE = "python -m changefeed.core.settings > docs/configuration.md"
 
 
-def test_the_configuration_page_is_the_settings_table():
+def test_the_configuration_page_is_the_settings_table() -> None:
     assert CONFIGURATION.read_text() == settings.markdown(), (
         f"docs/configuration.md is stale: run `{REGENERATE}` and commit it")
 
 
 @pytest.mark.parametrize("name, default", [(s[0], s[1]) for s in settings.SETTINGS], ids=[s[0] for s in settings.SETTINGS])
-def test_every_setting_is_in_the_manual_with_its_default(name, default):
+def test_every_setting_is_in_the_manual_with_its_default(name: str, default: object) -> None:
     row = re.search(rf"^\| `{name}` \| `?([^|`]*)`? \|", CONFIGURATION.read_text(), re.M)
     assert row, f"{name} is missing from the configuration table of docs/configuration.md"
     assert row.group(1) == str(default)
 
 
 @pytest.mark.parametrize("page", PAGES, ids=[page.name for page in PAGES])
-def test_shell_examples_answer_as_shown(page, make_server, database):
+def test_shell_examples_answer_as_shown(page: Path, make_server: Callable[..., Server], database: Database) -> None:
     """Each page's examples run in order, as a reader would type them, against a fresh server of its own."""
-    servers = {}
+    servers: dict[tuple[tuple[str, str], ...], Server] = {}
     for block in shell_blocks(page):
         if block.not_run:
             continue
@@ -44,14 +45,14 @@ def test_shell_examples_answer_as_shown(page, make_server, database):
 
 
 @pytest.mark.parametrize("page", PAGES, ids=[page.name for page in PAGES])
-def test_a_block_that_does_not_run_says_why(page):
+def test_a_block_that_does_not_run_says_why(page: Path) -> None:
     for block in shell_blocks(page):
         assert block.not_run is None or len(block.not_run) > 10, f"{block}: say why it is not run"
     code = re.findall(r"^```(\w*)$", page.read_text(), re.M)
     assert "" not in code[::2], f"{page.name}: every code block names its language (sh, text, js, ...)"
 
 
-def test_the_readme_is_the_front_door():
+def test_the_readme_is_the_front_door() -> None:
     readme = (ROOT / "README.md").read_text()
     assert len(readme.splitlines()) <= 260
     for page in sorted((ROOT / "docs").glob("*.md")):
@@ -59,7 +60,7 @@ def test_the_readme_is_the_front_door():
 
 
 @pytest.mark.parametrize("page", PAGES, ids=[page.name for page in PAGES])
-def test_links_between_pages_lead_somewhere(page):
+def test_links_between_pages_lead_somewhere(page: Path) -> None:
     for target, anchor in re.findall(r"\]\((?!https?:)([^)#\s]*)(?:#([^)\s]*))?\)", page.read_text()):
         linked = (page.parent / target).resolve() if target else page
         assert linked.exists(), f"{page.name} links to {target}, which is not there"

@@ -1,10 +1,10 @@
 """The README is the front door: its curl session, the design card's path, works as shown."""
 
-from conftest import ROOT
+from conftest import ROOT, Database, Server
 from docs_examples import run, same_answer, shell_blocks
 
 
-def test_readme_curl_lines_answer_as_shown(server, database):
+def test_readme_curl_lines_answer_as_shown(server: Server, database: Database) -> None:
     session = next(block for block in shell_blocks(ROOT / "README.md") if not block.not_run)
     assert len(session.commands) >= 5
     for command, shown, printed in run(session, server.url, database.config):
