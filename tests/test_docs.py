@@ -50,6 +50,12 @@ def test_a_block_that_does_not_run_says_why(page: Path) -> None:
         assert block.not_run is None or len(block.not_run) > 10, f"{block}: say why it is not run"
     code = re.findall(r"^```(\w*)$", page.read_text(), re.M)
     assert "" not in code[::2], f"{page.name}: every code block names its language (sh, text, js, ...)"
+    fenced, previous = False, ""
+    for number, line in enumerate(page.read_text().splitlines(), 1):
+        fenced ^= line.startswith("```")
+        assert fenced or previous or not line.startswith("    "), (
+            f"{page.name}:{number}: an indented code block, which this test cannot see: fence it")
+        previous = line.strip()
 
 
 def test_the_readme_is_the_front_door() -> None:
