@@ -1,7 +1,8 @@
-"""The README's nginx settings, in front of gunicorn: streams pass unbuffered, long-polls and 304s work.
+"""deploy/nginx.conf, in front of gunicorn: streams pass unbuffered, long-polls and 304s work.
 
-The nginx block is read from README.md, so the manual and this test cannot
-drift apart.
+The configuration is the shipped file (the one docs/production.md explains),
+so the file and this test cannot drift apart. It runs over plain HTTP before
+one server; tests/test_deploy.py runs it over TLS before two.
 """
 
 import json
@@ -14,18 +15,22 @@ import requests
 
 from conftest import ROOT, find_nginx, free_port, running_nginx
 
-README = (ROOT / "README.md").read_text()
+NGINX_CONF = (ROOT / "deploy" / "nginx.conf").read_text()
 
 find_nginx()  # or skip this module, saying how to get it
 
 
 @pytest.fixture
 def nginx(server, tmp_path):
-    """nginx on a free loopback port with the README's configuration, proxying to `server`."""
-    block = re.search(r"```nginx\n(.*?)```", README, re.S).group(1)
-    port = free_port()
-    block = block.replace("127.0.0.1:8000", f"127.0.0.1:{server.port}")
-    block = block.replace("# ... listen, server_name, TLS ...", f"listen 127.0.0.1:{port};")
+    """nginx on free loopback ports with deploy/nginx.conf, its TLS left out, proxying to `server`."""
+    port, redirect_port = free_port(), free_port()
+    block = re.sub(r"(upstream changefeed \{\n)(?:.*\n)*?(?=    keepalive )",
+                   lambda m: m.group(1) + f"    server 127.0.0.1:{server.port};\n", NGINX_CONF)
+    block = re.sub(r"\n\s*(listen \[::\]|ssl_).*", "", block)
+    block = block.replace("listen 80;", f"listen 127.0.0.1:{redirect_port};")
+    block = re.sub(r"listen 443 ssl http2;", f"listen 127.0.0.1:{port};", block)
+    block = block.replace("/dev/shm/nginx-changefeed", str(tmp_path / "cache"))
+    assert "ssl" not in block.replace("$ssl", "") and f"127.0.0.1:{port}" in block
     with running_nginx(block, tmp_path, [port]):
         yield f"http://127.0.0.1:{port}"
 

@@ -127,3 +127,39 @@ def from_environ(environ=os.environ):
         else:
             values[name] = raw
     return values
+
+
+def markdown() -> str:
+    """Return docs/configuration.md: the settings table above as the manual's page.
+
+    The page is generated so it cannot drift from the code; tests/test_docs.py
+    fails when the committed page differs, and says to run
+    `python -m changefeed.core.settings > docs/configuration.md`.
+    """
+    lines = [
+        "# Configuration",
+        "",
+        "<!-- Generated from changefeed/core/settings.py: do not edit by hand. After changing a setting, run",
+        "     python -m changefeed.core.settings > docs/configuration.md -->",
+        "",
+        "Environment variables, read at start-up (`python migrate.py` reads the database ones); an empty",
+        "value means the default. A Flask application that embeds the service takes the same",
+        "names from its `app.config` (see [Embedding](embedding.md)).",
+        "",
+        "| variable | default | meaning |",
+        "|---|---|---|",
+    ]
+    for name, default, *_, help_ in SETTINGS:
+        shown = f"`{default}`" if default != "" else ""  # an empty cell: no default
+        lines.append(f"| `{name}` | {shown} | {help_.replace('|', chr(92) + '|')} |")
+    lines += [
+        "",
+        "`gunicorn.conf.py` reads three more, for the server itself (`CHANGEFEED_BIND`,",
+        "`CHANGEFEED_WORKERS`, `CHANGEFEED_WORKER_CONNECTIONS`): see [Production](production.md).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(markdown(), end="")
