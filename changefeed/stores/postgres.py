@@ -90,7 +90,7 @@ class PostgresStore(PageStore):
     Row locks keep concurrent saves of one page in order: the upsert of a
     page waits for the transaction holding its row, then adds one to what
     that one wrote, so no version is lost or given twice. The save steps
-    check a base version inside the write itself (store.PageStore._apply).
+    check a base version inside the write itself (base.PageStore._apply).
     """
 
     Error = psycopg.Error
