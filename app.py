@@ -13,6 +13,8 @@ Run it with `python migrate.py && flask run`, or in production with
 """
 
 import json
+from collections.abc import Mapping
+from typing import Any
 
 from flask import Flask, Response, render_template, request
 from flask.json.provider import DefaultJSONProvider
@@ -43,10 +45,10 @@ from changefeed.security import tokens as auth
 from changefeed.security.limits import Held, QueryCache, WaitGate
 from changefeed.security.origins import parse_list, parse_origins, refuse_cross_site_writes
 from changefeed.security.tokens import TokenVerifier
-from changefeed.stores.sqlite import SQLiteStore
+from changefeed.stores.contract import Notifier, Store
+from changefeed.stores.engines import open_engine
 from changefeed.transports import websocket as sockets
 from changefeed.transports.feeds import event_stream, long_poll
-from changefeed.transports.notify import SQLiteNotifier
 
 # What a page of an allowed origin may send, and read of the answers.
 CORS_REQUEST_HEADERS = ["Content-Type", "Idempotency-Key", "Authorization", "If-None-Match", "Last-Event-ID"]
@@ -311,7 +313,7 @@ def create_app(test_config=None):
     def readyz():
         """Say whether this process can serve: its database reads and its watcher looks (readiness)."""
         problems = {}
-        missing = store.check_file()  # first: its message says what to do about the file itself
+        missing = store.problem()  # first: its message says what to do about the file itself
         if missing:
             problems["database"] = missing
         else:
@@ -343,36 +345,12 @@ def create_app(test_config=None):
     return app
 
 
-def open_store(config):
+def open_store(config: Mapping[str, Any]) -> tuple[Store, Notifier]:
     """The store and notifier the settings ask for: PostgreSQL with its URL, else the SQLite file.
 
-    Nothing above these two objects knows which engine runs. psycopg is
-    imported only here, once gevent has patched the process (gunicorn's
-    workers load the app after patching), so it waits cooperatively.
+    Nothing above these two objects knows which engine runs (stores/engines.py does).
     """
-    common = dict(busy_timeout_ms=config["CHANGEFEED_BUSY_TIMEOUT_MS"],
-                  idempotency_ttl_s=config["CHANGEFEED_IDEMPOTENCY_TTL_S"],
-                  max_pages=config["CHANGEFEED_MAX_PAGES"], max_bytes=config["CHANGEFEED_MAX_STORED_BYTES"])
-    heartbeat_s = config["CHANGEFEED_SSE_HEARTBEAT_MS"] / 1000
-    store, notifier = _open_engine(config, common, heartbeat_s)
-    store.configure_presence(ttl_s=config["CHANGEFEED_PRESENCE_TTL_MS"] / 1000,
-                             min_interval_s=config["CHANGEFEED_PRESENCE_MIN_INTERVAL_MS"] / 1000,
-                             max_per_page=config["CHANGEFEED_PRESENCE_MAX_PER_PAGE"],
-                             list_max=config["CHANGEFEED_PRESENCE_LIST_MAX"])
-    return store, notifier
-
-
-def _open_engine(config, common, heartbeat_s):
-    if config["CHANGEFEED_DATABASE_URL"]:
-        from changefeed.stores.postgres import PostgresStore
-        from changefeed.transports.pg_listen import PostgresNotifier
-
-        store = PostgresStore(config["CHANGEFEED_DATABASE_URL"], pool_size=config["CHANGEFEED_DATABASE_POOL_SIZE"],
-                              pool_timeout_ms=config["CHANGEFEED_DATABASE_POOL_TIMEOUT_MS"], **common)
-        return store, PostgresNotifier(store, heartbeat_s=heartbeat_s)
-    store = SQLiteStore(config["CHANGEFEED_DB"], synchronous=config["CHANGEFEED_SQLITE_SYNCHRONOUS"], **common)
-    return store, SQLiteNotifier(store, interval_s=config["CHANGEFEED_WATCH_INTERVAL_MS"] / 1000,
-                                 heartbeat_s=heartbeat_s)
+    return open_engine(config)
 
 
 def register_cli(app, store):

@@ -75,7 +75,8 @@ def on_starting(server):
     app is not preloaded: gevent must patch a worker before the app is built.
     """
     from changefeed.core.settings import from_environ
-    from changefeed.stores.sqlite import MASTER_CHECKED, check_database
+    from changefeed.stores.forking import MASTER_CHECKED
+    from changefeed.stores.sqlite import check_database
 
     settings = from_environ()
     if settings["CHANGEFEED_DATABASE_URL"]:
@@ -108,8 +109,8 @@ def post_worker_init(worker):
     # 55-61 ms -> 46-50 ms with 1,000 subscribers).
     gc.freeze()
     gc.set_threshold(20_000, 20, 20)
-    if "pgstore" in sys.modules:  # an app preloaded in the master imported psycopg before gevent came in
-        sys.modules["pgstore"].cooperate()
+    if "changefeed.stores.postgres" in sys.modules:  # a preloaded app imported psycopg before gevent came in
+        sys.modules["changefeed.stores.postgres"].cooperate()
 
     notifier = getattr(worker.wsgi, "extensions", {}).get("changefeed.notifier")
     if notifier is None:  # another app served with this file, such as the bench's baseline

@@ -20,9 +20,9 @@ import requests
 
 from changefeed.core.outcomes import Busy, NotStored, OutcomeUnknown, Saved, SaveRequest, Unavailable
 from changefeed.stores.sqlite import SQLiteStore
+from changefeed.stores.sqlite_notify import SQLiteNotifier
 from changefeed.stores.writers import GroupCommit
 from changefeed.transports.feeds import event_stream, long_poll
-from changefeed.transports.notify import SQLiteNotifier
 
 pytestmark = pytest.mark.engines
 

@@ -38,7 +38,7 @@ class SaveRequest(NamedTuple):
     key: str | None = None
     delete: bool = False
 
-    def fingerprint(self):
+    def fingerprint(self) -> str:
         """Identify the request a key was first used for, to refuse the key for another."""
         text = json.dumps([self.slug, self.html, self.data, self.base_version], separators=(",", ":"))
         return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
@@ -62,12 +62,12 @@ class Change:
     deleted: bool = False
 
     @property
-    def changed(self):
+    def changed(self) -> bool:
         """Whether the client that asked has something new: then the page body was read."""
         return self.html is not None
 
     @cached_property
-    def answer(self):
+    def answer(self) -> str:
         """The JSON text of a changed answer, built once however many clients it goes to.
 
         `data` is already compact JSON as stored, so it goes in as it is.
@@ -77,12 +77,12 @@ class Change:
                 f'"data":{self.data},{gone}"updated_at":"{self.updated_at}","epoch":"{self.epoch}"}}')
 
     @property
-    def unchanged(self):
+    def unchanged(self) -> str:
         """The JSON text of an unchanged answer: only the version there is."""
         return f'{{"changed":false,"version":{self.version},"epoch":"{self.epoch}"}}'
 
     @cached_property
-    def event(self):
+    def event(self) -> bytes:
         """This version as one Server-Sent Event, encoded once for every stream it goes to.
 
         Its data is the changed answer, or the unchanged one for a page that a
@@ -95,7 +95,7 @@ class Change:
 class Conflict(Exception):
     """A save named a base version that is no longer the stored one."""
 
-    def __init__(self, version):
+    def __init__(self, version: int) -> None:
         super().__init__(f"stored version is {version}")
         self.version = version
 
@@ -107,7 +107,7 @@ class KeyReused(Exception):
 class NoSuchPage(Exception):
     """A delete named a page that was never saved, or is deleted already (then at `version`)."""
 
-    def __init__(self, version):
+    def __init__(self, version: int) -> None:
         super().__init__(f"no such page (version {version})")
         self.version = version
 
@@ -115,7 +115,7 @@ class NoSuchPage(Exception):
 class NotStored(Exception):
     """The save was certainly not written; `reason` says why, in words for the client."""
 
-    def __init__(self, reason):
+    def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
 
@@ -131,7 +131,7 @@ class StorageFull(Exception):
     stored (an existing page, no bigger) are still taken.
     """
 
-    def __init__(self, limit, reason):
+    def __init__(self, limit: str, reason: str) -> None:
         super().__init__(reason)
         self.limit, self.reason = limit, reason
 
@@ -148,7 +148,7 @@ class SchemaOutOfDate(RuntimeError):
     """The database file is missing or older than this code."""
 
 
-def utc_now():
+def utc_now() -> str:
     """Return the current time as ISO 8601 UTC with milliseconds, e.g. 2026-11-23T21:24:37.444Z."""
     now = datetime.now(timezone.utc)
     return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"

@@ -1,6 +1,6 @@
-"""Pages in PostgreSQL: the store contract (stores/sqlite.py) for several hosts sharing one database.
+"""Pages in PostgreSQL: the PostgreSQL engine of the store contract (stores/contract.py), for several hosts.
 
-The same answers as SQLiteStore, from the same save steps (store.PageStore):
+The same answers as SQLiteStore, from the same save steps (stores/base.py, PageStore):
 first save 1, then exactly +1, the same conflicts, keys and limits. What
 differs is how the engine is reached and how failures read:
 
@@ -11,7 +11,7 @@ differs is how the engine is reached and how failures read:
   the app).
 - A save's transaction ends with one NOTIFY naming the slugs and versions
   it wrote (never the page: a payload holds at most 8000 bytes), which
-  every host's listener (transports/pg_listen.py) hears. Group commit still applies:
+  every host's listener (stores/postgres_notify.py) hears. Group commit still applies:
   one transaction, one NOTIFY and one commit for all the saves a process
   has waiting, which matters here as PostgreSQL commits notifying
   transactions one at a time.
@@ -23,22 +23,24 @@ differs is how the engine is reached and how failures read:
 """
 
 import json
-import os
 import threading
 import time
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import psycopg
 from psycopg import errors, pq
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from changefeed.core.outcomes import Busy, NotStored, OutcomeUnknown, Saved, SchemaOutOfDate, Unavailable
+from changefeed.core.outcomes import Busy, Change, NotStored, OutcomeUnknown, Saved, SchemaOutOfDate, Unavailable
 from changefeed.stores import schema as migrate
 from changefeed.stores import writers
+from changefeed.stores.base import Item, Outcome, PageStore, change_from_row, unless_settled
+from changefeed.stores.forking import after_fork_in_child, master_checked
 from changefeed.stores.schema import SchemaTooNew, describe
-from changefeed.stores.sqlite import MASTER_CHECKED, PageStore, after_fork_in_child, change_from_row, unless_settled
 
 
-def cooperate():
+def cooperate() -> None:
     """Have psycopg wait for the server through gevent, if gevent patched this process.
 
     psycopg picks how it waits when first imported: imported before gevent
@@ -63,19 +65,23 @@ PRESENCE_CHANNEL = migrate.POSTGRES_PRESENCE_CHANNEL
 MAX_PAYLOAD = 7_900  # bytes; PostgreSQL refuses a NOTIFY payload of 8000 or more
 EVERYTHING = "*"  # a payload meaning "re-read every page you watch" (too many slugs, or a new epoch)
 # Sent when a host connects: a dead peer is noticed in about 30 s, not 2 hours.
-KEEPALIVES = dict(keepalives=1, keepalives_idle=10, keepalives_interval=5, keepalives_count=3)
+KEEPALIVES: dict[str, Any] = dict(keepalives=1, keepalives_idle=10, keepalives_interval=5, keepalives_count=3)
 _ALIVE = (pq.TransactionStatus.INTRANS, pq.TransactionStatus.INERROR)
 
 
-def _pg(sql):
+def _pg(sql: str) -> str:
     """PageStore's statements use `?` placeholders; psycopg wants `%s`."""
     return sql.replace("?", "%s")
 
 
-def notify_payload(saved):
+def notify_payload(saved: Sequence[Saved]) -> str:
     """The NOTIFY payload of a transaction's saves: [[slug, version], ...], or `*` when too long."""
     payload = json.dumps([[s.slug, s.version] for s in saved], separators=(",", ":"), allow_nan=False)
     return payload if len(payload) <= MAX_PAYLOAD else EVERYTHING
+
+
+# A batch's steps inside the transaction, other than the saves' (the beats').
+Apply = Callable[[Any, Sequence[Item]], list[Outcome]]
 
 
 class PostgresStore(PageStore):
@@ -84,7 +90,7 @@ class PostgresStore(PageStore):
     Row locks keep concurrent saves of one page in order: the upsert of a
     page waits for the transaction holding its row, then adds one to what
     that one wrote, so no version is lost or given twice. The save steps
-    check a base version inside the write itself (store.PageStore._apply).
+    check a base version inside the write itself (base.PageStore._apply).
     """
 
     Error = psycopg.Error
@@ -116,8 +122,9 @@ class PostgresStore(PageStore):
 
     generation = 0  # no file to be replaced: the watcher's "new file" check never fires
 
-    def __init__(self, url, busy_timeout_ms=10_000, writer=None, idempotency_ttl_s=86_400,
-                 max_pages=None, max_bytes=None, pool_size=10, pool_timeout_ms=2_000):
+    def __init__(self, url: str, busy_timeout_ms: int = 10_000, writer: writers.WriterFactory | None = None,
+                 idempotency_ttl_s: float = 86_400, max_pages: int | None = None, max_bytes: int | None = None,
+                 pool_size: int = 10, pool_timeout_ms: int = 2_000) -> None:
         self.url = url
         self.name = describe(url)
         self._max_pages, self._max_bytes = max_pages, max_bytes
@@ -126,7 +133,7 @@ class PostgresStore(PageStore):
         self._pool_size, self._pool_timeout = pool_size, pool_timeout_ms / 1000
         self._writer_class = writer
         self._writer = None
-        self._pool = None
+        self._pool: ConnectionPool | None = None
         self._pool_lock = threading.Lock()
         self._checking = False  # a sweep of the pool's idle connections is under way
         self.epoch = None
@@ -134,11 +141,11 @@ class PostgresStore(PageStore):
             self.epoch = self._open_check()
         except Unavailable:
             # Unreachable now: gunicorn's master saw it usable, so serve 503 until it is back.
-            if os.environ.get(MASTER_CHECKED) != "1":
+            if not master_checked():
                 raise
         after_fork_in_child(self)
 
-    def _open_check(self):
+    def _open_check(self) -> str:
         """Refuse a database this code cannot use; return its epoch."""
         try:
             with psycopg.connect(self.url, autocommit=True, connect_timeout=max(1, int(self._pool_timeout))) as conn:
@@ -149,15 +156,18 @@ class PostgresStore(PageStore):
                     raise SchemaOutOfDate(
                         f"database {self.name} is at schema version {found}, this code needs "
                         f"{migrate.LATEST}: run `python migrate.py` (with the same CHANGEFEED_DATABASE_URL)")
-                return conn.execute(self.EPOCH).fetchone()[0]
+                row = conn.execute(self.EPOCH).fetchone()
+                assert row is not None, "the epoch table holds one row"
+                epoch: str = row[0]
+                return epoch
         except psycopg.OperationalError as exc:
             raise Unavailable(f"cannot reach {self.name}: {_one_line(exc)}") from None
 
-    def _forget_parent(self):
+    def _forget_parent(self) -> None:
         """In a forked child: the parent's pool and its connections are not ours to use or close."""
         self._pool, self._writer, self._presence_writer, self._pool_lock = None, None, None, threading.Lock()
 
-    def _connections(self):
+    def _connections(self) -> ConnectionPool:
         """This process's pool, opened on first use (after fork, after gevent patched)."""
         pool = self._pool
         if pool is None:
@@ -171,15 +181,16 @@ class PostgresStore(PageStore):
                 pool = self._pool
         return pool
 
-    def _lost(self):
+    def _lost(self) -> None:
         """A pooled connection failed: have the pool test its idle ones now, not one failed request each."""
-        if self._checking or self._pool is None:
+        pool = self._pool
+        if self._checking or pool is None:
             return
         self._checking = True
 
-        def sweep():
+        def sweep() -> None:
             try:
-                self._pool.check()
+                pool.check()
             except Exception:  # noqa: BLE001 - a sweep is a courtesy; the pool discards bad ones anyway
                 pass
             finally:
@@ -187,42 +198,43 @@ class PostgresStore(PageStore):
 
         threading.Thread(target=sweep, name="changefeed-pool-check", daemon=True).start()
 
-    def check_file(self):
-        """There is no file to lose: whether the database answers is ping()'s to say."""
+    def problem(self) -> str | None:
+        """There is no file to lose: whether the database answers is ping()'s to say (contract.Store)."""
         return None
 
-    def close(self):
+    def close(self) -> None:
+        """Close this process's pool (tests; a server's process simply ends)."""
         if self._pool is not None:
             self._pool.close()
             self._pool = None
 
-    def _fatal(self, conn, exc):
+    def _fatal(self, conn: Any, exc: Exception) -> bool:
         """Whether an error lost the transaction (or the connection), not just one save's savepoint."""
         return (isinstance(exc, (psycopg.OperationalError, errors.LockNotAvailable))
                 or conn.info.transaction_status not in _ALIVE)
 
-    def _reason(self, exc):
+    def _reason(self, exc: Exception) -> str:
         return f"the database refused it ({_one_line(exc)})"
 
     # -- saves ---------------------------------------------------------------------------------
 
-    def _choose_writer(self):
+    def _choose_writer(self) -> writers.Writer:
 
         # psycopg waits cooperatively: the commit runs in a greenlet, not a native thread.
         self._writer = (self._writer_class or writers.for_this_process(native_thread=False))(self.save_batch)
         return self._writer
 
-    def presence_batch(self, items, deadline):
+    def presence_batch(self, items: Sequence[Item], deadline: float) -> list[Outcome]:
         """Apply heartbeats [presence.Beat, Sweep] in one transaction with one NOTIFY (presence channel)."""
         return self.save_batch(items, deadline, self._apply_beats)
 
-    def _presence_changed(self, conn, slugs):
+    def _presence_changed(self, conn: Any, slugs: list[str]) -> None:
         if slugs:
             payload = json.dumps(slugs, separators=(",", ":"), allow_nan=False)
             conn.execute("SELECT pg_notify(%s, %s)",
                          (PRESENCE_CHANNEL, payload if len(payload) <= MAX_PAYLOAD else EVERYTHING))
 
-    def save_batch(self, items, deadline, apply=None):
+    def save_batch(self, items: Sequence[Item], deadline: float, apply: Apply | None = None) -> list[Outcome]:
         """Apply saves [SaveRequest] in one transaction with one NOTIFY, before `deadline`.
 
         Returns each item's outcome (a Saved, or the exception saying what
@@ -242,7 +254,8 @@ class PostgresStore(PageStore):
         finally:
             pool.putconn(conn)  # the pool closes a broken connection, and rolls back an open transaction
 
-    def _transaction(self, conn, items, deadline, apply=None):
+    def _transaction(self, conn: psycopg.Connection[Any], items: Sequence[Item], deadline: float,
+                     apply: Apply | None = None) -> list[Outcome]:
         remaining_ms = max(1, int((deadline - time.monotonic()) * 1000))
         try:
             conn.execute("BEGIN")
@@ -276,7 +289,7 @@ class PostgresStore(PageStore):
         except psycopg.Error as exc:
             if isinstance(exc, psycopg.OperationalError) or conn.closed:
                 self._lost()  # the connection went while COMMIT was on its way: it may have landed
-                failed = OutcomeUnknown(f"the connection to {self.name} was lost during the commit "
+                failed: Exception = OutcomeUnknown(f"the connection to {self.name} was lost during the commit "
                                         f"({_one_line(exc)})")
             else:  # the server refused the commit: it rolled back
                 failed = NotStored(f"{self.name} refused the commit ({_one_line(exc)})")
@@ -285,7 +298,7 @@ class PostgresStore(PageStore):
 
     # -- reads ---------------------------------------------------------------------------------
 
-    def changes(self, slug, since, epoch=None):
+    def changes(self, slug: str, since: int, epoch: str | None = None) -> Change:
         """Return the page's state for a client at version `since` of database `epoch` (one statement).
 
         A pooled connection that turns out dead (the server restarted) is
@@ -296,7 +309,7 @@ class PostgresStore(PageStore):
         self.epoch = row[0]
         return change_from_row(row)
 
-    def _read(self, sql, params):
+    def _read(self, sql: str, params: Any) -> list[Any]:
         """Run one read; return its rows, or raise Unavailable. Tried twice: a pooled connection may be dead."""
         for attempt in (1, 2):
             try:
@@ -308,18 +321,21 @@ class PostgresStore(PageStore):
                 self._lost()
                 if attempt == 2 or not isinstance(exc, psycopg.OperationalError):
                     raise Unavailable(f"{self.name} failed: {_one_line(exc)}") from None
+        raise AssertionError("unreachable: the second attempt returns or raises")
 
-    def ping(self):
+    def ping(self) -> None:
         """Read from the database once; raise Unavailable when it cannot be read."""
         try:
             with self._connections().connection() as conn:
-                self.epoch = conn.execute(self.EPOCH).fetchone()[0]
+                row = conn.execute(self.EPOCH).fetchone()
+                assert row is not None, "the epoch table holds one row"
+                self.epoch = row[0]
         except (psycopg.Error, PoolTimeout) as exc:
             self._lost()
             raise Unavailable(f"{self.name}: {_one_line(exc)}") from None
 
 
-def _roll_back(conn):
+def _roll_back(conn: psycopg.Connection[Any]) -> None:
     if not conn.closed and conn.info.transaction_status in _ALIVE:
         try:
             conn.execute("ROLLBACK")
@@ -327,6 +343,6 @@ def _roll_back(conn):
             pass  # the pool discards the connection when it comes back broken
 
 
-def _one_line(exc):
+def _one_line(exc: BaseException) -> str:
     """An exception's message on one line (libpq's span several)."""
     return " ".join(str(exc).split()) or type(exc).__name__

@@ -18,8 +18,13 @@ old one start over instead of waiting for versions that went backwards.
 import argparse
 import sqlite3
 import sys
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # psycopg itself is imported only to reach PostgreSQL: `migrate.py` on SQLite never loads it
+    import psycopg
 
 from changefeed.core.settings import from_environ
 
@@ -189,9 +194,10 @@ POSTGRES_PRESENCE_CHANNEL = "changefeed_presence"  # what presence changes NOTIF
 MIGRATE_LOCK = 0x63686e66  # pg_advisory_lock key: "chnf"
 
 
-def schema_version(conn):
+def schema_version(conn: sqlite3.Connection) -> int:
     """Return the schema version recorded in the database (0 when new)."""
-    return conn.execute("PRAGMA user_version").fetchone()[0]
+    version: int = conn.execute("PRAGMA user_version").fetchone()[0]
+    return version
 
 
 class CannotMigrate(RuntimeError):
@@ -202,12 +208,13 @@ class SchemaTooNew(CannotMigrate):
     """The database was made by a newer changefeed than this one."""
 
 
-def too_new_message(path, found):
+def too_new_message(path: str, found: int) -> str:
+    """What to say of a database newer than this code."""
     return (f"database {path} is at schema version {found}, newer than this code ({LATEST}): "
             "run the changefeed release that created it (or a later one); nothing was changed")
 
 
-def migrate(path):
+def migrate(path: str) -> int:
     """Bring the database at `path` to the latest schema; return the version it was at."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(path, isolation_level=None)
@@ -233,7 +240,7 @@ def migrate(path):
         conn.close()
 
 
-def describe(url):
+def describe(url: str) -> str:
     """Name a PostgreSQL database for messages and logs, without its password."""
     from psycopg.conninfo import conninfo_to_dict
 
@@ -247,31 +254,38 @@ def describe(url):
     return f"postgresql://{user}{host}:{port}/{info.get('dbname', '')}"
 
 
-def postgres_schema_version(conn):
+def postgres_schema_version(conn: "psycopg.Connection[Any]") -> int:
     """Return the schema version recorded in a PostgreSQL database (0 when new)."""
-    (table,) = conn.execute("SELECT to_regclass('schema_version')").fetchone()
+    (table,) = _one(conn.execute("SELECT to_regclass('schema_version')").fetchone())
     if table is None:
         return 0
-    row = conn.execute("SELECT max(version) FROM schema_version").fetchone()
-    return row[0] or 0
+    (version,) = _one(conn.execute("SELECT max(version) FROM schema_version").fetchone())
+    return int(version or 0)
+
+
+def _one(row: Sequence[Any] | None) -> Sequence[Any]:
+    """The row of a statement that always returns one (an aggregate, RETURNING of a one-row table)."""
+    assert row is not None, "the statement returns exactly one row"
+    return row
 
 
 @contextmanager
-def _postgres(url):
+def _postgres(url: str) -> Iterator["psycopg.Connection[Any]"]:
+    """A connection for one migration step, imported here only: see TYPE_CHECKING above."""
     import psycopg
 
     with psycopg.connect(url, autocommit=True, connect_timeout=10, application_name="changefeed-migrate") as conn:
         yield conn
 
 
-def migrate_postgres(url):
+def migrate_postgres(url: str) -> int:
     """Bring the PostgreSQL database at `url` to the latest schema; return the version it was at.
 
     Each step and the record of its version commit together (PostgreSQL's
     DDL is transactional), so a failed step leaves the database as it was.
     """
     with _postgres(url) as conn:
-        (encoding,) = conn.execute("SHOW server_encoding").fetchone()
+        (encoding,) = _one(conn.execute("SHOW server_encoding").fetchone())
         if encoding != "UTF8":
             raise CannotMigrate(f"database {describe(url)} has encoding {encoding}: changefeed needs UTF8 "
                                "(CREATE DATABASE ... ENCODING 'UTF8' TEMPLATE template0); nothing was changed")
@@ -291,17 +305,17 @@ def migrate_postgres(url):
         return found
 
 
-def new_epoch_postgres(url):
+def new_epoch_postgres(url: str) -> str:
     """Give the PostgreSQL database a new epoch, and wake every host's listener to re-read its pages."""
     with _postgres(url) as conn, conn.transaction():
-        (value,) = conn.execute(
+        (value,) = _one(conn.execute(
             "UPDATE epoch SET value = substr(md5(random()::text || clock_timestamp()::text), 1, 16)"
-            " RETURNING value").fetchone()
+            " RETURNING value").fetchone())
         conn.execute("SELECT pg_notify(%s, '*')", (POSTGRES_CHANNEL,))
-        return value
+        return str(value)
 
 
-def import_sqlite(path, url):
+def import_sqlite(path: str, url: str) -> int:
     """Copy every page of the SQLite database at `path` into the empty PostgreSQL one at `url`; return how many.
 
     Versions, times and the epoch come along, so a client that knew a page
@@ -324,14 +338,14 @@ def import_sqlite(path, url):
             with conn.cursor() as cursor:
                 cursor.executemany("INSERT INTO page_versions (slug, html, data, version, updated_at, deleted)"
                                    " VALUES (%s, %s, %s, %s, %s, %s)", pages)
-            (count,) = conn.execute("SELECT count(*) FROM page_versions").fetchone()
+            (count,) = _one(conn.execute("SELECT count(*) FROM page_versions").fetchone())
             conn.execute("SELECT pg_notify(%s, '*')", (POSTGRES_CHANNEL,))
-        return count
+        return int(count)
     finally:
         source.close()
 
 
-def new_epoch(path):
+def new_epoch(path: str) -> str:
     """Give the database at `path` a new epoch; return it."""
     conn = sqlite3.connect(path, isolation_level=None)
     try:
@@ -339,12 +353,13 @@ def new_epoch(path):
         conn.execute("UPDATE epoch SET value = lower(hex(randomblob(8)))")
         (value,) = conn.execute("SELECT value FROM epoch").fetchone()
         conn.execute("COMMIT")
-        return value
+        return str(value)
     finally:
         conn.close()
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python migrate.py [--new-epoch] [--import-sqlite PATH] [--check]`; return the exit status."""
     parser = argparse.ArgumentParser(description="Create or upgrade the changefeed database (CHANGEFEED_DB).")
     parser.add_argument("--new-epoch", action="store_true",
                         help="after migrating, give the database a new epoch (run this after restoring a backup)")
@@ -391,7 +406,7 @@ def main(argv=None):
     return 0
 
 
-def check(url, path):
+def check(url: str, path: str) -> int:
     """Say whether the service can start on this database (gunicorn's master asks, before forking)."""
     try:
         if url:
@@ -401,11 +416,11 @@ def check(url, path):
             if not Path(path).exists():
                 found = 0
             else:
-                conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+                lite = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
                 try:
-                    found = schema_version(conn)
+                    found = schema_version(lite)
                 finally:
-                    conn.close()
+                    lite.close()
     except Exception as exc:  # noqa: BLE001 - unreachable or unreadable: one line saying what
         print(f"error: cannot read {path}: {exc}".rstrip(), file=sys.stderr)
         return 1

@@ -16,7 +16,9 @@ when its commit had already begun.
 """
 
 import time
+from collections.abc import Callable, Sequence
 from functools import partial
+from typing import Any, Protocol
 
 from changefeed.core.outcomes import Busy, OutcomeUnknown
 from changefeed.ops import metrics
@@ -25,14 +27,27 @@ from changefeed.ops import metrics
 # much past its deadline for it before answering that the outcome is unknown.
 COMMIT_GRACE_S = 2.0
 
+# A store's batch: apply these items in one transaction before the deadline, and
+# return each one's outcome (a result, or the exception saying what became of it).
+SaveBatch = Callable[[Sequence[Any], float], Sequence[Any]]
+
+
+class Writer(Protocol):
+    """How one save reaches its store's batch: it returns the save's outcome, or raises it."""
+
+    def save(self, item: Any, deadline: float) -> Any: ...
+
+
+WriterFactory = Callable[[SaveBatch], Writer]
+
 
 class DirectWriter:
     """Each save is its own transaction, in the caller's thread (flask run, tests)."""
 
-    def __init__(self, save_batch):
+    def __init__(self, save_batch: SaveBatch) -> None:
         self._save_batch = save_batch
 
-    def save(self, item, deadline):
+    def save(self, item: Any, deadline: float) -> Any:
         metrics.COMMIT_BATCH.observe(1)
         return _outcome(self._save_batch([item], deadline)[0])
 
@@ -42,7 +57,7 @@ class _Waiting:
 
     __slots__ = ("item", "deadline", "result", "taken")
 
-    def __init__(self, item, deadline, result):
+    def __init__(self, item: Any, deadline: float, result: Any) -> None:
         self.item, self.deadline, self.result, self.taken = item, deadline, result, False
 
 
@@ -52,7 +67,7 @@ class GroupCommit:
     MAX_BATCH = 200      # bounds one transaction's size and the wait of the saves in it
     MAX_WAITING = 2_000  # past this many waiting saves, a new one is refused at once (503 busy)
 
-    def __init__(self, save_batch, native_thread=True):
+    def __init__(self, save_batch: SaveBatch, native_thread: bool = True) -> None:
         import gevent
         from gevent.event import AsyncResult
         from gevent.threadpool import ThreadPool
@@ -64,10 +79,10 @@ class GroupCommit:
         # SQLite blocks the thread that commits: a native one, so greenlets go on. A
         # driver that waits cooperatively (psycopg under gevent) commits in a greenlet.
         self._run = ThreadPool(1).spawn if native_thread else gevent.spawn
-        self._waiting = []  # [_Waiting] not yet taken by a commit
-        self._committer = None  # the greenlet feeding the commit thread, while there is work
+        self._waiting: list[_Waiting] = []  # [_Waiting] not yet taken by a commit
+        self._committer: Any = None  # the greenlet feeding the commit thread, while there is work
 
-    def save(self, item, deadline):
+    def save(self, item: Any, deadline: float) -> Any:
         if len(self._waiting) >= self.MAX_WAITING:
             raise Busy(f"{len(self._waiting)} saves are already waiting in this process")
         waiting = _Waiting(item, deadline, self._result())
@@ -87,18 +102,18 @@ class GroupCommit:
             raise Busy("it waited its whole busy timeout for its turn")
         raise OutcomeUnknown("its commit did not end within the busy timeout")
 
-    def _withdraw(self, waiting):
+    def _withdraw(self, waiting: _Waiting) -> bool:
         """Take a save out of the queue if no commit has taken it yet; say whether it was."""
         if waiting.taken:
             return False
         self._waiting.remove(waiting)
         return True
 
-    def _take_batch(self):
+    def _take_batch(self) -> list[_Waiting]:
         """Take up to MAX_BATCH waiting saves; those past their deadline are refused, not written."""
         batch = self._waiting[:self.MAX_BATCH]
         del self._waiting[:self.MAX_BATCH]
-        now, live = time.monotonic(), []
+        now, live = time.monotonic(), list[_Waiting]()
         for waiting in batch:
             waiting.taken = True
             if waiting.deadline <= now:
@@ -107,7 +122,7 @@ class GroupCommit:
                 live.append(waiting)
         return live
 
-    def _commit_while_waiting(self):
+    def _commit_while_waiting(self) -> None:
         """Commit what is waiting, then what came meanwhile, until nothing waits.
 
         Outcomes are handed out by a callback of the commit itself, not by
@@ -128,7 +143,7 @@ class GroupCommit:
             self._committer = None
 
 
-def _hand_out(batch, commit):
+def _hand_out(batch: list[_Waiting], commit: Any) -> None:
     """Give each caller of a finished commit its own outcome (its own exception object, too)."""
     if commit.successful():
         outcomes = commit.value
@@ -142,7 +157,7 @@ def _hand_out(batch, commit):
             waiting.result.set(outcome)
 
 
-def for_this_process(native_thread=True):
+def for_this_process(native_thread: bool = True) -> WriterFactory:
     """GroupCommit when gevent runs this process (gunicorn), else DirectWriter.
 
     `native_thread`: whether commits block their thread (SQLite) and so need one of their own.
@@ -156,7 +171,7 @@ def for_this_process(native_thread=True):
     return partial(GroupCommit, native_thread=native_thread)
 
 
-def _outcome(outcome):
+def _outcome(outcome: Any) -> Any:
     if isinstance(outcome, BaseException):
         raise outcome
     return outcome

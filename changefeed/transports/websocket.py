@@ -67,7 +67,7 @@ from changefeed.ops import metrics
 from changefeed.security.limits import TooManyWaits
 from changefeed.security.origins import parse_origins
 from changefeed.security.tokens import AuthError, read_token
-from changefeed.transports.notify import Subscription
+from changefeed.stores.notify import Subscription
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,9 @@
-"""Wake-ups across hosts: each server process LISTENs to the saves of every host.
+"""Wake-ups across hosts: each server process LISTENs to the saves of every host (PostgreSQL only).
+
+It lives beside the PostgreSQL engine, not in the transports: it opens a
+psycopg connection of its own to the store's URL, which nothing above the
+stores may know. The transports see only the contract.Notifier it
+satisfies; the fan-out it inherits from stores/notify.py (Fanout).
 
 A save's transaction sends one NOTIFY with the slugs and versions it wrote
 (stores/postgres.py); PostgreSQL delivers it, once committed, to every connection
@@ -20,13 +25,14 @@ import logging
 import random
 import threading
 import time
+from typing import Any
 
 import psycopg
 
 from changefeed.core.outcomes import Unavailable
-from changefeed.stores.postgres import CHANNEL, EVERYTHING, KEEPALIVES, PRESENCE_CHANNEL, _one_line
-from changefeed.stores.sqlite import after_fork_in_child
-from changefeed.transports.notify import Notifier
+from changefeed.stores.forking import after_fork_in_child
+from changefeed.stores.notify import Fanout
+from changefeed.stores.postgres import CHANNEL, EVERYTHING, KEEPALIVES, PRESENCE_CHANNEL, PostgresStore, _one_line
 
 log = logging.getLogger(__name__)
 
@@ -35,24 +41,24 @@ LOOK_S = 1.0  # the longest the listener waits for a notification before it look
 BACKOFF_BASE_S, BACKOFF_CAP_S = 0.1, 5.0
 
 
-class PostgresNotifier(Notifier):
+class PostgresNotifier(Fanout):
     """Learns of saves made on any host from PostgreSQL's NOTIFY."""
 
-    def __init__(self, store, heartbeat_s=15.0):
+    def __init__(self, store: PostgresStore, heartbeat_s: float = 15.0) -> None:
         super().__init__(heartbeat_s)
         self._store = store
         self._lock = threading.Lock()
         self._running = False
-        self._conn = None  # handed from start() to the listener
+        self._conn: psycopg.Connection[Any] | None = None  # handed from start() to the listener
         self.last_look = None  # monotonic time the listener last heard from its connection
         self.problem = None  # what the listener last failed on, while it fails
         self.reconnects = 0
         after_fork_in_child(self)
 
-    def _forget_parent(self):
+    def _forget_parent(self) -> None:
         self._running, self._conn, self.last_look = False, None, None
 
-    def _connect(self):
+    def _connect(self) -> psycopg.Connection[Any]:
         """Open the listening connection and LISTEN: from then on no notification is lost."""
         conn = psycopg.connect(self._store.url, autocommit=True, application_name=APPLICATION_NAME,
                                connect_timeout=5, **KEEPALIVES)
@@ -64,7 +70,7 @@ class PostgresNotifier(Notifier):
             raise
         return conn
 
-    def start(self):
+    def start(self) -> None:
         """LISTEN now, in the caller, before it reads the store; then listen in the background.
 
         A save committed after the caller's read is then notified to us; one
@@ -83,11 +89,11 @@ class PostgresNotifier(Notifier):
             self._running, self.problem, self.last_look = True, None, time.monotonic()
             threading.Thread(target=self._listen, name="changefeed-listener", daemon=True).start()
 
-    def health(self):
+    def health(self) -> str | None:
         """Say what is wrong with this process's listener, or None when it heard from its connection lately."""
         return self._health("listener", 5 * LOOK_S)
 
-    def _listen(self):
+    def _listen(self) -> None:
         conn, self._conn = self._conn, None
         next_beat = time.monotonic() + self.heartbeat_s
         failures = 0
@@ -111,7 +117,8 @@ class PostgresNotifier(Notifier):
                                     self._store.name, _one_line(exc))
                     failures += 1
                     self.problem = f"the listener failed {failures} time(s) in a row: {_one_line(exc)}"
-                    conn = _close(conn)
+                    _close(conn)
+                    conn = None
                     # Full jitter: hosts that lost the server together do not return together.
                     time.sleep(random.uniform(0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** failures)))
                 else:
@@ -120,7 +127,7 @@ class PostgresNotifier(Notifier):
             _close(conn)
             self._running = False
 
-    def _hear(self, conn, timeout):
+    def _hear(self, conn: psycopg.Connection[Any], timeout: float) -> None:
         """Deliver what is notified within `timeout`: each watched page read once per notification."""
         for notify in conn.notifies(timeout=timeout):
             if notify.payload == EVERYTHING:
@@ -134,17 +141,16 @@ class PostgresNotifier(Notifier):
                     if self.watched(slug):
                         self.refresh(self._store, slug)
 
-    def refresh_all(self):
+    def refresh_all(self) -> None:
         """Re-read every page (and who is on it) someone here waits on: after a gap in listening, or a new epoch."""
         for slug in self.watched_slugs():
             self.refresh(self._store, slug)
             self.refresh_presence(self._store, slug)
 
 
-def _close(conn):
+def _close(conn: psycopg.Connection[Any] | None) -> None:
     if conn is not None:
         try:
             conn.close()
         except Exception:  # noqa: BLE001
             pass
-    return None
