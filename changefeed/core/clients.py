@@ -7,13 +7,17 @@ the client. The limits count by it, and the access log names it.
 """
 
 import ipaddress
+from collections.abc import Sequence
+from wsgiref.types import WSGIEnvironment
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 CLIENT = "changefeed.client"  # where the resolved address is kept in the WSGI environ
 
 
-def parse_networks(text):
+def parse_networks(text: str) -> list[Network]:
     """Parse "127.0.0.1, 10.0.0.0/8, ::1" into networks; raise SystemExit naming a bad entry."""
-    networks = []
+    networks: list[Network] = []
     if text.strip().lower() == "none":
         return networks
     for entry in (part.strip() for part in text.split(",")):
@@ -25,7 +29,7 @@ def parse_networks(text):
     return networks
 
 
-def _trusted(address, networks):
+def _trusted(address: str, networks: Sequence[Network]) -> bool:
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:
@@ -33,7 +37,7 @@ def _trusted(address, networks):
     return any(ip in network for network in networks)
 
 
-def client_address(environ, proxies):
+def client_address(environ: WSGIEnvironment, proxies: Sequence[Network]) -> str:
     """The client's address: the last hop of X-Forwarded-For that is not a trusted proxy.
 
     Walk from the peer back through X-Forwarded-For for as long as each hop
@@ -56,7 +60,7 @@ def client_address(environ, proxies):
     return address
 
 
-def is_https(environ, proxies):
+def is_https(environ: WSGIEnvironment, proxies: Sequence[Network]) -> bool:
     """Whether the client reached us over HTTPS: directly, or as a trusted proxy (TLS ended there) says.
 
     The read cookie is marked Secure by this: behind nginx the service

@@ -14,6 +14,6 @@ class ShuttingDown(Exception):
 class ApiError(Exception):
     """An error a view raises to answer with the envelope."""
 
-    def __init__(self, status, error, message, **details):
+    def __init__(self, status: int, error: str, message: str, **details: object) -> None:
         super().__init__(message)
         self.status, self.error, self.message, self.details = status, error, message, details

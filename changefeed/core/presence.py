@@ -20,10 +20,11 @@ import json
 import math
 from dataclasses import dataclass
 from functools import cached_property
-from typing import NamedTuple
+from typing import NamedTuple, Protocol, TypedDict
 
 from changefeed.core.errors import ApiError
 from changefeed.core.outcomes import NotStored, OutcomeUnknown
+from changefeed.core.settings import Config
 
 STATES = ("viewing", "editing")
 GONE = "gone"  # a beat that says the tab closed: its entry goes at once
@@ -55,7 +56,7 @@ class Beaten:
 class TooSoon(Exception):
     """A client beat again before the minimum interval; `retry_after_s` says when it may."""
 
-    def __init__(self, retry_after_s):
+    def __init__(self, retry_after_s: float) -> None:
         super().__init__(f"beat again in {retry_after_s:.1f} s")
         self.retry_after_s = retry_after_s
 
@@ -63,12 +64,12 @@ class TooSoon(Exception):
 class PresenceFull(Exception):
     """The page lists its most entries; a new tab is not added until some leave."""
 
-    def __init__(self, limit):
+    def __init__(self, limit: int) -> None:
         super().__init__(f"the page already lists {limit} present tabs")
         self.limit = limit
 
 
-def user_id(user):
+def user_id(user: str) -> str:
     """The public id of a user in presence lists: stable, short, and not the client_id."""
     return hashlib.sha256(user.encode("utf-8", "surrogatepass")).hexdigest()[:12]
 
@@ -84,37 +85,76 @@ class Presence:
     version: int
     count: int = 0  # users present
     editing: int = 0  # of them, users editing
-    editors: tuple = ()  # ((id, name, state), ...)
+    editors: tuple[tuple[str, str, str], ...] = ()  # ((id, name, state), ...)
 
     @cached_property
-    def body(self):
+    def body(self) -> str:
         """The JSON text of this presence, built once for every client it goes to."""
         return json.dumps({"version": self.version, "count": self.count, "editing": self.editing,
                            "editors": [{"id": i, "name": n, "state": s} for i, n, s in self.editors]},
                           separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
     @cached_property
-    def count_body(self):
+    def count_body(self) -> str:
         """The count-only form, for pages with many readers: no names."""
         return f'{{"version":{self.version},"count":{self.count},"editing":{self.editing}}}'
 
-    def text(self, count_only=False):
+    def text(self, count_only: bool = False) -> str:
         return self.count_body if count_only else self.body
 
     @cached_property
-    def event(self):
+    def event(self) -> bytes:
         """This presence as one Server-Sent Event (no id: the stream resumes by version, not by presence)."""
         return f"event: presence\ndata: {self.body}\n\n".encode()
 
     @cached_property
-    def count_event(self):
+    def count_event(self) -> bytes:
         return f"event: presence\ndata: {self.count_body}\n\n".encode()
 
 
 NOBODY = Presence(0)
 
 
-def beat_of(item, rights, max_name):
+class PresenceItem(TypedDict):
+    """A heartbeat as schemas.PresenceSchema loads it."""
+
+    slug: str
+    client_id: str
+    name: str | None
+    state: str
+
+
+class Reader(Protocol):
+    """What presence needs of a verified token (security/tokens.py's Rights, a layer above): who, and may they read."""
+
+    @property
+    def sub(self) -> str | None: ...
+
+    def require(self, right: str, slug: str) -> object: ...
+
+
+class PresenceStore(Protocol):
+    """The part of the store presence uses (the stores' Store has it): record a beat, read the list."""
+
+    def beat(self, beat: Beat) -> Beaten: ...
+
+    def presence_version(self, slug: str) -> int: ...
+
+    def presence(self, slug: str) -> Presence: ...
+
+
+class BeatAnswer(TypedDict):
+    """The JSON answer to a heartbeat: the presence version after it, `you`, and the beat timings to keep."""
+
+    slug: str
+    version: int
+    you: str
+    beat_ms: int
+    ttl_ms: int
+    min_interval_ms: int
+
+
+def beat_of(item: PresenceItem, rights: Reader | None, max_name: int) -> Beat:
     """The Beat of a validated heartbeat (schemas.PresenceSchema); raise 403 when the token may not read the page.
 
     With access control on, who beats is the token's `sub`, whatever name
@@ -128,7 +168,7 @@ def beat_of(item, rights, max_name):
                 item["state"])
 
 
-def record(store, beat, config):
+def record(store: PresenceStore, beat: Beat, config: Config) -> BeatAnswer:
     """Record a heartbeat and return the answer to it; raise an ApiError (429, 503) saying what to do instead."""
     min_interval_ms = config["CHANGEFEED_PRESENCE_MIN_INTERVAL_MS"]
     try:
@@ -155,7 +195,7 @@ def record(store, beat, config):
             "min_interval_ms": min_interval_ms}
 
 
-def now_for(store, slug, held):
+def now_for(store: PresenceStore, slug: str, held: int) -> Presence:
     """The page's presence for a client holding version `held`: the whole list only when it is another version.
 
     An unchanged poll costs one indexed read; only a change reads the list.

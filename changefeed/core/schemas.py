@@ -7,8 +7,10 @@ schema with a message naming the field, before any view or store sees it.
 import json
 import math
 import re
+from collections.abc import Mapping, Sequence
+from typing import NoReturn, TypedDict
 
-from marshmallow import EXCLUDE, Schema, ValidationError, fields, post_load, pre_load, validate
+from marshmallow import EXCLUDE, Schema, ValidationError, fields, missing, post_load, pre_load, validate
 
 MAX_INTEGER = 2**63 - 1  # SQLite's and PostgreSQL's largest INTEGER/BIGINT
 MAX_WAIT_S = 60
@@ -27,12 +29,12 @@ SURROGATE = re.compile("[\ud800-\udfff]")
 SURROGATE_MESSAGE = "Contains an unpaired surrogate (U+D800 to U+DFFF); send valid Unicode text."
 
 
-def has_surrogate(text):
+def has_surrogate(text: str) -> bool:
     """Whether `text` holds a lone surrogate; ASCII text (most of it) is answered without a scan."""
     return not text.isascii() and SURROGATE.search(text) is not None
 
 
-def validate_slug(value):
+def validate_slug(value: str) -> None:
     """Refuse anything but 1 to 120 ASCII letters, digits and hyphens."""
     if len(value) > 120:
         raise ValidationError(f"Must be at most 120 characters long (got {len(value)}).")
@@ -47,11 +49,12 @@ class Text(fields.String):
 
     default_error_messages = {"surrogate": SURROGATE_MESSAGE}
 
-    def _deserialize(self, value, attr, data, **kwargs):
-        value = super()._deserialize(value, attr, data, **kwargs)
-        if has_surrogate(value):
+    def _deserialize(self, value: object, attr: str | None, data: Mapping[str, object] | None,
+                     **kwargs: object) -> str:
+        text = super()._deserialize(value, attr, data, **kwargs)
+        if has_surrogate(text):
             raise self.make_error("surrogate")
-        return value
+        return text
 
 
 class Slug(Text):
@@ -61,29 +64,49 @@ class Slug(Text):
     ones (U+212A KELVIN SIGN to k), which the rule must not let through.
     """
 
-    def __init__(self, **kwargs):
-        super().__init__(metadata={"pattern": f"^{SLUG.pattern}$"}, **kwargs)
+    def __init__(self, *, required: bool = False, load_default: object = missing) -> None:
+        super().__init__(metadata={"pattern": f"^{SLUG.pattern}$"}, required=required, load_default=load_default)
 
-    def _deserialize(self, value, attr, data, **kwargs):
-        value = super()._deserialize(value, attr, data, **kwargs)
-        validate_slug(value)
-        return value.lower()
+    def _deserialize(self, value: object, attr: str | None, data: Mapping[str, object] | None,
+                     **kwargs: object) -> str:
+        text = super()._deserialize(value, attr, data, **kwargs)
+        validate_slug(text)
+        return text.lower()
 
 
-class Count(fields.Field):
+class Count(fields.Field[int]):
     """A non-negative whole number: a JSON integer, or decimal digits in a form or query."""
 
     default_error_messages = {
         "invalid": f"Must be a whole number from 0 to {MAX_INTEGER}.",
     }
 
-    def _deserialize(self, value, attr, data, **kwargs):
+    def _deserialize(self, value: object, attr: str | None, data: Mapping[str, object] | None,
+                     **kwargs: object) -> int:
         # Length first: int() of thousands of digits is refused by Python itself (a 500).
         if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 19:
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_INTEGER:
             raise self.make_error("invalid")
         return value
+
+
+class SaveItem(TypedDict):
+    """A save as SaveSchema loads it: `data` is compact JSON text by then, as it will be stored."""
+
+    slug: str
+    html: str
+    data: str
+    base_version: int | None
+
+
+class _SaveFields(TypedDict):
+    """A save as its fields load it, before check_sizes: `data` is still the parsed JSON value."""
+
+    slug: str
+    html: str
+    data: object
+    base_version: int | None
 
 
 class SaveSchema(Schema):
@@ -94,13 +117,13 @@ class SaveSchema(Schema):
     data = fields.Raw(load_default=None, allow_none=True)
     base_version = Count(load_default=None, allow_none=True)
 
-    def __init__(self, max_html_bytes, max_data_bytes, **kwargs):
-        super().__init__(**kwargs)
+    def __init__(self, max_html_bytes: int, max_data_bytes: int) -> None:
+        super().__init__()
         self.max_html_bytes = max_html_bytes
         self.max_data_bytes = max_data_bytes
 
     @post_load
-    def check_sizes(self, item, **kwargs):
+    def check_sizes(self, item: _SaveFields, **kwargs: object) -> SaveItem:
         """Enforce the size limits and serialize `data` once, as it will be stored."""
         size = len(item["html"].encode())  # Text refused lone surrogates
         if "\x00" in item["html"]:  # PostgreSQL's text cannot hold it; refused on SQLite too, so both agree
@@ -112,20 +135,20 @@ class SaveSchema(Schema):
         problem = data_problem(item["data"], MAX_DATA_DEPTH, self.max_data_bytes)
         if problem:
             raise ValidationError({"data": [problem]})
-        item["data"] = json.dumps(item["data"], ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-        size = len(item["data"].encode())  # data_problem refused lone surrogates
+        data = json.dumps(item["data"], ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+        size = len(data.encode())  # data_problem refused lone surrogates
         if size > self.max_data_bytes:
             raise ValidationError(
                 {"data": [f"Must be at most {self.max_data_bytes} bytes as compact JSON (got {size})."]}
             )
-        return item
+        return {"slug": item["slug"], "html": item["html"], "data": data, "base_version": item["base_version"]}
 
 
 class SaveFormSchema(SaveSchema):
     """POST /save sent as form fields (curl -d): `data`, when given, is JSON text."""
 
     @pre_load
-    def parse_data(self, form, **kwargs):
+    def parse_data(self, form: Mapping[str, str], **kwargs: object) -> Mapping[str, object]:
         text = form.get("data")
         if text is None:
             return form
@@ -140,7 +163,7 @@ class SaveFormSchema(SaveSchema):
 DEPTH_MESSAGE = f"Must be nested at most {MAX_DATA_DEPTH} levels deep (arrays and objects)."
 
 
-def data_problem(value, max_depth, max_values):
+def data_problem(value: object, max_depth: int, max_values: int) -> str | None:
     """What makes a parsed `data` value unfit to store and send back as JSON, or None.
 
     Refused: a number too large for a float (JSON's 1e400 parses as
@@ -150,7 +173,7 @@ def data_problem(value, max_depth, max_values):
     size limit anyway, and the walk stops early). One pass, without
     recursion: a deep value must not exhaust the stack that refuses it.
     """
-    pending = [((value,), 0)]  # (values, how many arrays and objects hold them)
+    pending: list[tuple[Sequence[object], int]] = [((value,), 0)]  # (values, how many arrays and objects hold them)
     seen = 0
     while pending:
         values, depth = pending.pop()
@@ -182,7 +205,7 @@ class DeleteSchema(Schema):
     base_version = Count(load_default=None, allow_none=True)
 
 
-def validate_name(value):
+def validate_name(value: str) -> None:
     """A display name: shown as text only, but still short and free of control characters."""
     if not value.strip():
         raise ValidationError("Must not be blank.")
@@ -229,8 +252,8 @@ class ChangesQuerySchema(Schema):
     presence = PresenceQuery.presence
     presence_form = PresenceQuery.presence_form
 
-    def __init__(self, max_wait_s=MAX_WAIT_S, **kwargs):
-        super().__init__(**kwargs)
+    def __init__(self, max_wait_s: int = MAX_WAIT_S) -> None:
+        super().__init__()
         self.max_wait_s = max_wait_s  # CHANGEFEED_MAX_WAIT_S
         self.fields["wait"].validators = [validate.Range(
             max=max_wait_s, error=f"Must be a whole number of seconds from 0 to {max_wait_s}.")]
@@ -250,14 +273,22 @@ class EventsQuerySchema(Schema):
     presence_form = PresenceQuery.presence_form
 
 
-class LastEventId(fields.Field):
+class LastEvent(TypedDict):
+    """A Last-Event-ID as LastEventId loads it: the epoch it names (None for a bare version), and the version."""
+
+    epoch: str | None
+    since: int
+
+
+class LastEventId(fields.Field[LastEvent]):
     """The id of the last event a reconnecting EventSource got: `<epoch>:<version>`, or a bare version."""
 
     default_error_messages = {
         "invalid": "Must be the id of an event of this stream: <epoch>:<version>, or a version alone.",
     }
 
-    def _deserialize(self, value, attr, data, **kwargs):
+    def _deserialize(self, value: object, attr: str | None, data: Mapping[str, object] | None,
+                     **kwargs: object) -> LastEvent:
         if isinstance(value, str) and has_surrogate(value):
             raise ValidationError(SURROGATE_MESSAGE)
         epoch, _, version = value.rpartition(":") if isinstance(value, str) else ("", "", value)
@@ -283,7 +314,7 @@ class IdempotencyKeySchema(Schema):
                                'unique per save, e.g. a UUID ("8e03978e-40d5-43e8-bc93-6894a57f9324").'))
 
     @pre_load
-    def unquote(self, headers, **kwargs):
+    def unquote(self, headers: Mapping[str, str | None], **kwargs: object) -> Mapping[str, str | None]:
         """Accept the draft's structured-field string ("...") as well as a bare token."""
         key = headers.get("Idempotency-Key")
         if key is not None and len(key) >= 2 and key[0] == key[-1] == '"':
@@ -302,6 +333,6 @@ class PageQuerySchema(Schema):
         TRANSPORTS, error=f"Must be one of {', '.join(TRANSPORTS)}."))
 
 
-def reject_constant(name):
+def reject_constant(name: str) -> NoReturn:
     """Refuse NaN and Infinity, which Python reads but JSON does not allow."""
     raise ValueError(f"{name} is not valid JSON")

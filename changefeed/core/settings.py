@@ -6,12 +6,20 @@ them all, and a test keeps that list honest.
 """
 
 import os
+from collections.abc import Mapping
+from typing import Any
+
+Value = str | int  # a setting's value has its default's type
+
+# The settings as the code reads them: Flask's app.config (a dict[str, Any]) or from_environ()'s
+# dict. Each value has its default's type; restating fifty of them in a TypedDict would say no more.
+Config = Mapping[str, Any]
 
 KiB = 1024
 MiB = 1024 * KiB
 
 # (environment variable, default, help)
-SETTINGS = [
+SETTINGS: list[tuple[str, Value, str]] = [
     ("CHANGEFEED_DB", "instance/changefeed.sqlite3",
      "Path of the SQLite database file (created by `python migrate.py`)."),
     ("CHANGEFEED_DATABASE_URL", "",
@@ -112,9 +120,9 @@ SETTINGS = [
 DEFAULTS = {name: default for name, default, _ in SETTINGS}
 
 
-def from_environ(environ=os.environ):
+def from_environ(environ: Mapping[str, str] = os.environ) -> dict[str, Value]:
     """Return the settings, each from its environment variable or its default."""
-    values = {}
+    values: dict[str, Value] = {}
     for name, default, _ in SETTINGS:
         raw = environ.get(name)
         if raw is None or raw == "":

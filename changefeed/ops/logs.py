@@ -26,12 +26,17 @@ import os
 import re
 import sys
 import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from types import TracebackType
+from typing import TextIO
 from urllib.parse import quote, unquote_plus
+from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
-from flask import request
+from flask import Flask, request
 from flask.logging import default_handler
 
-from changefeed.core.clients import CLIENT, client_address, parse_networks
+from changefeed.core.clients import CLIENT, Network, client_address, parse_networks
+from changefeed.core.outcomes import Saved
 
 # Keys of the WSGI environ that carry what a log line needs past the view.
 REQUEST_ID = "changefeed.request_id"
@@ -54,8 +59,11 @@ ERROR_LOG_FORMAT = logging.Formatter("%(asctime)s [%(process)d] [%(levelname)s] 
 
 saves_log = logging.getLogger("changefeed.saves")
 
+ExcInfo = tuple[type[BaseException], BaseException, TracebackType] | tuple[None, None, None]
+Fields = dict[str, object]  # a log line's fields, by name: text, numbers, booleans, None (left out)
 
-def request_id(environ=None):
+
+def request_id(environ: WSGIEnvironment | None = None) -> str:
     """Return this request's id: the proxy's X-Request-Id when sane, else a new random one; made once."""
     if environ is None:
         environ = request.environ
@@ -67,7 +75,7 @@ def request_id(environ=None):
     return rid
 
 
-def register(app):
+def register(app: Flask) -> None:
     """Set up logging at CHANGEFEED_LOG_LEVEL, and the access log when CHANGEFEED_ACCESS_LOG asks for it."""
     level = app.config["CHANGEFEED_LOG_LEVEL"].lower()
     if level not in LEVELS:
@@ -82,11 +90,13 @@ def register(app):
     # Flask's own handler would write app.logger's lines a second time, next to the root's.
     app.logger.removeHandler(default_handler)
     if access != "off":
-        app.wsgi_app = AccessLog(app.wsgi_app, _json_line if access == "json" else _kv,
-                                 parse_networks(app.config["CHANGEFEED_TRUSTED_PROXIES"]))
+        # Flask's documented way to add a WSGI middleware (mypy sees a method assigned).
+        app.wsgi_app = AccessLog(  # type: ignore[method-assign]
+            app.wsgi_app, _json_line if access == "json" else _kv,
+            parse_networks(app.config["CHANGEFEED_TRUSTED_PROXIES"]))
 
 
-def configure(level):
+def configure(level: int) -> None:
     """Send every logger's lines to the error log, unless logging is configured already (then change nothing)."""
     root = logging.getLogger()
     if root.handlers:  # pytest (caplog), gunicorn --log-config, a host app, or an earlier create_app
@@ -95,7 +105,7 @@ def configure(level):
     root.setLevel(level)
 
 
-def _error_log_stream():
+def _error_log_stream() -> TextIO:
     """Where gunicorn writes its error log (stderr, or its --error-logfile); stderr without gunicorn."""
     for handler in logging.getLogger("gunicorn.error").handlers:
         if isinstance(handler, logging.StreamHandler):
@@ -103,28 +113,28 @@ def _error_log_stream():
     return sys.stderr
 
 
-class _Stream(logging.StreamHandler):
+class _Stream(logging.StreamHandler[TextIO]):
     """A StreamHandler that looks up its stream at each line.
 
     gunicorn reopens its log file on SIGUSR1, and pytest swaps sys.stderr for
     each test: a stream kept from start-up would then be a closed file.
     """
 
-    def __init__(self, find_stream, formatter):
+    def __init__(self, find_stream: Callable[[], TextIO], formatter: logging.Formatter) -> None:
         logging.Handler.__init__(self)
         self._find_stream = find_stream
         self.setFormatter(formatter)
 
     @property
-    def stream(self):
+    def stream(self) -> TextIO:  # type: ignore[override]  # read-only here: a StreamHandler's is an attribute
         return self._find_stream()
 
 
-def saved(page):
+def saved(page: Saved) -> None:
     """Log one line for a save that was answered 200: which page, version, who, which request; never its content."""
     if saves_log.isEnabledFor(logging.INFO):
         environ = request.environ
-        fields = {"slug": page.slug, "version": page.version, "sub": environ.get(SUB),
+        fields: Fields = {"slug": page.slug, "version": page.version, "sub": environ.get(SUB),
                   "request_id": request_id(environ)}
         if page.replayed:  # a retry answered from its Idempotency-Key: no new version was written
             fields["replayed"] = True
@@ -140,10 +150,11 @@ class AccessLog:
     reports is the one to search for.
     """
 
-    def __init__(self, app, format_line, proxies=()):
+    def __init__(self, app: WSGIApplication, format_line: Callable[[Fields], str],
+                 proxies: Sequence[Network] = ()) -> None:
         self.app, self.format_line, self.proxies = app, format_line, proxies
 
-    def write(self, line):
+    def write(self, line: str) -> None:
         """Write one line to standard output (looked up each time: pytest and others swap it)."""
         stream = sys.stdout
         try:
@@ -152,12 +163,13 @@ class AccessLog:
         except (OSError, ValueError):  # stdout closed or gone: losing the line beats failing the request
             pass
 
-    def __call__(self, environ, start_response):
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         started = time.perf_counter()
         rid = request_id(environ)
         response = _LoggedResponse(self, environ, started)
 
-        def start(status, headers, exc_info=None):
+        def start(status: str, headers: list[tuple[str, str]],
+                  exc_info: ExcInfo | None = None) -> Callable[[bytes], object]:
             response.status = status
             if not any(name.lower() == "x-request-id" for name, _ in headers):
                 headers.append(("X-Request-Id", rid))
@@ -176,18 +188,20 @@ class _LoggedResponse:
 
     __slots__ = ("log", "environ", "started", "status", "iterable", "sent", "closed")
 
-    def __init__(self, log, environ, started):
+    def __init__(self, log: AccessLog, environ: WSGIEnvironment, started: float) -> None:
         self.log, self.environ, self.started = log, environ, started
-        self.status, self.iterable, self.sent, self.closed = None, (), 0, False
+        self.status: str | None = None
+        self.iterable: Iterable[bytes] = ()
+        self.sent, self.closed = 0, False
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[bytes]:
         for chunk in self.iterable:
             yield chunk
             # The server asks for the next chunk only once it has written this one: a
             # write that failed (the client left) is not counted.
             self.sent += len(chunk)
 
-    def close(self):
+    def close(self) -> None:
         if self.closed:
             return
         self.closed = True
@@ -198,7 +212,7 @@ class _LoggedResponse:
         finally:
             self.log.write(self.log.format_line(self.fields()))
 
-    def fields(self):
+    def fields(self) -> Fields:
         """The line's fields, in the order a person reads them."""
         environ = self.environ
         return {
@@ -214,10 +228,10 @@ class _LoggedResponse:
         }
 
 
-_clock = (None, "")  # the last second formatted, and its text: strftime once a second, not per line
+_clock: tuple[int | None, str] = (None, "")  # the last second formatted, and its text: strftime once a second, not per line
 
 
-def _utc_now():
+def _utc_now() -> str:
     """Now, in ISO 8601 UTC with milliseconds, as the API's `updated_at`."""
     global _clock
     now = time.time()
@@ -232,7 +246,7 @@ def _utc_now():
 SAFE_PATH = re.compile(r"[A-Za-z0-9/:@!$&'()*+,;=._~-]*")
 
 
-def _target(environ):
+def _target(environ: WSGIEnvironment) -> str:
     """The path and query as sent, with the value of every credential parameter replaced by REDACTED."""
     path = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
     if not SAFE_PATH.fullmatch(path):
@@ -261,7 +275,7 @@ _json_line = json.JSONEncoder(separators=(",", ":")).encode
 BARE = re.compile(r"[!#-<>-\[\]-~]+")
 
 
-def _kv(fields):
+def _kv(fields: Mapping[str, object]) -> str:
     """key=value pairs (logfmt); a value that needs it is a JSON string, so a line can never be split or forged."""
     pairs = []
     for key, value in fields.items():

@@ -20,13 +20,17 @@ The rest of the code calls the objects and small functions below; only
 
 import os
 import time
+from collections.abc import Callable
 from datetime import datetime
+from typing import TypeVarTuple, Unpack
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from changefeed.core.outcomes import Busy, Conflict, KeyReused, NotStored, OutcomeUnknown, StorageFull
+from changefeed.core.outcomes import Busy, Conflict, KeyReused, NotStored, OutcomeUnknown, Saved, StorageFull
+
+Args = TypeVarTuple("Args")
 
 # prometheus-client picks the mode the same way, when it is imported: a
 # scrape must read the files exactly when the values are written to them.
@@ -40,7 +44,7 @@ SAVES = Counter("changefeed_saves", "Saves that reached the store (POST /save), 
                 "error (a bug, 500).", ["outcome"])
 SAVES_OK, SAVES_REPLAYED = SAVES.labels(outcome="ok"), SAVES.labels(outcome="replayed")
 # Each refusal of the store, by class; the first match along the class's MRO wins (Busy before NotStored).
-_SAVE_FAILURES = {Conflict: SAVES.labels(outcome="conflict"), KeyReused: SAVES.labels(outcome="key_reused"),
+_SAVE_FAILURES: dict[type[Exception], Counter] = {Conflict: SAVES.labels(outcome="conflict"), KeyReused: SAVES.labels(outcome="key_reused"),
                   Busy: SAVES.labels(outcome="busy"), NotStored: SAVES.labels(outcome="not_stored"),
                   StorageFull: SAVES.labels(outcome="refused"), OutcomeUnknown: SAVES.labels(outcome="unknown")}
 SAVES_ERROR = SAVES.labels(outcome="error")
@@ -80,7 +84,7 @@ REFUSALS = Counter("changefeed_refusals", "Requests and connections refused or c
 _REFUSALS = {limit: REFUSALS.labels(limit=limit) for limit in LIMITS}  # shown as 0 before the first
 
 
-def timed_save(save, *args):
+def timed_save(save: Callable[[Unpack[Args]], Saved], *args: Unpack[Args]) -> Saved:
     """Call `save(*args)` (the store's save), timing it and counting what became of it."""
     started = time.perf_counter()
     try:
@@ -94,14 +98,14 @@ def timed_save(save, *args):
     return saved
 
 
-def watcher_delivered(updated_at):
+def watcher_delivered(updated_at: str | None) -> None:
     """Count how long a save took to reach this process's watcher; `updated_at` as the store writes it."""
     if updated_at:  # None when the page is gone (a database restored without it)
         saved_at = datetime.fromisoformat(updated_at).timestamp()  # 2026-11-23T21:24:37.444Z, about 1 µs
         WATCHER_LAG.observe(max(0.0, time.time() - saved_at))
 
 
-def refused(limit):
+def refused(limit: str) -> None:
     """Count one request (or connection) refused by `limit`, one of LIMITS."""
     child = _REFUSALS.get(limit)
     if child is None:  # a limit added without adding it to LIMITS: still counted
@@ -109,7 +113,7 @@ def refused(limit):
     child.inc()
 
 
-def _registry():
+def _registry() -> CollectorRegistry:
     """What a scrape reads: every process's files in multi-process mode, else this process's registry."""
     if not MULTIPROCESS:
         return REGISTRY

@@ -28,21 +28,31 @@ with `flask run`, none of this applies (a development server).
 
 import json
 import socket
+from collections.abc import Callable, Iterator
 from functools import partial
+from types import TracebackType
+from typing import TypeVar, TypeVarTuple, Unpack
+from wsgiref.types import WSGIEnvironment
 
 import gevent
+from gevent.pywsgi import Input, WSGIServer
 from gunicorn.workers.ggevent import GeventPyWSGIWorker, PyWSGIHandler
 from werkzeug.exceptions import RequestTimeout
 
 from changefeed.core import settings
 from changefeed.ops import metrics
 
+# Not ops/logs.py's: that imports Flask, and this module is imported in gunicorn's master (see metrics.py).
+ExcInfo = tuple[type[BaseException], BaseException, TracebackType] | tuple[None, None, None]
+T = TypeVar("T")
+Args = TypeVarTuple("Args")
+
 
 class HeaderTimeout(socket.timeout):
     """The request line and headers did not arrive in time (an OSError: gevent then just closes)."""
 
 
-def _timeout_answer(message):
+def _timeout_answer(message: str) -> bytes:
     body = json.dumps({"error": "request timeout", "message": message}).encode()
     return (b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n"
             b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body)) + body
@@ -55,10 +65,11 @@ HEADER_TIMEOUT_ANSWER = _timeout_answer(
 class Handler(PyWSGIHandler):
     """One client connection, with the limits of the module docstring."""
 
-    _deadline = None  # the header timer of the request being read, if one was needed
+    _deadline: gevent.Timeout | None = None  # the header timer of the request being read, if one was needed
     _served = False  # whether a request was served on this connection (then it is kept alive)
+    wsgi_input: "Input | DeadlineInput"  # gevent's reader of the body, or ours around it (get_environ)
 
-    def read_requestline(self):
+    def read_requestline(self) -> str:
         limits = self.server.limits
         self.socket.settimeout(limits["keepalive_s"] if self._served else limits["header_s"])
         try:
@@ -78,32 +89,32 @@ class Handler(PyWSGIHandler):
                 pass
             return ""  # the connection ends
 
-    def read_request(self, raw_requestline):
+    def read_request(self, raw_requestline: str) -> bool:
         try:
             return super().read_request(raw_requestline)
         finally:
             self._stop_deadline()
 
-    def handle_one_request(self):
+    def handle_one_request(self) -> tuple[str, bytes] | bool | None:
         try:
             return super().handle_one_request()
         finally:
             self._stop_deadline()
             self._served = True
 
-    def _stop_deadline(self):
+    def _stop_deadline(self) -> None:
         if self._deadline is not None:
             self._deadline.close()
             self._deadline = None
 
-    def _handle_client_error(self, ex):
+    def _handle_client_error(self, ex: BaseException) -> tuple[str, bytes]:
         if isinstance(ex, HeaderTimeout):
             metrics.refused("header_timeout")
             self.close_connection = True
             return ("408", HEADER_TIMEOUT_ANSWER)
         return super()._handle_client_error(ex)
 
-    def get_environ(self):
+    def get_environ(self) -> WSGIEnvironment:
         environ = super().get_environ()
         limits = self.server.limits
         if self.content_length or environ.get("HTTP_TRANSFER_ENCODING", "").lower() == "chunked":
@@ -117,14 +128,15 @@ class Handler(PyWSGIHandler):
         environ["changefeed.on_disconnect"] = partial(on_disconnect, self.socket._sock)
         return environ
 
-    def start_response(self, status, headers, exc_info=None):
+    def start_response(self, status: str, headers: list[tuple[str, str]],
+                       exc_info: ExcInfo | None = None) -> Callable[[bytes], object]:
         # Answered before its body was read: the connection ends rather than wait for the rest of it.
         if (isinstance(self.wsgi_input, DeadlineInput) and self.wsgi_input.unread()
                 and not any(name.lower() == "connection" for name, _ in headers)):
             headers = [*headers, ("Connection", "close")]
         return super().start_response(status, headers, exc_info)
 
-    def handle_error(self, t, v, tb):
+    def handle_error(self, t: type[BaseException], v: BaseException, tb: TracebackType | None) -> None:
         if isinstance(v, socket.timeout):  # a write timed out: the client stopped reading
             metrics.refused("send_timeout")
             self.close_connection = True
@@ -132,7 +144,7 @@ class Handler(PyWSGIHandler):
         super().handle_error(t, v, tb)
 
 
-def on_disconnect(raw, callback):
+def on_disconnect(raw: socket.socket, callback: Callable[[], object]) -> Callable[[], None]:
     """Call `callback()` once the client closes its end of the connection `raw`; return a cancel().
 
     For a request that waits (a long-poll, a stream): nothing more is read
@@ -143,7 +155,7 @@ def on_disconnect(raw, callback):
     """
     watcher = gevent.get_hub().loop.io(raw.fileno(), 1)
 
-    def readable():
+    def readable() -> None:
         try:
             if raw.recv(1, socket.MSG_PEEK):
                 watcher.stop()  # a next request, not a goodbye
@@ -155,7 +167,7 @@ def on_disconnect(raw, callback):
         watcher.stop()
         callback()
 
-    def cancel():
+    def cancel() -> None:
         watcher.close()
         watcher.callback = None  # readable() refers to the watcher: break the cycle now
 
@@ -166,11 +178,11 @@ def on_disconnect(raw, callback):
 class DeadlineInput:
     """A request body that must arrive before a deadline, however it is read."""
 
-    def __init__(self, handler, stream, timeout_s):
+    def __init__(self, handler: Handler, stream: Input, timeout_s: float) -> None:
         self._handler, self._stream = handler, stream
         self._ends_at = gevent.get_hub().loop.now() + timeout_s
 
-    def _call(self, method, *args):
+    def _call(self, method: Callable[[Unpack[Args]], T], *args: Unpack[Args]) -> T:
         remaining = self._ends_at - gevent.get_hub().loop.now()
         try:
             with gevent.Timeout(max(remaining, 0.001), HeaderTimeout("body took too long")):
@@ -181,26 +193,26 @@ class DeadlineInput:
             self._handler.close_connection = True
             raise RequestTimeout("The request body took too long to arrive; send it at once.") from None
 
-    def read(self, length=None):
+    def read(self, length: int | None = None) -> bytes:
         return self._call(self._stream.read, length)
 
-    def readline(self, size=None):
+    def readline(self, size: int | None = None) -> bytes:
         return self._call(self._stream.readline, size)
 
-    def readlines(self, hint=None):
+    def readlines(self, hint: int | None = None) -> list[bytes]:
         return self._call(self._stream.readlines, hint)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[bytes]:
         return iter(self.readline, b"")
 
-    def unread(self):
+    def unread(self) -> bool:
         """Whether some of the body is still to come (gevent's Input knows how far it got)."""
         stream = self._stream
         if stream.chunked_input:
             return stream.chunk_length != 0  # 0 once the last chunk was read
         return stream.position < (stream.content_length or 0)
 
-    def _discard(self):
+    def _discard(self) -> None:
         """What gevent calls after the answer, to reach the next request: read the rest, within the deadline.
 
         Not at all when the connection ends anyway (an answer given before
@@ -219,17 +231,14 @@ class Worker(GeventPyWSGIWorker):
     """gunicorn's gevent_pywsgi worker with the limits above (worker_class = "worker.Worker")."""
 
     wsgi_handler = Handler
+    server_class: type[WSGIServer]  # gunicorn's; run() puts the limits on a subclass of it
 
-    def run(self):
+    def run(self) -> None:
         config = settings.from_environ()
         limits = {"header_s": config["CHANGEFEED_HEADER_TIMEOUT_S"],
                   "body_s": config["CHANGEFEED_BODY_TIMEOUT_S"],
                   "keepalive_s": config["CHANGEFEED_KEEPALIVE_S"],
                   "send_s": config["CHANGEFEED_SEND_TIMEOUT_S"]}
 
-        class Server(self.server_class):
-            pass
-
-        Server.limits = limits
-        self.server_class = Server
+        self.server_class = type("Server", (self.server_class,), {"limits": limits})
         super().run()

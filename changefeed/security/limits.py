@@ -12,15 +12,23 @@ hold W times its cap. For one cap across all of them, put nginx's
 
 import resource
 from collections import OrderedDict
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Generic, TypeVar
+from wsgiref.types import WSGIEnvironment
 
-from changefeed.core.clients import client_address
+from werkzeug.datastructures import MultiDict
+from werkzeug.wrappers import Request
+
+from changefeed.core.clients import Network, client_address
 from changefeed.core.errors import ApiError
+
+Value = TypeVar("Value")
 
 RESERVED_FDS = 256  # descriptors kept for the database, the watcher, logs and requests that do not wait
 
 
-def descriptor_budget(cap):
+def descriptor_budget(cap: int) -> int:
     """Lower `cap` to fit this process's open-files limit, keeping RESERVED_FDS for everything else."""
     soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
@@ -31,7 +39,7 @@ def descriptor_budget(cap):
 class TooManyWaits(ApiError):
     """A 429 or 503 with Retry-After: the client (or this process) holds its most waits."""
 
-    def __init__(self, status, limit, message):
+    def __init__(self, status: int, limit: str, message: str) -> None:
         super().__init__(status, "too many requests" if status == 429 else "server full", message,
                          headers={"Retry-After": "5"}, limit=limit)
         self.limit = limit
@@ -40,15 +48,16 @@ class TooManyWaits(ApiError):
 class WaitGate:
     """Counts the open long-polls and event streams of one process, by client address."""
 
-    def __init__(self, per_worker, per_client, proxies, on_refusal=None):
+    def __init__(self, per_worker: int, per_client: int, proxies: Sequence[Network],
+                 on_refusal: Callable[[str], object] | None = None) -> None:
         self.per_worker = descriptor_budget(per_worker)
         self.per_client = per_client
         self.proxies = proxies
         self.open = 0
-        self._by_client = {}
+        self._by_client: dict[str, int] = {}
         self._on_refusal = on_refusal or (lambda limit: None)
 
-    def enter(self, environ):
+    def enter(self, environ: WSGIEnvironment) -> Callable[[], None]:
         """Count one more wait for this request's client; return its release(), or raise TooManyWaits."""
         client = client_address(environ, self.proxies)
         held = self._by_client.get(client, 0)
@@ -68,7 +77,7 @@ class WaitGate:
         self.open += 1
         released = False
 
-        def release():
+        def release() -> None:
             nonlocal released
             if released:
                 return
@@ -83,7 +92,7 @@ class WaitGate:
         return release
 
     @contextmanager
-    def holding(self, environ):
+    def holding(self, environ: WSGIEnvironment) -> Iterator[None]:
         release = self.enter(environ)
         try:
             yield
@@ -98,20 +107,24 @@ class Held:
     never iterated, which a generator's own `finally` would miss.
     """
 
-    def __init__(self, stream, release):
+    def __init__(self, stream: Generator[bytes, None, None], release: Callable[[], None]) -> None:
         self._stream, self._release = stream, release
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[bytes]:
         return self._stream
 
-    def close(self):
+    def close(self) -> None:
         try:
             self._stream.close()
         finally:
             self._release()
 
 
-class QueryCache:
+# A cached query's key: its query string as sent, or (name, value) of the parameters that count.
+QueryKey = bytes | tuple[tuple[str, str], ...]
+
+
+class QueryCache(Generic[Value]):
     """Validated queries, by query string, in a memory budget: the oldest used goes first.
 
     Pollers repeat the same URL until a save moves their `since`, and
@@ -124,13 +137,14 @@ class QueryCache:
 
     ENTRY_BYTES = 600  # what one entry costs beyond its key: the dict, its values, the links (measured)
 
-    def __init__(self, load, known, budget_bytes):
+    def __init__(self, load: Callable[[MultiDict[str, str]], Value], known: Iterable[str], budget_bytes: int) -> None:
         self._load, self._known, self.budget = load, frozenset(known), budget_bytes
-        self._entries = OrderedDict()
+        self._entries: OrderedDict[QueryKey, Value] = OrderedDict()
         self.size = 0
 
-    def get(self, request):
-        key = request.query_string
+    def get(self, request: Request) -> Value:
+        """The validated query of `request`, from the cache or else loaded (raising on a bad one) and kept."""
+        key: QueryKey = request.query_string
         value = self._entries.get(key)
         if value is not None:
             try:
@@ -148,7 +162,7 @@ class QueryCache:
         self._put(key, value)
         return value
 
-    def _put(self, key, value):
+    def _put(self, key: QueryKey, value: Value) -> None:
         cost = len(repr(key)) + self.ENTRY_BYTES
         if cost > self.budget or key in self._entries:
             return

@@ -8,24 +8,27 @@ from another site, whether access control is on or off. Browsers say it in
 browsers (curl, scripts, servers) send neither and are not affected.
 """
 
+from collections.abc import Container
 from urllib.parse import urlsplit
+
+from werkzeug.wrappers import Request
 
 from changefeed.core.errors import ApiError
 
 SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
 
 
-def parse_list(text):
+def parse_list(text: str) -> set[str]:
     """A setting that lists names: separated by commas or spaces."""
     return set(text.replace(",", " ").split())
 
 
-def parse_origins(text):
+def parse_origins(text: str) -> set[str]:
     """The allow-list of CHANGEFEED_CORS_ORIGINS (a trailing slash is forgiven)."""
     return {origin.rstrip("/") for origin in parse_list(text)}
 
 
-def refuse_cross_site_writes(request, allowed):
+def refuse_cross_site_writes(request: Request, allowed: Container[str]) -> None:
     """Raise a 403 for a write from a page of another site that is not in `allowed`."""
     if request.method in SAFE_METHODS:
         return

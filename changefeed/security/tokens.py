@@ -15,14 +15,17 @@ rights, each with a `WWW-Authenticate: Bearer` header.
 """
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import jwt
 from flask import has_request_context, request
+from werkzeug.wrappers import Request
 
 from changefeed.core.errors import ApiError
 from changefeed.core.outcomes import Unavailable
 from changefeed.core.schemas import has_surrogate
+from changefeed.core.settings import Config
 from changefeed.ops import logs
 
 CLAIM = "changefeed"
@@ -46,7 +49,7 @@ class AuthError(ApiError):
 
     expired = False  # a 401 for a token that was valid until its `exp` (a WebSocket closes 4001 for it)
 
-    def __init__(self, status, code, message):
+    def __init__(self, status: int, code: str, message: str) -> None:
         challenge = f'Bearer realm="changefeed", error="{code}", error_description="{message.replace(chr(34), "")}"'
         super().__init__(status, code.replace("_", " "), message, headers={"WWW-Authenticate": challenge})
 
@@ -56,12 +59,12 @@ class Rights:
     """What one verified token allows, and until when."""
 
     sub: str | None
-    read: tuple
-    write: tuple
+    read: tuple[str, ...]  # slugs, or prefixes ending in `*`
+    write: tuple[str, ...]
     expires_at: float  # unix time
     metrics: bool = False  # may read GET /metrics: `"metrics": true` in the claim
 
-    def require(self, right, slug):
+    def require(self, right: str, slug: str) -> "Rights":
         """Raise 403 unless this token may `right` ("read" or "write") the page `slug`."""
         if not any(_matches(pattern, slug) for pattern in getattr(self, right)):
             raise AuthError(403, "insufficient_scope",
@@ -69,7 +72,7 @@ class Rights:
                             f"ask its issuer for one whose `{CLAIM}` claim lists it under `{right}`.")
         return self
 
-    def require_metrics(self):
+    def require_metrics(self) -> "Rights":
         """Raise 403 unless this token may read GET /metrics."""
         if not self.metrics:
             raise AuthError(403, "insufficient_scope",
@@ -77,12 +80,12 @@ class Rights:
                             f"for one whose `{CLAIM}` claim has `\"metrics\": true`.")
         return self
 
-    def seconds_left(self):
+    def seconds_left(self) -> float:
         """Seconds until the token expires, at most MAX_LIFETIME_S."""
         return min(self.expires_at - time.time(), MAX_LIFETIME_S)
 
 
-def bearer_token(authorization):
+def bearer_token(authorization: str | None) -> str:
     """The token of an `Authorization: Bearer <token>` header, or raise 401."""
     scheme, _, token = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
@@ -91,7 +94,7 @@ def bearer_token(authorization):
     return token.strip()
 
 
-def read_token(request):
+def read_token(request: Request) -> str | None:
     """The token a read carries: its `Authorization: Bearer` header's, else the read cookie's, else None.
 
     Only a Bearer header outranks the cookie: behind HTTP Basic auth a browser
@@ -103,7 +106,7 @@ def read_token(request):
     return request.cookies.get(READ_COOKIE) or None
 
 
-def _patterns(value):
+def _patterns(value: object) -> tuple[str, ...]:
     """The entries of a right: a list of strings (a lone string is one entry, anything else none).
 
     Never tuple() of a string: "docs-*" would become the entries d, o, c, s, -
@@ -116,7 +119,7 @@ def _patterns(value):
     return ()
 
 
-def _matches(pattern, slug):
+def _matches(pattern: str, slug: str) -> bool:
     pattern = pattern.lower()
     return pattern == "*" or pattern == slug or (pattern.endswith("*") and slug.startswith(pattern[:-1]))
 
@@ -124,29 +127,34 @@ def _matches(pattern, slug):
 class TokenVerifier:
     """Checks bearer tokens against the configured key, algorithms, issuer and audience."""
 
-    def __init__(self, config):
-        self.secret = config["CHANGEFEED_JWT_SECRET"] or None
-        public_key = config["CHANGEFEED_JWT_PUBLIC_KEY"] or None
-        jwks_url = config["CHANGEFEED_JWKS_URL"] or None
+    def __init__(self, config: Config) -> None:
+        self.secret: str | None = config["CHANGEFEED_JWT_SECRET"] or None
+        public_key: str | None = config["CHANGEFEED_JWT_PUBLIC_KEY"] or None
+        jwks_url: str | None = config["CHANGEFEED_JWKS_URL"] or None
         self._key = self.secret or public_key
         # Keys of an identity provider, fetched when a token names one not seen yet, kept 5 minutes.
         self._jwks = jwt.PyJWKClient(jwks_url, lifespan=300, timeout=5) if jwks_url and not self._key else None
         self.enabled = self._key is not None or self._jwks is not None
         default_algorithms = "HS256" if self.secret else "RS256,ES256"
-        self.algorithms = (config["CHANGEFEED_JWT_ALGORITHMS"] or default_algorithms).replace(",", " ").split()
-        self.issuer = config["CHANGEFEED_JWT_ISSUER"] or None
-        self.audience = config["CHANGEFEED_JWT_AUDIENCE"] or None
-        self.leeway = config["CHANGEFEED_JWT_LEEWAY_S"]
+        self.algorithms: list[str] = (config["CHANGEFEED_JWT_ALGORITHMS"] or default_algorithms).replace(",", " ").split()
+        self.issuer: str | None = config["CHANGEFEED_JWT_ISSUER"] or None
+        self.audience: str | None = config["CHANGEFEED_JWT_AUDIENCE"] or None
+        self.leeway: int = config["CHANGEFEED_JWT_LEEWAY_S"]
         self.reads = bool(config["CHANGEFEED_AUTH_READS"])
 
-    def verify(self, authorization):
+    def verify(self, authorization: str | None) -> Rights:
         """Return the Rights of an `Authorization: Bearer <token>` header, or raise 401."""
         return self.verify_token(bearer_token(authorization))
 
-    def verify_token(self, token):
+    def verify_token(self, token: str) -> Rights:
         """Return the Rights of a token, or raise 401 saying why it was refused."""
         try:
-            key = self._key or self._jwks.get_signing_key_from_jwt(token).key
+            if self._key is not None:
+                key = self._key
+            elif self._jwks is not None:
+                key = self._jwks.get_signing_key_from_jwt(token).key
+            else:  # a bug of the caller: with access control off, no token is asked for
+                raise RuntimeError("access control is off: there is no key to verify a token with")
             claims = jwt.decode(token, key, algorithms=self.algorithms, issuer=self.issuer,
                                 audience=self.audience, leeway=self.leeway,
                                 options={"require": ["exp"], "verify_aud": self.audience is not None})
@@ -170,27 +178,30 @@ class TokenVerifier:
                                                   "surrogate (U+D800 to U+DFFF), not valid Unicode text.")
         if has_request_context():  # who made this request, for its log lines (ops/logs.py)
             request.environ[logs.SUB] = claims.get("sub")
-        rights = claims.get(CLAIM) if isinstance(claims.get(CLAIM), dict) else {}
+        claim = claims.get(CLAIM)
+        rights: dict[str, object] = claim if isinstance(claim, dict) else {}
         expires_at = min(int(claims["exp"]), LAST_DATE) + self.leeway  # PyJWT checked that int() takes it
         return Rights(sub=claims.get("sub"), read=_patterns(rights.get("read")),
                       write=_patterns(rights.get("write")), expires_at=expires_at,
                       metrics=rights.get("metrics") is True)
 
-    def read_rights(self, request):
+    def read_rights(self, request: Request) -> Rights:
         """The Rights of a read: from its Bearer header, or else from the read cookie (see read_token)."""
         token = read_token(request)
         if token is None:
             return self.verify(request.headers.get("Authorization"))  # the 401 that says what to send
         return self.verify_token(token)
 
-    def mint(self, sub, read=(), write=(), ttl_s=3600, metrics=False):
+    def mint(self, sub: str, read: Iterable[str] = (), write: Iterable[str] = (), ttl_s: float = 3600,
+             metrics: bool = False) -> str:
         """Sign a token with the configured secret (for `flask token create`)."""
         if not self.secret:
             raise RuntimeError("set CHANGEFEED_JWT_SECRET to mint tokens here (a public key only verifies)")
-        claims = {"sub": sub, "iat": int(time.time()), "exp": int(time.time() + ttl_s),
-                  CLAIM: {"read": list(read), "write": list(write)}}
+        rights: dict[str, object] = {"read": list(read), "write": list(write)}
         if metrics:
-            claims[CLAIM]["metrics"] = True
+            rights["metrics"] = True
+        claims: dict[str, object] = {"sub": sub, "iat": int(time.time()), "exp": int(time.time() + ttl_s),
+                                     CLAIM: rights}
         if self.issuer:
             claims["iss"] = self.issuer
         if self.audience:
