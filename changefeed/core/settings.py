@@ -120,7 +120,7 @@ SETTINGS: list[tuple[str, Value, str]] = [
 DEFAULTS = {name: default for name, default, _ in SETTINGS}
 
 
-def from_environ(environ: Mapping[str, str] = os.environ) -> dict[str, Value]:
+def from_environ(environ: Mapping[str, str] = os.environ) -> dict[str, Any]:  # Config: each value its default's type
     """Return the settings, each from its environment variable or its default."""
     values: dict[str, Value] = {}
     for name, default, _ in SETTINGS:
