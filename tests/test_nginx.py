@@ -12,7 +12,8 @@ import time
 import pytest
 import requests
 
-from conftest import ROOT, find_nginx, free_port, running_nginx
+from support import ROOT
+from support.servers import find_nginx, free_port, running_nginx
 
 README = (ROOT / "README.md").read_text()
 

@@ -7,7 +7,7 @@ import subprocess
 import pytest
 
 from changefeed.core import settings
-from conftest import ROOT
+from support import ROOT
 
 README = (ROOT / "README.md").read_text()
 ISO_MS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
