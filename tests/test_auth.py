@@ -10,17 +10,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from app import create_app
-from conftest import close_app, development_server
+from support.clients import SECRET, token
+from support.servers import close_app, development_server
 
-SECRET = "test-secret-" + "0123456789abcdef" * 4  # 75 bytes: long enough for HS512 too
 PAGE = {"slug": "docs-intro", "html": "<p>x</p>"}
-
-
-def token(write=("docs-*",), read=("*",), key=SECRET, algorithm="HS256", exp_in=300, **claims):
-    body = {"sub": "editor-1", "changefeed": {"read": list(read), "write": list(write)}, **claims}
-    if exp_in is not None:
-        body["exp"] = int(time.time() + exp_in)
-    return jwt.encode(body, key, algorithm=algorithm)
 
 
 def tampered():

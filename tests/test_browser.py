@@ -18,7 +18,8 @@ from playwright.sync_api import expect
 
 from changefeed.stores.schema import migrate
 from changefeed.stores.sqlite import SQLiteStore
-from conftest import ROOT, find_chromium
+from support import ROOT
+from support.browsers import find_chromium
 
 find_chromium()  # one skip line for the module when there is no browser
 

@@ -7,31 +7,11 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
+from support.clients import save_pages_over_http
+
 pytestmark = pytest.mark.engines
 
 PROCESSES, SAVES = 8, 25
-
-
-def save_over_http(url, worker, saves):
-    session = requests.Session()
-    versions = []
-    for n in range(saves):
-        response = session.post(f"{url}/save", json={"slug": "race", "html": f"{worker}:{n}"}, timeout=30)
-        assert response.status_code == 200, response.text
-        versions.append(response.json()["version"])
-    return versions
-
-
-def save_pages_over_http(url, worker, saves):
-    """Save three pages in turn, so that saves of several pages share transactions; return [(slug, version)]."""
-    session = requests.Session()
-    versions = []
-    for n in range(saves):
-        slug = f"race-{(worker + n) % 3}"
-        response = session.post(f"{url}/save", json={"slug": slug, "html": f"{worker}:{n}"}, timeout=30)
-        assert response.status_code == 200, response.text
-        versions.append((slug, response.json()["version"]))
-    return versions
 
 
 def save_in_store(database, worker, saves):

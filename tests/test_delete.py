@@ -15,9 +15,10 @@ import time
 import pytest
 import requests
 
-from conftest import ROOT
-from test_transports import GENEROUS_S, http_save, start_long_poll
-from test_websocket import Client
+from app import create_app
+from support import ROOT
+from support.clients import GENEROUS_S, SECRET, Client, http_save, start_long_poll, token
+from support.servers import close_app
 
 pytestmark = pytest.mark.engines
 
@@ -87,10 +88,6 @@ def test_a_delete_takes_form_fields_and_refuses_bad_input_with_the_field_named(c
 
 
 def test_with_access_control_a_delete_needs_write_on_the_slug_and_is_refused_from_another_site(database):
-    from app import create_app
-    from conftest import close_app
-    from test_auth import SECRET, token
-
     app = create_app({**database.config, "TESTING": True, "CHANGEFEED_JWT_SECRET": SECRET})
     try:
         client = app.test_client()

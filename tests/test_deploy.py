@@ -28,7 +28,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from conftest import ROOT, free_port, running_nginx
+from support import ROOT
+from support.servers import free_port, running_nginx
 
 NGINX_CONF = (ROOT / "deploy" / "nginx.conf").read_text()
 UNIT = (ROOT / "deploy" / "changefeed.service").read_text()

@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 
 from changefeed.core import settings
-from conftest import ROOT, Database, Server
-from docs_examples import run, same_answer, shell_blocks
+from support import ROOT
+from support.databases import Database
+from support.docs import run, same_answer, shell_blocks
+from support.servers import Server
 
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 CONFIGURATION = ROOT / "docs" / "configuration.md"

@@ -19,7 +19,6 @@ from websocket import ABNF
 
 from changefeed.core.outcomes import NotStored, Saved, SaveRequest
 from changefeed.core.presence import Beat, Beaten
-from test_websocket import connect  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.engines
 

@@ -11,8 +11,7 @@ import time
 
 import pytest
 
-from test_concurrency import save_over_http, save_pages_over_http
-from test_transports import http_save, start_long_poll
+from support.clients import http_save, save_over_http, save_pages_over_http, start_long_poll
 
 GENEROUS_S = 1.0  # the p99 target (well under 100 ms) is the bench's job
 

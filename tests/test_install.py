@@ -20,7 +20,8 @@ import pytest
 import requests
 
 from changefeed.stores.schema import migrate
-from conftest import ROOT, free_port
+from support import ROOT
+from support.servers import free_port
 
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "changefeed" / "clean-venvs"
 

@@ -17,7 +17,7 @@ import pytest
 import requests
 
 from app import create_app
-from conftest import close_app, development_server
+from support.servers import close_app, development_server
 
 pytestmark = pytest.mark.engines
 

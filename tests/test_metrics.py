@@ -15,47 +15,22 @@ import psutil
 import pytest
 import requests
 from prometheus_client.multiprocess import MultiProcessCollector
-from prometheus_client.parser import text_string_to_metric_families
 
 from app import create_app
 from changefeed.core.outcomes import Busy, NotStored, OutcomeUnknown, StorageFull
 from changefeed.ops import metrics
-from conftest import close_app
+from support.clients import parse, scrape, value, wait_until
+from support.servers import close_app
 
 pytestmark = pytest.mark.engines
 
 SECRET = "metrics-secret-" + "0123456789abcdef" * 4
 
 
-def parse(text):
-    """{(sample name, sorted labels): value} of a /metrics answer."""
-    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
-            for family in text_string_to_metric_families(text) for sample in family.samples}
-
-
-def scrape(server):
-    response = requests.get(f"{server.url}/metrics", timeout=10)
-    assert response.status_code == 200, response.text
-    assert response.headers["Content-Type"].startswith("text/plain")
-    return parse(response.text)
-
-
-def value(samples, name, **labels):
-    """One sample's value; a sample that is missing fails the test (every label value is there from the start)."""
-    return samples[(name, tuple(sorted(labels.items())))]
-
-
 def diff(after, before):
     """What changed in the service's own metrics between two scrapes (not the process's CPU and memory)."""
     return {key: after[key] - before.get(key, 0) for key in after
             if key[0].startswith("changefeed_") and after[key] != before.get(key, 0)}
-
-
-def wait_until(condition, timeout=10, what="the condition"):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 def metrics_folder(tmp):

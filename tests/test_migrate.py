@@ -10,7 +10,7 @@ import pytest
 from app import create_app
 from changefeed.core.outcomes import SchemaOutOfDate
 from changefeed.stores import schema as migrate
-from conftest import ROOT
+from support import ROOT
 
 
 def run_migrate(db):

@@ -13,7 +13,8 @@ import time
 import pytest
 import requests
 
-from conftest import ROOT, find_nginx, free_port, running_nginx
+from support import ROOT
+from support.servers import find_nginx, free_port, running_nginx
 
 NGINX_CONF = (ROOT / "deploy" / "nginx.conf").read_text()
 

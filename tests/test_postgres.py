@@ -21,8 +21,10 @@ import requests
 from app import create_app
 from changefeed.stores import schema as migrate
 from changefeed.stores.postgres import EVERYTHING, notify_payload
-from conftest import ROOT, TEST_DATABASE_URL, close_app
-from test_transports import http_save, start_long_poll, streams_per_worker
+from support import ROOT
+from support.clients import http_save, start_long_poll
+from support.databases import TEST_DATABASE_URL
+from support.servers import close_app, streams_per_worker
 
 QUIET = {"CHANGEFEED_SSE_HEARTBEAT_MS": "600000"}  # no heartbeat re-read: only a wake-up can deliver
 

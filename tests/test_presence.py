@@ -12,7 +12,7 @@ import pytest
 import requests
 
 from app import create_app
-from conftest import close_app
+from support.servers import close_app
 
 pytestmark = pytest.mark.engines
 

@@ -1,7 +1,9 @@
 """The README is the front door: its curl session, the design card's path, works as shown."""
 
-from conftest import ROOT, Database, Server
-from docs_examples import run, same_answer, shell_blocks
+from support import ROOT
+from support.databases import Database
+from support.docs import run, same_answer, shell_blocks
+from support.servers import Server
 
 
 def test_readme_curl_lines_answer_as_shown(server: Server, database: Database) -> None:

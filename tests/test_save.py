@@ -7,7 +7,7 @@ import time
 import pytest
 
 from app import create_app
-from conftest import close_app
+from support.servers import close_app
 
 pytestmark = pytest.mark.engines
 

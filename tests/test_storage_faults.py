@@ -24,7 +24,7 @@ import requests
 
 from changefeed.stores.schema import migrate
 from changefeed.stores.sqlite import SQLiteStore
-from conftest import read_epoch
+from support.databases import read_epoch
 
 MiB = 1024 * 1024
 HEARTBEAT_MS = 200  # streams send a comment this often while idle: a live stream shows it quickly

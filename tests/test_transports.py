@@ -9,45 +9,16 @@ watcher (SQLite) or listener (PostgreSQL).
 import queue
 import signal
 import sqlite3
-import threading
 import time
 
-import psutil
 import pytest
 import requests
 
 from changefeed.stores import schema as migrate
+from support.clients import GENEROUS_S, http_save, start_long_poll
+from support.servers import streams_per_worker
 
 pytestmark = pytest.mark.engines
-
-GENEROUS_S = 1.0  # a broken wake-up mechanism misses this by seconds; the 50 ms target is the bench's job
-
-
-def http_save(server, slug="live", html="x", **fields):
-    response = requests.post(f"{server.url}/save", json={"slug": slug, "html": html, **fields}, timeout=10)
-    assert response.status_code == 200, response.text
-    return response.json()["version"]
-
-
-def start_long_poll(server, slug, since, wait):
-    """Run one long-poll in a thread; return a function giving (answer, seconds it took)."""
-    result = {}
-
-    def run():
-        started = time.monotonic()
-        response = requests.get(f"{server.url}/changes?slug={slug}&since={since}&wait={wait}", timeout=wait + 10)
-        result["answer"], result["took"] = response.json(), time.monotonic() - started
-        result["done_at"] = time.monotonic()
-
-    thread = threading.Thread(target=run)
-    thread.start()
-
-    def finish():
-        thread.join(timeout=wait + 15)
-        return result
-
-    return finish
-
 
 def test_long_poll_answers_at_once_when_already_newer(server):
     http_save(server)
@@ -159,13 +130,6 @@ def test_event_stream_survives_a_bad_save_elsewhere(server, open_stream, epoch):
     http_save(server, html="good")
     event = stream.next()
     assert (event["id"], event["data"]["html"]) == (f"{epoch}:1", "good")
-
-
-def streams_per_worker(server):
-    """How many client connections each gunicorn worker holds open right now."""
-    workers = psutil.Process(server.process.pid).children()
-    return [sum(c.status == psutil.CONN_ESTABLISHED and c.laddr.port == server.port for c in w.net_connections("tcp"))
-            for w in workers]  # not its connections to PostgreSQL
 
 
 def test_every_subscriber_on_every_worker_sees_every_save(make_server, open_stream, epoch):

@@ -14,107 +14,17 @@ import time
 
 import pytest
 import requests
-import websocket
 from websocket import ABNF
 from werkzeug.serving import make_server as make_werkzeug_server
 
 from app import create_app
-from conftest import close_app, free_port
-from test_auth import SECRET, token
-from test_metrics import scrape, value, wait_until
-from test_transports import http_save
+from support.clients import SECRET, Closed, http_save, scrape, token, value, wait_until
+from support.servers import close_app, free_port
 
 pytestmark = pytest.mark.engines
 
 GENEROUS_S = 2.0  # a broken wake-up misses this by far; latency targets are the bench's job
 EXPIRED_REASON = "token expired: reconnect with a fresh token"
-
-
-class Closed(Exception):
-    """The server closed the socket: with a close frame (`code`, `reason`), or without one (code None)."""
-
-    def __init__(self, code, reason=""):
-        super().__init__(f"closed: {code} {reason}")
-        self.code, self.reason = code, reason
-
-
-class Client:
-    """One WebSocket: JSON messages out, parsed frames in, each awaited with a time limit."""
-
-    def __init__(self, url, **options):
-        self.ws = websocket.create_connection(url, timeout=10, **options)
-
-    def send(self, **message):
-        self.ws.send(json.dumps(message))
-
-    def next(self, timeout=GENEROUS_S):
-        """The next text frame, parsed; raise Closed when the server closes, TimeoutError when none comes."""
-        deadline = time.monotonic() + timeout
-        try:
-            while True:  # the server's pings come in between: answered, and the time limit still holds
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise websocket.WebSocketTimeoutException()
-                self.ws.settimeout(remaining)
-                opcode, frame = self.ws.recv_data_frame(True)
-                if opcode == ABNF.OPCODE_TEXT:
-                    return json.loads(frame.data)
-                if opcode == ABNF.OPCODE_CLOSE:
-                    data = frame.data
-                    raise Closed(int.from_bytes(data[:2], "big") if data else 1005, data[2:].decode())
-        except websocket.WebSocketTimeoutException:
-            raise TimeoutError(f"no frame within {timeout} s") from None
-        except (websocket.WebSocketConnectionClosedException, ConnectionError):
-            raise Closed(None) from None
-
-    def nothing_for(self, seconds=0.3):
-        """Assert that no frame comes within `seconds`."""
-        with pytest.raises(TimeoutError):
-            frame = self.next(timeout=seconds)
-            pytest.fail(f"unexpected frame {frame}")
-
-    def closed(self, timeout=GENEROUS_S):
-        """Wait for the server to close; return (code, reason). Any frame before that fails the test."""
-        with pytest.raises(Closed) as closed:
-            frame = self.next(timeout=timeout)
-            pytest.fail(f"expected the socket to close, got {frame}")
-        return closed.value.code, closed.value.reason
-
-    def subscribe(self, slug, **fields):
-        """Subscribe, and return the `subscribed` acknowledgement."""
-        self.send(type="subscribe", slug=slug, **fields)
-        ack = self.next()
-        assert ack["type"] == "subscribed" and ack["slug"] == slug.lower(), ack
-        return ack
-
-    def ping(self, ident="check"):
-        """A round trip: the socket is open and answers."""
-        self.send(type="ping", id=ident)
-        assert self.next() == {"type": "pong", "id": ident}
-
-    def close(self):
-        try:
-            self.ws.close(timeout=1)
-        except (OSError, websocket.WebSocketException):
-            pass
-        finally:
-            self.ws.shutdown()  # the socket, however the close went
-
-
-@pytest.fixture
-def connect():
-    """Open WebSockets (ws://host/ws from a server's URL) that are closed after the test."""
-    clients = []
-
-    def connect(server_or_url, **options):
-        url = server_or_url if isinstance(server_or_url, str) else server_or_url.url
-        client = Client(url.replace("http", "ws", 1) + "/ws", **options)
-        clients.append(client)
-        return client
-
-    yield connect
-    for client in clients:
-        client.close()
 
 
 def change_frame(server, slug, since=0):
