@@ -1,6 +1,6 @@
 """The manual (README.md and docs/) says what the service does: its examples run, its settings page is generated.
 
-How a page's shell examples are found, marked and compared: tests/docs_examples.py.
+How a page's shell examples are found, marked and compared: tests/support/docs.py.
 """
 
 import re

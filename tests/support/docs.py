@@ -26,6 +26,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from support import ROOT
+
 ISO_MS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 HEX16 = re.compile(r"[0-9a-f]{16}")
 FREE_FORMS = {"updated_at": ISO_MS, "epoch": HEX16, "request_id": HEX16}  # request_id: the server's own
@@ -93,7 +95,7 @@ def run(block: Block, url: str, env: dict[str, str]) -> list[tuple[str, str, str
     environ = {**os.environ, **env, **block.env,
                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=120,
-                            cwd=Path(__file__).resolve().parent.parent, env=environ)
+                            cwd=ROOT, env=environ)
     parts = re.split(rf"\n{END} (\d+)\n", result.stdout)
     printed, statuses = parts[0::2], [int(status) for status in parts[1::2]]
     assert len(statuses) == len(block.commands), f"{block}: the shell stopped early: {result.stderr}"
