@@ -16,6 +16,7 @@ service's own views answer in the service's JSON shape; an unknown path
 under the prefix is the host's 404. One Changefeed per app.
 """
 
+import re
 import threading
 from collections.abc import Mapping
 from pathlib import Path
@@ -73,7 +74,8 @@ class Changefeed:
             app.register_blueprint(demo.assets, url_prefix=prefix, name="changefeed_assets")
         allowed_origins = parse_origins(config["CHANGEFEED_CORS_ORIGINS"])
         if allowed_origins:  # none by default: no page of another site may call the API
-            CORS(app, resources={f"{prefix}/*": {}}, origins=sorted(allowed_origins),
+            # flask-cors matches these as regular expressions, from the start of the path.
+            CORS(app, resources={rf"{re.escape(prefix)}/.*" if prefix else r"/*": {}}, origins=sorted(allowed_origins),
                  supports_credentials=True, max_age=600, allow_headers=CORS_REQUEST_HEADERS,
                  expose_headers=CORS_RESPONSE_HEADERS)
         app.cli.add_command(cli.group)

@@ -192,3 +192,24 @@ def test_a_blueprint_module_alone_on_a_bare_app(database):
     finally:
         notifier.close()
         store.close()
+
+
+def test_cors_covers_the_service_and_leaves_the_host_s_own_paths_alone(tmp_path):
+    app = host_app(tmp_path, CHANGEFEED_CORS_ORIGINS="https://ok.example")
+
+    @app.get("/feedback")
+    def feedback():
+        return {"ok": True}
+
+    feed = Changefeed(app, url_prefix="/feed")
+    feed.migrate()
+    try:
+        client = app.test_client()
+        origin = {"Origin": "https://ok.example"}
+        allowed = client.get("/feed/changes?slug=home&since=0", headers=origin)
+        assert allowed.headers["Access-Control-Allow-Origin"] == "https://ok.example"
+        assert "Access-Control-Allow-Origin" not in client.get("/feedback", headers=origin).headers
+        assert client.post("/feed/save", json=PAGE, headers={**origin, "Sec-Fetch-Site": "cross-site"}
+                           ).status_code == 200
+    finally:
+        close(app)

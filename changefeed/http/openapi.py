@@ -130,7 +130,7 @@ ERRORS = {
 }
 
 
-# Flask answers OPTIONS on every route by itself (app.App: in JSON); a CORS preflight is this answer too.
+# Flask answers OPTIONS on every route by itself (http/standalone.App: in JSON); a CORS preflight is this answer too.
 OPTIONS = {"summary": "The methods this path allows", "responses": {"200": {
     "description": "the methods, also in the Allow header",
     "headers": {"Allow": _header("the same methods, comma-separated")},
