@@ -1,9 +1,11 @@
 """The Flask extension: the service embedded in a host app under a prefix, configured from the host's app.config."""
 
 import time
+from urllib.parse import urlsplit
 
 import jwt
 import pytest
+import requests
 from flask import Flask, request
 
 from changefeed import Changefeed
@@ -12,6 +14,7 @@ from changefeed.extension import open_store
 from changefeed.http import pages
 from changefeed.http.services import KEY, Services
 from changefeed.stores.schema import LATEST
+from test_browser import Tab
 
 PAGE = {"slug": "home", "html": "<h1>Hi</h1>", "data": {"title": "Hi"}}
 ENDPOINTS = [("post", "/save"), ("get", "/changes?slug=home&since=0"), ("get", "/events?slug=home"),
@@ -213,3 +216,19 @@ def test_cors_covers_the_service_and_leaves_the_host_s_own_paths_alone(tmp_path)
                            ).status_code == 200
     finally:
         close(app)
+
+
+def test_the_example_host_serves_the_demo_under_its_prefix_to_a_browser(make_server, context):
+    """examples/host.py under gunicorn: two tabs of its /feed/ demo see each other's saves, over every path."""
+    server = make_server(app="examples.host:create_app()")
+    assert requests.get(f"{server.url}/").text.startswith("<p>The host app.")
+    assert requests.get(f"{server.url}/changes?slug=home&since=0").status_code == 404
+    missing = []
+    context.on("response", lambda r: r.status == 404 and missing.append(urlsplit(r.url).path))
+    editor, viewer = (Tab(context, f"{server.url}/feed", "shared", "sse") for _ in range(2))
+    editor.edit("<h1>Embedded</h1>")
+    editor.save()
+    viewer.expect_viewer("Embedded", timeout_s=5)
+    assert all(urlsplit(url).path.startswith("/feed/") for _, url in editor.requests + viewer.requests)
+    assert missing in ([], ["/favicon.ico"])  # the host's to serve, not the feed's
+    assert not editor.page_errors + viewer.page_errors
