@@ -49,7 +49,7 @@ class Changefeed:
             self.init_app(app, url_prefix)
 
     def init_app(self, app: Flask, url_prefix: str | None = None) -> None:
-        """Open the store and notifier the app's settings name, and serve the service under `url_prefix`."""
+        """Serve the service on `app` under `url_prefix`; its store and notifier open on first use (or open())."""
         prefix = _prefix(self.url_prefix if url_prefix is None else url_prefix)
         for name, default in settings.DEFAULTS.items():
             app.config.setdefault(name, default)
@@ -75,9 +75,9 @@ class Changefeed:
         allowed_origins = parse_origins(config["CHANGEFEED_CORS_ORIGINS"])
         if allowed_origins:  # none by default: no page of another site may call the API
             # flask-cors matches these as regular expressions, from the start of the path.
-            CORS(app, resources={rf"{re.escape(prefix)}/.*" if prefix else r"/*": {}}, origins=sorted(allowed_origins),
-                 supports_credentials=True, max_age=600, allow_headers=CORS_REQUEST_HEADERS,
-                 expose_headers=CORS_RESPONSE_HEADERS)
+            paths = rf"{re.escape(prefix)}/.*" if prefix else r"/*"
+            CORS(app, resources={paths: {}}, origins=sorted(allowed_origins), supports_credentials=True,
+                 max_age=600, allow_headers=CORS_REQUEST_HEADERS, expose_headers=CORS_RESPONSE_HEADERS)
         app.cli.add_command(cli.group)
         self.app = app
 

@@ -1,5 +1,7 @@
 """The Flask extension: the service embedded in a host app under a prefix, configured from the host's app.config."""
 
+import signal
+import threading
 import time
 from urllib.parse import urlsplit
 
@@ -232,3 +234,19 @@ def test_the_example_host_serves_the_demo_under_its_prefix_to_a_browser(make_ser
     assert all(urlsplit(url).path.startswith("/feed/") for _, url in editor.requests + viewer.requests)
     assert missing in ([], ["/favicon.ico"])  # the host's to serve, not the feed's
     assert not editor.page_errors + viewer.page_errors
+
+
+def test_sigterm_ends_a_long_poll_of_the_example_host_at_once(make_server):
+    """gunicorn.conf.py opens a host's feed in each worker, so its notifier hears SIGTERM as the service's does."""
+    server = make_server(app="examples.host:create_app()")
+    answers = []
+    poll = threading.Thread(target=lambda: answers.append(
+        requests.get(f"{server.url}/feed/changes?slug=home&since=0&wait=25", timeout=30)))
+    poll.start()
+    time.sleep(0.5)  # the poll is waiting
+    started = time.monotonic()
+    server.send_signal(signal.SIGTERM)
+    poll.join(timeout=8)
+    assert answers and time.monotonic() - started < 5  # well before gunicorn's 10 s graceful timeout
+    assert answers[0].status_code == 503
+    server.stop()
