@@ -112,9 +112,10 @@ def post_worker_init(worker):
     if "changefeed.stores.postgres" in sys.modules:  # a preloaded app imported psycopg before gevent came in
         sys.modules["changefeed.stores.postgres"].cooperate()
 
-    notifier = getattr(worker.wsgi, "extensions", {}).get("changefeed.notifier")
-    if notifier is None:  # another app served with this file, such as the bench's baseline
+    open_feed = getattr(worker.wsgi, "extensions", {}).get("changefeed.open")
+    if open_feed is None:  # another app served with this file, such as the bench's baseline
         return
+    notifier = open_feed().notifier  # a host app's feed opens on first use: now, so SIGTERM reaches it
     previous = signal.getsignal(signal.SIGTERM)
 
     def close_then_exit(signum, frame):

@@ -2,8 +2,31 @@
 
 The package is cut in layers, each importing only the ones below it:
 core <- ops <- stores <- security <- transports <- http (see README,
-*Architecture*). This module imports nothing heavy: the gunicorn master
-reads it before gevent patches anything.
+*Architecture*); changefeed.extension, the Flask extension, sits on top.
+
+    from changefeed import Changefeed
+    feed = Changefeed(app, url_prefix="/feed")
+
+This module imports nothing heavy: the gunicorn master reads it (through
+changefeed.ops.worker) before gevent patches anything, and Flask imported
+there makes each worker's exit print "Exception ignored" from logging's
+lock. So `Changefeed` is imported on first use, by the module __getattr__
+below (PEP 562), not here.
 """
 
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from changefeed.extension import Changefeed
+
 __version__ = "1.0.0"
+__all__ = ["Changefeed", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    """`changefeed.Changefeed`, imported when first asked for (see above)."""
+    if name == "Changefeed":
+        from changefeed.extension import Changefeed
+
+        return Changefeed
+    raise AttributeError(f"module 'changefeed' has no attribute {name!r}")

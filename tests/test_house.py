@@ -61,17 +61,31 @@ def package_imports_inside_functions(path):
     return found
 
 
+# The imports of the package deferred into a function on purpose, each for a reason that is not a cycle
+# (import-linter reads imports inside functions too, so the layers contract still sees these).
+DEFERRED = {
+    ("changefeed/__init__.py", "changefeed.extension"):
+        "importing the package must not import flask: the gunicorn master reads it before gevent patches",
+    ("changefeed/stores/engines.py", "changefeed.stores.postgres"):
+        "psycopg picks how it waits when imported: only once gevent has patched the worker",
+    ("changefeed/stores/engines.py", "changefeed.stores.postgres_notify"):
+        "psycopg picks how it waits when imported: only once gevent has patched the worker",
+}
+
+
 def test_no_module_imports_the_package_inside_a_function():
-    """An import moved into a function hides a cycle from Python and from import-linter: none is allowed.
+    """An import moved into a function hides a cycle from Python: none is allowed but the few DEFERRED on purpose.
 
     Optional third-party imports inside functions (psycopg, gevent, click) are not cycles, and stay allowed.
     """
     modules = sorted(PACKAGE.rglob("*.py"))
     assert len(modules) > 10, "the package's modules were not found"
-    hidden = [f"{path.relative_to(ROOT)}:{line}: {name}"
-              for path in modules for line, name in package_imports_inside_functions(path)]
+    found = [(str(path.relative_to(ROOT)), line, name)
+             for path in modules for line, name in package_imports_inside_functions(path)]
+    hidden = [f"{path}:{line}: {name}" for path, line, name in found if (path, name) not in DEFERRED]
     assert not hidden, "imports of changefeed inside functions (move them to the top, or cut the cycle):\n" + \
         "\n".join(hidden)
+    assert {(path, name) for path, _, name in found} == set(DEFERRED), "a DEFERRED import is gone: drop it here"
 
 
 def test_the_import_check_sees_what_it_must(tmp_path):

@@ -7,7 +7,6 @@ server answers normally and that the refused request wrote nothing.
 """
 
 import json
-import os
 import resource
 import socket
 import time

@@ -8,8 +8,11 @@ tests/test_openapi.py checks they name exactly the schemas' fields. The
 answers (which the views build by hand, for speed) are described here once.
 """
 
+from typing import Any
+
 from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
+from flask import Blueprint, Flask
 from marshmallow import Schema, fields
 
 from changefeed.core.schemas import (
@@ -24,6 +27,8 @@ from changefeed.core.schemas import (
     PresenceSchema,
     SaveSchema,
 )
+
+from .services import services
 
 
 class ErrorSchema(Schema):
@@ -92,7 +97,7 @@ class ChangeSchema(Schema):
         "description": "with ?presence=V: who is on the page, when its presence version is not V"})
 
 
-def _header(description, schema=None):
+def _header(description: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
     return {"description": description, "schema": schema or {"type": "string"}}
 
 
@@ -103,7 +108,7 @@ REQUEST_ID = _header("this request's id: the proxy's X-Request-Id when it sent a
                      {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}$"})
 
 
-def _error(description, **headers):
+def _error(description: str, **headers: dict[str, Any]) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": "Error"}},
             "headers": {"X-Request-Id": REQUEST_ID, **headers}}
 
@@ -125,7 +130,7 @@ ERRORS = {
 }
 
 
-# Flask answers OPTIONS on every route by itself (app.App: in JSON); a CORS preflight is this answer too.
+# Flask answers OPTIONS on every route by itself (http/standalone.App: in JSON); a CORS preflight is this answer too.
 OPTIONS = {"summary": "The methods this path allows", "responses": {"200": {
     "description": "the methods, also in the Allow header",
     "headers": {"Allow": _header("the same methods, comma-separated")},
@@ -134,11 +139,11 @@ OPTIONS = {"summary": "The methods this path allows", "responses": {"200": {
         "properties": {"allow": {"type": "array", "items": {"type": "string"}, "example": ["OPTIONS", "POST"]}}}}}}}}
 
 
-def _errors(*codes):
+def _errors(*codes: str) -> dict[str, Any]:
     return {code: ERRORS[code] for code in codes}
 
 
-def build(app):
+def build(app: Flask) -> dict[str, Any]:
     """Return the OpenAPI document of `app` as a dict."""
     plugin = MarshmallowPlugin()
     spec = APISpec(title="changefeed", version="1", openapi_version="3.1.0", plugins=[plugin], info={
@@ -159,7 +164,7 @@ def build(app):
     slug = {"in": "query", "name": "slug", "required": True,
             "schema": {"type": "string", "pattern": f"^{SLUG.pattern}$"}}
     epoch = {"in": "query", "name": "epoch", "schema": {"type": "string", "pattern": f"^{EPOCH.pattern[:-2]}$"}}
-    optional_auth = [{}, {"bearer": []}, {"readCookie": []}]
+    optional_auth: list[dict[str, list[str]]] = [{}, {"bearer": []}, {"readCookie": []}]
     presence = [{"in": "query", "name": "presence", "schema": count,
                  "description": "the presence version held (0: nobody): who is on the page comes along when it differs"},
                 {"in": "query", "name": "presence_form", "schema": {"enum": list(PRESENCE_FORMS)},
@@ -279,3 +284,12 @@ def build(app):
         if path != "/ws":  # a WebSocket route matches a handshake only: OPTIONS there is its 400
             operations["options"] = OPTIONS
     return document
+
+
+blueprint = Blueprint("openapi", __name__)
+
+
+@blueprint.get("/openapi.json")
+def document() -> dict[str, Any]:
+    """The API as an OpenAPI 3.1 document."""
+    return services().document

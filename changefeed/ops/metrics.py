@@ -25,7 +25,6 @@ from datetime import datetime
 from typing import TypeVarTuple, Unpack
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.exposition import choose_encoder
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from changefeed.core.outcomes import Busy, Conflict, KeyReused, NotStored, OutcomeUnknown, Saved, StorageFull
@@ -113,41 +112,10 @@ def refused(limit: str) -> None:
     child.inc()
 
 
-def _registry() -> CollectorRegistry:
+def registry() -> CollectorRegistry:
     """What a scrape reads: every process's files in multi-process mode, else this process's registry."""
     if not MULTIPROCESS:
         return REGISTRY
     registry = CollectorRegistry()  # per scrape, as prometheus-client says: the files change meanwhile
     MultiProcessCollector(registry)
     return registry
-
-
-def register(app):
-    """Serve GET /metrics unless CHANGEFEED_METRICS is `off`, then a 404 like any unknown path.
-
-    `on` with access control on (a JWT key configured) needs a bearer token
-    whose `changefeed` claim has `"metrics": true`; `public` is open even then
-    (a scraper on a private network); without access control `on` is open.
-    Call it after `app.extensions["changefeed.auth"]` is set.
-    """
-    # Here, not at the top: ops/worker.py imports this module in gunicorn's master,
-    # before gevent patches the workers, and Flask imported there makes each
-    # worker's exit print "Exception ignored" from logging's lock.
-    from flask import Response, request
-
-    access = app.config["CHANGEFEED_METRICS"]
-    if access not in ACCESS:
-        raise SystemExit(f"CHANGEFEED_METRICS must be one of {', '.join(ACCESS)}, got {access!r}")
-    if access == "off":
-        return
-    verifier = app.extensions["changefeed.auth"]
-    guarded = access == "on" and verifier.enabled
-
-    @app.get("/metrics", endpoint="metrics")
-    def scrape():
-        """The service's metrics, summed over its processes, in the format the scraper asks for."""
-        if guarded:
-            verifier.verify(request.headers.get("Authorization")).require_metrics()
-        encode, content_type = choose_encoder(request.headers.get("Accept"))
-        return Response(encode(_registry()), content_type=content_type,
-                        headers={"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"})

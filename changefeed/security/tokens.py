@@ -207,30 +207,3 @@ class TokenVerifier:
         if self.audience:
             claims["aud"] = self.audience
         return jwt.encode(claims, self.secret, algorithm=self.algorithms[0])
-
-
-def register_cli(app, verifier):
-    """`flask token create`: print a token signed with the configured secret."""
-    import click
-
-    @app.cli.group()
-    def token():
-        """Tokens for development and scripts."""
-
-    @token.command("create")
-    @click.option("--sub", required=True, help="who the token names, e.g. editor-1")
-    @click.option("--read", "read", multiple=True, help="slugs or prefixes* it may read (repeatable)")
-    @click.option("--write", "write", multiple=True, help="slugs or prefixes* it may write (repeatable)")
-    @click.option("--metrics", is_flag=True, help="it may read GET /metrics")
-    @click.option("--ttl", default="1h", help="how long it lasts: 90s, 15m, 1h, 7d")
-    def create(sub, read, write, ttl, metrics):
-        """Print a token for --sub with the given rights, valid for --ttl."""
-        units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-        try:
-            seconds = int(ttl[:-1]) * units[ttl[-1]] if ttl[-1] in units else int(ttl)
-        except (ValueError, IndexError):
-            raise click.BadParameter(f"{ttl!r}: use a number with s, m, h or d, e.g. 1h", param_hint="--ttl")
-        try:
-            click.echo(verifier.mint(sub, read, write, seconds, metrics))
-        except RuntimeError as exc:
-            raise click.ClickException(str(exc)) from None

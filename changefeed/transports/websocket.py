@@ -40,8 +40,7 @@ import time
 from collections import deque
 from urllib.parse import urlsplit
 
-from flask import Blueprint, Response, request
-from flask_sock import Sock
+from flask import Response, request
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate
 from simple_websocket import ConnectionClosed
 from wsproto.events import CloseConnection
@@ -629,47 +628,3 @@ class Upgraded(Response):
     def __call__(self, environ, start_response):
         start_response("101 Switching Protocols", [("Connection", "close")])
         return []
-
-
-def register(app, store, notifier, verifier, waits):
-    """Serve GET /ws on `app` (call after the verifier and the wait gate exist)."""
-    service = Service(app, store, notifier, verifier, waits)
-    # simple-websocket pings every CHANGEFEED_WS_PING_S, and drops a peer whose pong to the last ping
-    # did not come; it closes 1009 on a message over the limit.
-    app.config.setdefault("SOCK_SERVER_OPTIONS", {
-        "ping_interval": max(app.config["CHANGEFEED_WS_PING_S"], 1),
-        "max_message_size": app.config["CHANGEFEED_WS_MAX_MESSAGE_BYTES"],
-    })
-    blueprint = Blueprint("websocket", __name__)
-
-    @blueprint.before_request
-    def handshake():
-        """Refuse a malformed handshake with a 400 before the upgrade; offer no compression."""
-        headers = request.headers
-        if headers.get("Sec-WebSocket-Version") != "13" or not headers.get("Sec-WebSocket-Key"):
-            raise ApiError(400, "bad request", "A WebSocket handshake needs Sec-WebSocket-Version: 13 and a "
-                                               "Sec-WebSocket-Key.", headers={"Sec-WebSocket-Version": "13"})
-        # No permessage-deflate: each frame goes out as the text cached for every client, where compression
-        # would cost CPU per frame and a zlib context (hundreds of KiB) per socket.
-        request.environ.pop("HTTP_SEC_WEBSOCKET_EXTENSIONS", None)
-
-    @blueprint.after_request
-    def upgraded(response):
-        """Once a socket was served, its access log line (ops/logs.py) says 101, not 0 (gevent) or 200 (werkzeug).
-
-        The connection is shut down by then: the server's attempt to write
-        these headers fails quietly (a broken pipe), and it reads no next request.
-        """
-        if request.environ.get(UPGRADED):
-            return Upgraded()
-        return response
-
-    sock = Sock()
-
-    @sock.route(PATH, bp=blueprint)
-    def websocket(ws):
-        """A WebSocket following many pages (and their presence)."""
-        service.serve(ws)
-
-    app.register_blueprint(blueprint)
-    return service

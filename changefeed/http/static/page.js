@@ -6,7 +6,7 @@
  * of who else has the page open through its onPresence; tells the others
  * this tab is here (and editing) with present() from presence.js.
  */
-import {backoffMs, subscribe} from "./changefeed.js";
+import {BASE, backoffMs, subscribe} from "./changefeed.js";
 import {present} from "./presence.js";
 
 const $ = (id) => document.getElementById(id);
@@ -111,7 +111,7 @@ function newKey() {
 
 /** POST /save once; return {response, body}, or throw when no answer came. */
 async function postSave(attempt) {
-  const response = await fetch("/save", {
+  const response = await fetch(`${BASE}/save`, {
     method: "POST",
     headers: {"Content-Type": "application/json", Accept: "application/json", "Idempotency-Key": attempt.key,
       ...(token ? {Authorization: `Bearer ${token}`} : {})},
@@ -197,7 +197,7 @@ function hideConflict() {
 }
 
 async function loadTheirs() {
-  const response = await fetch(`/changes?slug=${encodeURIComponent(slug)}&since=0`);
+  const response = await fetch(`${BASE}/changes?slug=${encodeURIComponent(slug)}&since=0`);
   const page = await response.json();
   hideConflict();
   if (page.changed) {
@@ -328,7 +328,7 @@ function mayWrite(jwt) {
 async function start() {
   if (token) {
     // EventSource cannot send a header: trade the token for a read-only, HttpOnly, SameSite=Strict cookie.
-    const answer = await fetch("/session", {method: "POST", headers: {Authorization: `Bearer ${token}`}})
+    const answer = await fetch(`${BASE}/session`, {method: "POST", headers: {Authorization: `Bearer ${token}`}})
       .catch(() => null);
     if (answer && (answer.status === 401 || answer.status === 403)) {
       const body = await answer.json().catch(() => ({}));

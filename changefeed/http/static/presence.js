@@ -24,7 +24,7 @@
  * Who is there comes back through subscribe(slug, {onPresence}) in
  * changefeed.js, on whatever transport the page uses.
  */
-import {backoffMs} from "./changefeed.js";
+import {BASE, backoffMs} from "./changefeed.js";
 
 export const PRESENCE_BEAT_MS = 5000;       // until the server says otherwise
 export const PRESENCE_MIN_INTERVAL_MS = 1000;
@@ -80,7 +80,7 @@ export function present(slug, {name = "", token = null, onYou = () => {}, onStat
     const beatState = state;
     let delayMs = beatMs;
     try {
-      const response = await fetch("/presence", {
+      const response = await fetch(`${BASE}/presence`, {
         method: "POST",
         signal: controller.signal,
         headers: {"Content-Type": "application/json", Accept: "application/json",
@@ -141,8 +141,8 @@ export function present(slug, {name = "", token = null, onYou = () => {}, onStat
     if (inFlight) inFlight.abort();
     inFlight = null;
     const gone = new Blob([body("gone")], {type: "application/json"});
-    if (!(navigator.sendBeacon && navigator.sendBeacon("/presence", gone))) {
-      fetch("/presence", {method: "POST", keepalive: true, body: body("gone"),
+    if (!(navigator.sendBeacon && navigator.sendBeacon(`${BASE}/presence`, gone))) {
+      fetch(`${BASE}/presence`, {method: "POST", keepalive: true, body: body("gone"),
         headers: {"Content-Type": "application/json", ...(token ? {Authorization: `Bearer ${token}`} : {})}})
         .catch(() => {});
     }

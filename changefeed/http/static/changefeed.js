@@ -41,6 +41,11 @@
  */
 
 export const TRANSPORTS = ["poll", "longpoll", "sse", "ws"];
+/**
+ * Where the API answers: beside this file's folder (/static/changefeed.js: the root; a service
+ * embedded under /feed serves /feed/static/changefeed.js and answers /feed/changes).
+ */
+export const BASE = new URL("..", import.meta.url).pathname.replace(/\/$/, "");
 export const POLL_INTERVAL_MS = 2000;
 export const LONG_POLL_WAIT_S = 25;
 export const MIN_GAP_MS = 1000;
@@ -196,7 +201,7 @@ function connect(slug, {since = 0, epoch = null, presence = 0, presenceForm = nu
 /** GET /changes for the feed's position, waiting up to `waitS` seconds for a newer version. */
 async function getChanges(feed, waitS, signal) {
   const wait = waitS ? `&wait=${waitS}` : "";
-  const response = await fetch(`/changes?slug=${encodeURIComponent(feed.slug)}&${feed.query()}${wait}`, {
+  const response = await fetch(`${BASE}/changes?slug=${encodeURIComponent(feed.slug)}&${feed.query()}${wait}`, {
     signal,
     headers: {Accept: "application/json"},
     // Polls revalidate with If-None-Match (an unchanged answer is a bodiless 304);
@@ -314,7 +319,7 @@ const OPENERS = {
       timer = null;
       if (stopped || feed.stopped) return;
       let opened = false;
-      const url = `/events?slug=${encodeURIComponent(feed.slug)}&${feed.query()}`;
+      const url = `${BASE}/events?slug=${encodeURIComponent(feed.slug)}&${feed.query()}`;
       source = new EventSource(url);
       source.onopen = () => {
         opened = true;
@@ -376,7 +381,7 @@ const OPENERS = {
     let stopped = false;
     let unopened = 0;  // sockets in a row that never opened though the server answered GET /ws
     const asking = new AbortController();  // the probe, cut by unsubscribe
-    const url = `${location.protocol === "https:" ? "wss:" : "ws:"}//${location.host}/ws`;
+    const url = `${location.protocol === "https:" ? "wss:" : "ws:"}//${location.host}${BASE}/ws`;
 
     function open() {
       timer = null;
@@ -542,7 +547,7 @@ async function probeStream(url, signal) {
  */
 async function probeSocket(signal) {
   try {
-    const response = await fetch("/ws", {signal, headers: {Accept: "application/json"}, cache: "no-store"});
+    const response = await fetch(`${BASE}/ws`, {signal, headers: {Accept: "application/json"}, cache: "no-store"});
     response.body?.cancel().catch(() => {});
     if (response.status === 401 || response.status === 403) {
       return {status: response.status, message: `GET /ws answered ${response.status}`};

@@ -1,0 +1,53 @@
+"""GET /ws: the route of the WebSocket (flask-sock); what a socket does lives in transports/websocket.py.
+
+A socket's access control and cross-site check happen in the protocol
+(websocket.Service.admit closes 1008 or 4001), not in the API guard: a
+browser sees no HTTP answer to a refused upgrade.
+"""
+
+from flask import Blueprint, Response, request
+from flask_sock import Sock
+
+from changefeed.core.errors import ApiError
+from changefeed.transports.websocket import PATH, UPGRADED, Upgraded
+
+from .services import services
+
+blueprint = Blueprint("websocket", __name__)
+sock = Sock()
+
+
+@blueprint.before_request
+def handshake() -> None:
+    """Refuse a malformed handshake with a 400 before the upgrade; offer no compression."""
+    headers = request.headers
+    if headers.get("Sec-WebSocket-Version") != "13" or not headers.get("Sec-WebSocket-Key"):
+        raise ApiError(400, "bad request", "A WebSocket handshake needs Sec-WebSocket-Version: 13 and a "
+                                           "Sec-WebSocket-Key.", headers={"Sec-WebSocket-Version": "13"})
+    # No permessage-deflate: each frame goes out as the text cached for every client, where compression
+    # would cost CPU per frame and a zlib context (hundreds of KiB) per socket.
+    request.environ.pop("HTTP_SEC_WEBSOCKET_EXTENSIONS", None)
+
+
+@blueprint.after_request
+def upgraded(response: Response) -> Response:
+    """Once a socket was served, its access log line (ops/logs.py) says 101, not 0 (gevent) or 200 (werkzeug).
+
+    The connection is shut down by then: the server's attempt to write
+    these headers fails quietly (a broken pipe), and it reads no next request.
+    """
+    if request.environ.get(UPGRADED):
+        return Upgraded()
+    return response
+
+
+@sock.route(PATH, bp=blueprint)
+def websocket(ws: object) -> None:
+    """A WebSocket following many pages (and their presence)."""
+    services().sockets.serve(ws)
+
+
+def server_options(ping_s: int, max_message_bytes: int) -> dict[str, int]:
+    """simple-websocket's options (app.config["SOCK_SERVER_OPTIONS"]): it pings every CHANGEFEED_WS_PING_S and
+    drops a peer whose pong to the last ping did not come; it closes 1009 on a message over the limit."""
+    return {"ping_interval": max(ping_s, 1), "max_message_size": max_message_bytes}
