@@ -5,11 +5,13 @@
 
 The host's routes stay its own; the feed's answer under /feed only, and its
 settings are the host's app.config CHANGEFEED_* keys (the defaults otherwise).
+The host saves pages from its own code with `feed.save()` (here: POST
+/publish/<slug>), and every tab following that page hears of it at once.
 """
 
 import os
 
-from flask import Flask
+from flask import Flask, request
 
 from changefeed import Changefeed
 
@@ -25,5 +27,11 @@ def create_app() -> Flask:
     def home() -> str:
         """The host's own page, which links to the demo of the embedded feed."""
         return '<p>The host app. Its change feed: <a href="/feed/?slug=home">/feed/</a></p>'
+
+    @app.post("/publish/<slug>")
+    def publish(slug: str) -> dict[str, object]:
+        """Save a page from the host's own code: the feed's subscribers hear of it as of any save."""
+        version = feed.save(slug, request.form.get("html", ""), {"published_by": "host"})
+        return {"slug": slug, "version": version}
 
     return app

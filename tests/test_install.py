@@ -1,15 +1,18 @@
-"""The README's production and development commands work from requirements.txt alone.
+"""The production and development commands work from requirements.txt alone, and `pip install .` embeds.
 
 The test virtualenv holds pytest, Playwright and their dependencies, which
 hide a runtime dependency that requirements.txt forgets (gunicorn's gevent
 workers import `packaging`, which only the test tools pulled in). So these
 tests build a second virtualenv from requirements.txt and nothing else, and
 run the service from it. It is cached by the hash of requirements.txt, so
-only a change of that file pays for a new install.
+only a change of that file pays for a new install. The last test installs
+the package itself with `pip install .` into a fresh virtualenv and runs the
+example host app (examples/host.py) from a folder outside the repository.
 """
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -94,3 +97,62 @@ def test_flask_run_works_from_requirements_txt_alone(clean_venv, tmp_path):
     env = clean_env(clean_venv, CHANGEFEED_DB=db)
     serve_and_check([str(clean_venv / "flask"), "--app", "app", "run", "--host", "127.0.0.1", "--port", str(port)],
                     env, f"http://127.0.0.1:{port}", tmp_path / "flask.log")
+
+
+@pytest.fixture(scope="module")
+def installed_venv(tmp_path_factory):
+    """A fresh virtualenv where `pip install .` installed the package and its pinned dependencies; its bin."""
+    venv = tmp_path_factory.mktemp("installed") / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    result = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                             str(ROOT)], capture_output=True, text=True, cwd=venv.parent)
+    assert result.returncode == 0, f"pip install . failed:\n{result.stderr[-3000:]}"
+    return venv / "bin"
+
+
+def test_pip_install_then_the_example_host_app_works_from_outside_the_repository(installed_venv, tmp_path):
+    """The example host app, copied away from the repository, embeds the installed package under /feed."""
+    outside = tmp_path / "host"
+    outside.mkdir()
+    shutil.copy(ROOT / "examples" / "host.py", outside / "host.py")
+    env = clean_env(installed_venv, CHANGEFEED_DB=str(outside / "host.db"))
+    where = subprocess.run([str(installed_venv / "python"), "-c", "import changefeed; print(changefeed.__file__)"],
+                           cwd=outside, env=env, capture_output=True, text=True, check=True).stdout
+    assert str(installed_venv.parent) in where and str(ROOT) not in where, where
+    migrated = subprocess.run([str(installed_venv / "flask"), "--app", "host", "changefeed", "migrate"],
+                              cwd=outside, env=env, capture_output=True, text=True, timeout=60)
+    assert migrated.returncode == 0, migrated.stderr
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with open(tmp_path / "host.log", "wb") as log:
+        process = subprocess.Popen([str(installed_venv / "flask"), "--app", "host", "run", "--host", "127.0.0.1",
+                                    "--port", str(port)], cwd=outside, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert process.poll() is None, (tmp_path / "host.log").read_text()[-3000:]
+            try:
+                home = requests.get(url, timeout=1)
+                break
+            except requests.RequestException:
+                assert time.monotonic() < deadline, (tmp_path / "host.log").read_text()[-3000:]
+                time.sleep(0.1)
+        assert "The host app" in home.text
+        with requests.get(f"{url}/feed/events?slug=home&since=0", stream=True, timeout=10) as stream:
+            published = requests.post(f"{url}/publish/home", data={"html": "<h1>Hi</h1>"}, timeout=10)
+            assert published.json() == {"slug": "home", "version": 1}, published.text
+            data = next(line for line in stream.iter_lines(decode_unicode=True) if line.startswith("data: "))
+            assert '"version":1' in data and '"html":"<h1>Hi</h1>"' in data, data
+        saved = requests.post(f"{url}/feed/save", json={"slug": "home", "html": "<h1>Again</h1>"}, timeout=10)
+        assert saved.json()["version"] == 2, saved.text
+        changes = requests.get(f"{url}/feed/changes?slug=home&since=1", timeout=10).json()
+        assert changes["version"] == 2 and changes["html"] == "<h1>Again</h1>"
+        demo = requests.get(f"{url}/feed/?slug=home", timeout=10)
+        assert demo.status_code == 200 and "/feed/static/" in demo.text, demo.text[:500]
+        script = re.search(r'src="(/feed/static/[^"]+\.js)[^"]*"', demo.text)
+        assert script and requests.get(url + script.group(1), timeout=10).status_code == 200
+        assert requests.get(f"{url}/changes?slug=home&since=0", timeout=10).status_code == 404
+    finally:
+        os.killpg(process.pid, 15)
+        process.wait(timeout=30)
