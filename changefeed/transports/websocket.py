@@ -38,6 +38,8 @@ import socket
 import threading
 import time
 from collections import deque
+from contextlib import AbstractContextManager
+from typing import Any
 from urllib.parse import urlsplit
 
 from flask import Blueprint, Response, request
@@ -49,7 +51,7 @@ from wsproto.utilities import LocalProtocolError
 
 from changefeed.core import presence as presence_module
 from changefeed.core.errors import ApiError
-from changefeed.core.outcomes import Unavailable
+from changefeed.core.outcomes import Change, Unavailable
 from changefeed.core.schemas import (
     EPOCH,
     MAX_INTEGER,
@@ -67,6 +69,7 @@ from changefeed.ops import metrics
 from changefeed.security.limits import TooManyWaits
 from changefeed.security.origins import parse_origins
 from changefeed.security.tokens import AuthError, read_token
+from changefeed.transports.follow import Follow, PageReads
 from changefeed.transports.notify import Subscription
 
 log = logging.getLogger(__name__)
@@ -235,15 +238,16 @@ class Wire:
         self.sock.close()
 
 
-class Follow:
-    """One page a socket follows: its subscription, and what the client was sent of it."""
+class Page(Follow):
+    """One page a socket follows: the client's position on it, and the notifier's hold on its subscription."""
 
-    __slots__ = ("slug", "subscription", "held", "epoch", "sent", "presence_sent", "count_only")
+    __slots__ = ("held", "count_only")
 
-    def __init__(self, slug, subscription, held):
-        self.slug, self.subscription, self.held = slug, subscription, held
-        self.epoch, self.sent = None, -1  # the page: its epoch and the version sent (-1: whatever it holds is news)
-        self.presence_sent, self.count_only = None, False  # None: no presence frames
+    def __init__(self, store: PageReads, slug: str, item: dict[str, Any], subscription: Subscription,
+                 held: AbstractContextManager[Subscription]) -> None:
+        super().__init__(store, slug, item["since"], item["epoch"], item["presence"], subscription)
+        self.held = held  # entered: left when the page is unfollowed or the socket ends
+        self.count_only = item["presence_form"] == "count"  # presence frames without names
 
 
 class Socket:
@@ -252,10 +256,10 @@ class Socket:
     def __init__(self, ws, wire, service, rights):
         self.ws, self.wire, self.service, self.rights = ws, wire, service, rights
         self.store, self.notifier = service.store, service.notifier
-        self.woken = threading.Event()  # shared by every Follow's subscription, and by the reader's answers
+        self.woken = threading.Event()  # shared by every Page's subscription, and by the reader's answers
         self.space = threading.Event()  # the pump took an answer off a full queue
         self.replies = deque()  # frames (str) and commands (tuple) for the pump, in the client's order
-        self.follows = {}  # slug -> Follow; the pump's alone
+        self.follows: dict[str, Page] = {}  # the pages followed, by slug; the pump's alone
         self.beats = {}  # (slug, client_id) -> Beat this socket recorded: "gone" for each at the end
         self.ended = False  # the client went, or the socket is being closed: the pump stops
         self.closed_with = None  # (code, reason) of the close frame sent, if one was
@@ -402,15 +406,15 @@ class Socket:
                     else:
                         self.unsubscribe(item[1])
                 news = False
-                for follow in list(self.follows.values()):
-                    news |= self.look(follow, full=False)
+                for page in list(self.follows.values()):
+                    news |= self.look(page, full=False)
                 # A wake-up that brought nothing is the heartbeat tick (or a new database): look for
                 # ourselves. Should a tick come along with news, the next one is looked at anyway.
                 now = time.monotonic()
                 if (not news and not answered) or now - last_full_look >= 2 * self.notifier.heartbeat_s:
                     last_full_look = now
-                    for follow in list(self.follows.values()):
-                        self.look(follow, full=True)
+                    for page in list(self.follows.values()):
+                        self.look(page, full=True)
         except TimeoutError:  # socket.timeout: the client took nothing for the send timeout
             self.drop()
         except (ConnectionClosed, OSError):  # the client went
@@ -420,97 +424,80 @@ class Socket:
             self.close(1011, "internal error")
         finally:
             self.ended = True
-            for follow in self.follows.values():
-                follow.held.__exit__(None, None, None)
+            for page in self.follows.values():
+                page.held.__exit__(None, None, None)
             self.follows.clear()
             self.ws.event.set()
 
     def send(self, text):
         self.ws.send(text)
 
-    def subscribe(self, item):
+    def subscribe(self, item: dict[str, Any]) -> None:
         """Follow a page (again: from the position given), subscribed before the store is read."""
         slug = item["slug"]
-        follow = self.follows.get(slug)
-        if follow is None and len(self.follows) >= self.service.max_slugs:
-            return self.send(error_frame(
+        page = self.follows.get(slug)
+        if page is None and len(self.follows) >= self.service.max_slugs:
+            self.send(error_frame(
                 "too many subscriptions", f"This socket follows {len(self.follows)} pages, its most "
                 f"(CHANGEFEED_WS_MAX_SLUGS): unsubscribe from one first, or open another socket.", slug=slug))
+            return
         try:
-            if follow is None:
+            if page is None:
                 subscription = Subscription(self.woken)
                 held = self.notifier.subscribe(slug, subscription)
                 held.__enter__()  # starts the watcher: may find the database gone
-                follow = self.follows[slug] = Follow(slug, subscription, held)
             else:  # what was delivered before speaks of the old position
-                follow.subscription.latest = follow.subscription.presence = None
-            change = self.store.changes(slug, item["since"], item["epoch"])
-            present = self.store.presence(slug) if item["presence"] is not None else None
+                subscription, held = page.subscription, page.held
+                subscription.latest = subscription.presence = None
+            page = self.follows[slug] = Page(self.store, slug, item, subscription, held)
+            change, present = page.read(), page.read_presence()
         except Unavailable as exc:
             self.unfollow(slug)
-            return self.send(error_frame("unavailable", f"The database cannot be read right now ({exc}). "
-                                         "Subscribe again in a moment.", slug=slug))
-        since = item["since"]
-        if item["epoch"] is not None and change.epoch != item["epoch"]:
-            since = -1  # another database: whatever it holds is news, even version 0
-        follow.epoch, follow.sent = change.epoch, since
-        follow.presence_sent, follow.count_only = item["presence"], item["presence_form"] == "count"
+            self.send(error_frame("unavailable", f"The database cannot be read right now ({exc}). "
+                                  "Subscribe again in a moment.", slug=slug))
+            return
         self.send(f'{{"type":"subscribed","slug":"{slug}","version":{change.version},"epoch":"{change.epoch}"}}')
-        if change.version > follow.sent:
-            self.send_change(follow, change)
-        if present is not None and present.version != follow.presence_sent:
-            self.send_presence(follow, present)
+        news = page.take(change)
+        if news is not None:
+            self.send_change(page, news)
+        present = page.take_presence(present)
+        if present is not None:
+            self.send_presence(page, present)
 
     def unsubscribe(self, slug):
         self.unfollow(slug)
         self.send(f'{{"type":"unsubscribed","slug":"{slug}"}}')
 
     def unfollow(self, slug):
-        follow = self.follows.pop(slug, None)
-        if follow is not None:
-            follow.held.__exit__(None, None, None)
+        page = self.follows.pop(slug, None)
+        if page is not None:
+            page.held.__exit__(None, None, None)
 
-    def look(self, follow, full):
+    def look(self, page: Page, full: bool) -> bool:
         """Send what is new of one page: delivered, or (`full`) read from the store. Return whether anything was."""
-        news = False
-        change = follow.subscription.latest
-        if change is None or (change.epoch == follow.epoch and change.version <= follow.sent):
-            change = None
-            if full:
-                change = self._read(self.store.changes, follow.slug, max(follow.sent, 0))
-        if change is not None and change.epoch != follow.epoch:
-            follow.epoch, follow.sent = change.epoch, -1  # a new database: whatever it holds is news
-            if not change.changed:
-                change = self._read(self.store.changes, follow.slug, 0)
-        if change is not None and change.version > follow.sent:
-            self.send_change(follow, change)
-            news = True
-        if follow.presence_sent is not None:
-            present = follow.subscription.presence
-            if present is None or present.version == follow.presence_sent:
-                present = self._read(self.store.presence, follow.slug) if full else None
-            if present is not None and present.version != follow.presence_sent:
-                self.send_presence(follow, present)
-                news = True
-        return news
-
-    @staticmethod
-    def _read(read, *args):
         try:
-            return read(*args)
+            change = page.new_change(full)
         except Unavailable as exc:  # looked at again on the next heartbeat
-            log.warning("WebSocket could not read %s: %s", args[0], exc)
-            return None
+            change = None
+            log.warning("WebSocket could not read %s: %s", page.slug, exc)
+        if change is not None:
+            self.send_change(page, change)
+        try:
+            present = page.new_presence(full)
+        except Unavailable as exc:
+            present = None
+            log.warning("WebSocket could not read the presence on %s: %s", page.slug, exc)
+        if present is not None:
+            self.send_presence(page, present)
+        return change is not None or present is not None
 
-    def send_change(self, follow, change):
+    def send_change(self, page: Page, change: Change) -> None:
         # The cached JSON text of the answer, with the frame's type and slug in front: no re-serializing.
         text = change.answer if change.changed else change.unchanged
-        self.send(f'{{"type":"change","slug":"{follow.slug}",' + text[1:])
-        follow.sent = change.version
+        self.send(f'{{"type":"change","slug":"{page.slug}",' + text[1:])
 
-    def send_presence(self, follow, present):
-        self.send(f'{{"type":"presence","slug":"{follow.slug}",' + present.text(follow.count_only)[1:])
-        follow.presence_sent = present.version
+    def send_presence(self, page: Page, present: presence_module.Presence) -> None:
+        self.send(f'{{"type":"presence","slug":"{page.slug}",' + present.text(page.count_only)[1:])
 
 
 class Service:
