@@ -38,14 +38,15 @@ import socket
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Collection, Mapping
 from contextlib import AbstractContextManager
 from typing import Any
 from urllib.parse import urlsplit
 
-from flask import Blueprint, Response, request
+from flask import Blueprint, Flask, Request, Response, request
 from flask_sock import Sock
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate
-from simple_websocket import ConnectionClosed
+from simple_websocket import ConnectionClosed, Server
 from wsproto.events import CloseConnection
 from wsproto.utilities import LocalProtocolError
 
@@ -66,11 +67,11 @@ from changefeed.core.schemas import (
     reject_constant,
 )
 from changefeed.ops import metrics
-from changefeed.security.limits import TooManyWaits
+from changefeed.security.limits import TooManyWaits, WaitGate
 from changefeed.security.origins import parse_origins
-from changefeed.security.tokens import AuthError, read_token
+from changefeed.security.tokens import AuthError, Rights, TokenVerifier, read_token
 from changefeed.transports.follow import Follow, PageReads
-from changefeed.transports.notify import Subscription
+from changefeed.transports.notify import Notifier, Subscription
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +135,7 @@ class PingId(fields.Field):
                    "Unicode; the pong echoes it.",
     }
 
-    def _deserialize(self, value, attr, data, **kwargs):
+    def _deserialize(self, value: Any, attr: str | None, data: Mapping[str, Any] | None, **kwargs: Any) -> Any:
         if isinstance(value, str) and len(value) <= MAX_PING_ID and not has_surrogate(value):
             return value
         if isinstance(value, int) and not isinstance(value, bool) and abs(value) <= MAX_INTEGER:
@@ -153,22 +154,22 @@ class PingSchema(Schema):
     id = PingId(load_default=None, allow_none=True)
 
 
-def _reason(text):
+def _reason(text: str) -> str:
     """A close reason: at most 123 bytes of UTF-8 (RFC 6455), cut at a character."""
     return text.encode()[:123].decode(errors="ignore")
 
 
-def _frame(kind, **fields):
+def _frame(kind: str, **fields: Any) -> str:
     return json.dumps({"type": kind, **fields}, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
-def error_frame(error, message, **details):
+def error_frame(error: str, message: str, **details: Any) -> str:
     """An `error` frame; `details` of an ApiError (limit, retry_after_ms, ...) ride along, its headers do not."""
     details.pop("headers", None)
     return _frame("error", error=error, message=message, **details)
 
 
-def cross_site(req, allowed):
+def cross_site(req: Request, allowed: Collection[str]) -> bool:
     """Whether the handshake comes from a page of another site that CHANGEFEED_CORS_ORIGINS does not list.
 
     A browser sends Origin (and Sec-Fetch-Site) on every WebSocket handshake,
@@ -194,18 +195,18 @@ class Wire:
     leaves the stream torn: nothing more may be written on it.
     """
 
-    def __init__(self, sock, timeout_s):
+    def __init__(self, sock: socket.socket, timeout_s: float) -> None:
         self.sock, self.timeout_s = sock, timeout_s
         self.torn = False
         self._lock = threading.Lock()
         # The library reads only once its selector saw data (it always pings here), so this bounds writes only.
         sock.settimeout(timeout_s)
 
-    def send(self, data):
+    def send(self, data: bytes) -> int:
         with self._lock:
             return self._send(data)
 
-    def send_if_idle(self, data, timeout_s):
+    def send_if_idle(self, data: bytes, timeout_s: float) -> bool:
         """Send a last frame (a close) unless a frame is being written; return whether it was sent."""
         if not self._lock.acquire(blocking=False):
             return False
@@ -218,7 +219,7 @@ class Wire:
         finally:
             self._lock.release()
 
-    def _send(self, data):
+    def _send(self, data: bytes) -> int:
         if self.torn:
             raise BrokenPipeError("the connection is being dropped")
         try:
@@ -228,13 +229,13 @@ class Wire:
             raise
         return len(data)
 
-    def recv(self, size):
+    def recv(self, size: int) -> bytes:
         return self.sock.recv(size)
 
-    def fileno(self):
+    def fileno(self) -> int:
         return self.sock.fileno()
 
-    def close(self):
+    def close(self) -> None:
         self.sock.close()
 
 
@@ -242,6 +243,7 @@ class Page(Follow):
     """One page a socket follows: the client's position on it, and the notifier's hold on its subscription."""
 
     __slots__ = ("held", "count_only")
+    subscription: Subscription  # always given
 
     def __init__(self, store: PageReads, slug: str, item: dict[str, Any], subscription: Subscription,
                  held: AbstractContextManager[Subscription]) -> None:
@@ -253,21 +255,21 @@ class Page(Follow):
 class Socket:
     """One open WebSocket: the route's worker reads (handle), the pump writes."""
 
-    def __init__(self, ws, wire, service, rights):
+    def __init__(self, ws: Server, wire: Wire, service: "Service", rights: Rights | None) -> None:
         self.ws, self.wire, self.service, self.rights = ws, wire, service, rights
         self.store, self.notifier = service.store, service.notifier
         self.woken = threading.Event()  # shared by every Page's subscription, and by the reader's answers
         self.space = threading.Event()  # the pump took an answer off a full queue
-        self.replies = deque()  # frames (str) and commands (tuple) for the pump, in the client's order
+        self.replies: deque[str | tuple[str, Any]] = deque()  # frames (str) and commands (tuple) for the pump, in the client's order
         self.follows: dict[str, Page] = {}  # the pages followed, by slug; the pump's alone
-        self.beats = {}  # (slug, client_id) -> Beat this socket recorded: "gone" for each at the end
+        self.beats: dict[tuple[str, str], presence_module.Beat] = {}  # (slug, client_id) -> Beat this socket recorded: "gone" for each at the end
         self.ended = False  # the client went, or the socket is being closed: the pump stops
-        self.closed_with = None  # (code, reason) of the close frame sent, if one was
+        self.closed_with: tuple[int, str] | None = None  # (code, reason) of the close frame sent, if one was
         self.ends_at = None if rights is None else time.monotonic() + rights.seconds_left()
 
     # The reader: the route's own worker.
 
-    def handle(self, message):
+    def handle(self, message: str | bytes) -> None:
         """Answer one client message; a bad one gets an error frame, and the socket stays open."""
         slug = None
         try:
@@ -300,25 +302,26 @@ class Socket:
                                    "is logged.", **self._slug(slug)))
 
     @staticmethod
-    def _slug(slug, invalid=None):
+    def _slug(slug: str | None, invalid: ValidationError | None = None) -> dict[str, str]:
         """The `slug` member of an error frame: the message's, unless that is what was wrong with it."""
         if slug is None or (invalid is not None and "slug" in invalid.messages):
             return {}
         return {"slug": slug}
 
-    def on_subscribe(self, body):
+    def on_subscribe(self, body: dict[str, Any]) -> None:
         item = self.service.subscribe_schema.load(body)
         if self.service.verifier.reads:
+            assert self.rights is not None  # admit() lets no socket without a token in when reads need one
             self.rights.require("read", item["slug"])
         self.queue(("subscribe", item))
 
-    def on_unsubscribe(self, body):
+    def on_unsubscribe(self, body: dict[str, Any]) -> None:
         self.queue(("unsubscribe", self.service.unsubscribe_schema.load(body)["slug"]))
 
-    def on_ping(self, body):
+    def on_ping(self, body: dict[str, Any]) -> None:
         self.queue(_frame("pong", id=self.service.ping_schema.load(body)["id"]))
 
-    def on_presence(self, body):
+    def on_presence(self, body: dict[str, Any]) -> None:
         item = self.service.presence_schema.load(body)
         if self.service.verifier.enabled and self.rights is None:
             raise AuthError(401, "invalid_token", "Presence needs a token here (access control is on): connect "
@@ -333,7 +336,7 @@ class Socket:
             self.beats[key] = beat
         self.queue(_frame("beat", **answer))
 
-    def queue(self, item):
+    def queue(self, item: str | tuple[str, Any]) -> None:
         """Hand the pump a frame or command; wait while the queue is full, drop a client that keeps it full."""
         deadline = None
         while not self.ended:
@@ -348,12 +351,12 @@ class Socket:
             self.replies.append(item)
             self.woken.set()
 
-    def drop(self):
+    def drop(self) -> None:
         """End a client that does not read: a close frame if the stream is whole, then the connection."""
         metrics.refused("send_timeout")
         self.close(TRY_AGAIN_LATER, SLOW_REASON)
 
-    def close(self, code, reason):
+    def close(self, code: int, reason: str) -> None:
         """Stop both workers, with a close frame when the stream can still carry one (never mid-frame)."""
         self.ended = True
         self.woken.set()
@@ -367,7 +370,7 @@ class Socket:
         self.ws.connected = False
         self.ws.event.set()  # the reader's receive() returns
 
-    def leave(self):
+    def leave(self) -> None:
         """The socket ended: each tab it beat for leaves the page's presence at once."""
         for beat in self.beats.values():
             try:
@@ -378,7 +381,7 @@ class Socket:
 
     # The pump: its own worker.
 
-    def pump(self):
+    def pump(self) -> None:
         """Send the answers, then whatever is new on the followed pages, until the socket ends."""
         last_full_look = time.monotonic()
         try:
@@ -429,7 +432,7 @@ class Socket:
             self.follows.clear()
             self.ws.event.set()
 
-    def send(self, text):
+    def send(self, text: str) -> None:
         self.ws.send(text)
 
     def subscribe(self, item: dict[str, Any]) -> None:
@@ -444,7 +447,7 @@ class Socket:
         try:
             if page is None:
                 subscription = Subscription(self.woken)
-                held = self.notifier.subscribe(slug, subscription)
+                held: AbstractContextManager[Subscription] = self.notifier.subscribe(slug, subscription)
                 held.__enter__()  # starts the watcher: may find the database gone
             else:  # what was delivered before speaks of the old position
                 subscription, held = page.subscription, page.held
@@ -464,11 +467,11 @@ class Socket:
         if present is not None:
             self.send_presence(page, present)
 
-    def unsubscribe(self, slug):
+    def unsubscribe(self, slug: str) -> None:
         self.unfollow(slug)
         self.send(f'{{"type":"unsubscribed","slug":"{slug}"}}')
 
-    def unfollow(self, slug):
+    def unfollow(self, slug: str) -> None:
         page = self.follows.pop(slug, None)
         if page is not None:
             page.held.__exit__(None, None, None)
@@ -503,7 +506,8 @@ class Socket:
 class Service:
     """What every socket of one app shares: the store, the notifier, the verifier, the limits."""
 
-    def __init__(self, app, store, notifier, verifier, waits):
+    def __init__(self, app: Flask, store: PageReads, notifier: Notifier, verifier: TokenVerifier,
+                 waits: WaitGate) -> None:
         config = app.config
         self.config, self.store, self.notifier, self.verifier, self.waits = config, store, notifier, verifier, waits
         self.allowed_origins = parse_origins(config["CHANGEFEED_CORS_ORIGINS"])
@@ -513,7 +517,7 @@ class Service:
         self.ping_schema = PingSchema()
         self.presence_schema = PresenceSchema()
 
-    def admit(self, req):
+    def admit(self, req: Request) -> tuple[tuple[int, str] | None, Rights | None]:
         """The close (code, reason) this connection gets at once, or None, and the token's Rights."""
         if cross_site(req, self.allowed_origins):
             return (POLICY_VIOLATION, "a page of another site may not connect here (CHANGEFEED_CORS_ORIGINS)"), None
@@ -537,7 +541,7 @@ class Service:
             return (TRY_AGAIN_LATER, "the token cannot be checked right now: retry later"), None
         return None, rights
 
-    def serve(self, ws):
+    def serve(self, ws: Server) -> None:
         """The route: admit the connection, start its pump, and read the client's messages until it ends."""
         environ = request.environ
         environ[UPGRADED] = True
@@ -583,7 +587,7 @@ class Service:
                     release()
 
     @staticmethod
-    def _hang_up(ws, environ):
+    def _hang_up(ws: Server, environ: dict[str, Any]) -> None:
         """End the TCP connection now: the library's reader stops, and gevent's handler reads no next request."""
         for raw in (ws.sock.sock, environ.get("gunicorn.sock")):
             if raw is not None:
@@ -594,7 +598,7 @@ class Service:
         ws.thread.join(CLOSE_WAIT_S)
 
 
-def _reconnectable_ping_timeout(ws):
+def _reconnectable_ping_timeout(ws: Server) -> None:
     """Have a missed ping close with 1001, not the library's 1008, which tells a client never to retry.
 
     A peer that missed a ping is most likely gone; should it still be there
@@ -602,7 +606,7 @@ def _reconnectable_ping_timeout(ws):
     """
     library_close = ws.close
 
-    def close(reason=None, message=None):
+    def close(reason: int | None = None, message: str | None = None) -> None:
         if reason == POLICY_VIOLATION and message == PING_TIMEOUT:
             reason, message = GOING_AWAY, PING_TIMEOUT_REASON
         return library_close(reason, message)
@@ -613,7 +617,7 @@ def _reconnectable_ping_timeout(ws):
 class Upgraded(Response):
     """The answer of a WebSocket request once the socket ended: a status for the server's books only."""
 
-    def __call__(self, environ, start_response):
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
         start_response("101 Switching Protocols", [("Connection", "close")])
         return []
 
