@@ -88,6 +88,6 @@ def changes() -> Response:
         return Response(status=304, headers=headers)
     metrics.POLLS_200[wait > 0].inc()
     body = change.answer if changed else change.unchanged
-    if presence_news:  # who is on the page, in the same answer
+    if presence_news and present is not None:  # who is on the page, in the same answer
         body = f'{body[:-1]},"presence":{present.text(query["presence_form"] == "count")}}}'
     return Response(body, content_type="application/json", headers=headers)

@@ -14,19 +14,26 @@ never a stream that hears nothing forever.
 
 import logging
 import time
+from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager
 
 from changefeed.core.outcomes import Change, Unavailable
-from changefeed.core.presence import now_for as presence_now
+from changefeed.core.presence import Presence
 from changefeed.ops import metrics
+from changefeed.stores.contract import Notifier, Store
+from changefeed.stores.notify import Subscription
+from changefeed.transports.follow import Follow
 
 log = logging.getLogger(__name__)
 
 HEARTBEAT = b": heartbeat\n\n"
 
+# The server's disconnect watch (ops/worker.py): on_disconnect(callback) returns a cancel(), or None.
+OnDisconnect = Callable[[Callable[[], None]], Callable[[], None] | None]
+
 
 @contextmanager
-def _ends_when_gone(subscription, on_disconnect):
+def _ends_when_gone(subscription: Subscription, on_disconnect: OnDisconnect | None) -> Iterator[None]:
     """Have the server end `subscription`'s wait when its client disconnects (gunicorn: ops/worker.py)."""
     cancel = on_disconnect(subscription.leave) if on_disconnect is not None else None
     try:
@@ -36,7 +43,9 @@ def _ends_when_gone(subscription, on_disconnect):
             cancel()
 
 
-def long_poll(store, notifier, slug, since, epoch, wait_s, on_disconnect=None, presence=None):
+def long_poll(store: Store, notifier: Notifier, slug: str, since: int, epoch: str | None, wait_s: float,
+              on_disconnect: OnDisconnect | None = None,
+              presence: int | None = None) -> tuple[Change, Presence | None]:
     """Return (the page's state for a client at `since` of `epoch`, its presence), waiting up to `wait_s` for news.
 
     With `presence` (the presence version the client holds) a change of who
@@ -45,8 +54,8 @@ def long_poll(store, notifier, slug, since, epoch, wait_s, on_disconnect=None, p
     Ends early, unchanged, when the worker shuts down, the database is
     replaced (a new epoch: the client starts over) or the client went away.
     """
-    change = store.changes(slug, since, epoch)
-    present = None if presence is None else presence_now(store, slug, presence)
+    follow = Follow(store, slug, since, epoch, presence)
+    change, present = follow.read(), follow.read_presence()
     if (change.changed or wait_s <= 0 or (epoch is not None and change.epoch != epoch)
             or _news(present, presence)):
         return change, present
@@ -54,34 +63,31 @@ def long_poll(store, notifier, slug, since, epoch, wait_s, on_disconnect=None, p
     # An open wait from here on (metrics): a poll answered above held nothing.
     with (notifier.subscribe(slug) as subscription, _ends_when_gone(subscription, on_disconnect),
           metrics.OPEN_LONG_POLLS.track_inprogress()):
-        change = store.changes(slug, since, epoch)  # again: a save may have landed before we subscribed
-        if presence is not None:
-            present = presence_now(store, slug, presence)
+        follow.subscription = subscription
+        change, present = follow.read(), follow.read_presence()  # again: a save may have landed before we subscribed
         deadline = time.monotonic() + wait_s
         while (not change.changed and change.epoch == epoch and not _news(present, presence)
                and not notifier.closed and not subscription.gone):
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not subscription.wait(remaining):
                 break
-            latest, delivered = subscription.latest, subscription.presence
-            if presence is not None and _news(delivered, presence):
-                present = delivered
-            elif latest is not None and latest.version > since and latest.epoch == epoch:
-                change = latest
-            else:  # a heartbeat tick, or another database: look for ourselves
-                change = store.changes(slug, since, epoch)
-                if presence is not None:
-                    present = presence_now(store, slug, presence)
+            if (delivered_presence := follow.new_presence(full=False)) is not None:
+                present = delivered_presence  # answered alone: the client asks again at once
+            elif (delivered := follow.new_change(full=False)) is not None:
+                change = delivered
+            else:  # a heartbeat tick: look for ourselves
+                change, present = follow.read(), follow.read_presence()
     return change, present
 
 
-def _news(present, held):
+def _news(present: Presence | None, held: int | None) -> bool:
     """Whether `present` is presence news to a client holding version `held` (None: it did not ask)."""
     return present is not None and held is not None and present.version != held
 
 
-def event_stream(store, notifier, slug, since, epoch, retry_ms, lasts_s=None, on_disconnect=None,
-                 presence=None, count_only=False):
+def event_stream(store: Store, notifier: Notifier, slug: str, since: int, epoch: str | None, retry_ms: int,
+                 lasts_s: float | None = None, on_disconnect: OnDisconnect | None = None,
+                 presence: int | None = None, count_only: bool = False) -> Generator[bytes, None, None]:
     """Yield the text/event-stream of `slug`: each newer version as one `change` event.
 
     With `presence` (the presence version the client holds), each other
@@ -100,35 +106,20 @@ def event_stream(store, notifier, slug, since, epoch, retry_ms, lasts_s=None, on
     try:
         with (notifier.subscribe(slug) as subscription, _ends_when_gone(subscription, on_disconnect),
               metrics.OPEN_STREAMS.track_inprogress()):
-            change = store.changes(slug, since, epoch)
-            if presence is not None:
-                subscription.deliver_presence(store.presence(slug))
-            if epoch is not None and change.epoch != epoch:
-                since = -1  # whatever this database holds is news, even version 0
-            epoch, sent, presence_sent = change.epoch, since, presence
+            follow = Follow(store, slug, since, epoch, presence, subscription)
+            change, present = follow.take(follow.read()), follow.take_presence(follow.read_presence())
             while not notifier.closed and (ends_at is None or time.monotonic() < ends_at):
-                if change.epoch != epoch:
-                    epoch, sent = change.epoch, -1  # a new database: whatever it holds is news
-                    change = store.changes(slug, 0)
-                if change.version > sent:
+                if change is not None:
                     yield change.event
-                    sent = change.version
-                if _news(subscription.presence, presence_sent):
-                    yield subscription.presence.count_event if count_only else subscription.presence.event
-                    presence_sent = subscription.presence.version
+                if present is not None:
+                    yield present.count_event if count_only else present.event
                 subscription.wait(None if ends_at is None else max(0.0, ends_at - time.monotonic()))
                 if subscription.gone:
                     return
-                change = subscription.latest
-                if change is None or (change.version <= sent and change.epoch == epoch):
-                    if _news(subscription.presence, presence_sent):
-                        change = change or Change(epoch, sent)  # only presence is news: sent at the loop's top
-                        continue
-                    change = store.changes(slug, max(sent, 0))
-                    if presence is not None:  # a tick: look at presence too
-                        subscription.deliver_presence(store.presence(slug))
-                    if (change.version <= sent and change.epoch == epoch and not notifier.closed
-                            and not _news(subscription.presence, presence_sent)):
+                change, present = follow.new_change(full=False), follow.new_presence(full=False)
+                if change is None and present is None:  # a heartbeat tick, or a missed wake-up: look ourselves
+                    change, present = follow.new_change(full=True), follow.new_presence(full=True)
+                    if change is None and present is None and not notifier.closed:
                         yield HEARTBEAT
     except Unavailable as exc:
         # The database cannot be read: end the stream cleanly. The client

@@ -38,17 +38,20 @@ import socket
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Collection, Mapping
+from contextlib import AbstractContextManager
+from typing import Any
 from urllib.parse import urlsplit
 
-from flask import Response, request
+from flask import Flask, Request, Response, request
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate
-from simple_websocket import ConnectionClosed
+from simple_websocket import ConnectionClosed, Server
 from wsproto.events import CloseConnection
 from wsproto.utilities import LocalProtocolError
 
 from changefeed.core import presence as presence_module
 from changefeed.core.errors import ApiError
-from changefeed.core.outcomes import Unavailable
+from changefeed.core.outcomes import Change, Unavailable
 from changefeed.core.schemas import (
     EPOCH,
     MAX_INTEGER,
@@ -63,10 +66,12 @@ from changefeed.core.schemas import (
     reject_constant,
 )
 from changefeed.ops import metrics
-from changefeed.security.limits import TooManyWaits
+from changefeed.security.limits import TooManyWaits, WaitGate
 from changefeed.security.origins import parse_origins
-from changefeed.security.tokens import AuthError, read_token
+from changefeed.security.tokens import AuthError, Rights, TokenVerifier, read_token
+from changefeed.stores.contract import Notifier, Store
 from changefeed.stores.notify import Subscription
+from changefeed.transports.follow import Follow
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +135,7 @@ class PingId(fields.Field):
                    "Unicode; the pong echoes it.",
     }
 
-    def _deserialize(self, value, attr, data, **kwargs):
+    def _deserialize(self, value: Any, attr: str | None, data: Mapping[str, Any] | None, **kwargs: Any) -> Any:
         if isinstance(value, str) and len(value) <= MAX_PING_ID and not has_surrogate(value):
             return value
         if isinstance(value, int) and not isinstance(value, bool) and abs(value) <= MAX_INTEGER:
@@ -149,22 +154,22 @@ class PingSchema(Schema):
     id = PingId(load_default=None, allow_none=True)
 
 
-def _reason(text):
+def _reason(text: str) -> str:
     """A close reason: at most 123 bytes of UTF-8 (RFC 6455), cut at a character."""
     return text.encode()[:123].decode(errors="ignore")
 
 
-def _frame(kind, **fields):
+def _frame(kind: str, **fields: Any) -> str:
     return json.dumps({"type": kind, **fields}, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
-def error_frame(error, message, **details):
+def error_frame(error: str, message: str, **details: Any) -> str:
     """An `error` frame; `details` of an ApiError (limit, retry_after_ms, ...) ride along, its headers do not."""
     details.pop("headers", None)
     return _frame("error", error=error, message=message, **details)
 
 
-def cross_site(req, allowed):
+def cross_site(req: Request, allowed: Collection[str]) -> bool:
     """Whether the handshake comes from a page of another site that CHANGEFEED_CORS_ORIGINS does not list.
 
     A browser sends Origin (and Sec-Fetch-Site) on every WebSocket handshake,
@@ -190,18 +195,18 @@ class Wire:
     leaves the stream torn: nothing more may be written on it.
     """
 
-    def __init__(self, sock, timeout_s):
+    def __init__(self, sock: socket.socket, timeout_s: float) -> None:
         self.sock, self.timeout_s = sock, timeout_s
         self.torn = False
         self._lock = threading.Lock()
         # The library reads only once its selector saw data (it always pings here), so this bounds writes only.
         sock.settimeout(timeout_s)
 
-    def send(self, data):
+    def send(self, data: bytes) -> int:
         with self._lock:
             return self._send(data)
 
-    def send_if_idle(self, data, timeout_s):
+    def send_if_idle(self, data: bytes, timeout_s: float) -> bool:
         """Send a last frame (a close) unless a frame is being written; return whether it was sent."""
         if not self._lock.acquire(blocking=False):
             return False
@@ -214,7 +219,7 @@ class Wire:
         finally:
             self._lock.release()
 
-    def _send(self, data):
+    def _send(self, data: bytes) -> int:
         if self.torn:
             raise BrokenPipeError("the connection is being dropped")
         try:
@@ -224,45 +229,47 @@ class Wire:
             raise
         return len(data)
 
-    def recv(self, size):
+    def recv(self, size: int) -> bytes:
         return self.sock.recv(size)
 
-    def fileno(self):
+    def fileno(self) -> int:
         return self.sock.fileno()
 
-    def close(self):
+    def close(self) -> None:
         self.sock.close()
 
 
-class Follow:
-    """One page a socket follows: its subscription, and what the client was sent of it."""
+class Page(Follow):
+    """One page a socket follows: the client's position on it, and the notifier's hold on its subscription."""
 
-    __slots__ = ("slug", "subscription", "held", "epoch", "sent", "presence_sent", "count_only")
+    __slots__ = ("held", "count_only")
+    subscription: Subscription  # always given
 
-    def __init__(self, slug, subscription, held):
-        self.slug, self.subscription, self.held = slug, subscription, held
-        self.epoch, self.sent = None, -1  # the page: its epoch and the version sent (-1: whatever it holds is news)
-        self.presence_sent, self.count_only = None, False  # None: no presence frames
+    def __init__(self, store: Store, slug: str, item: dict[str, Any], subscription: Subscription,
+                 held: AbstractContextManager[Subscription]) -> None:
+        super().__init__(store, slug, item["since"], item["epoch"], item["presence"], subscription)
+        self.held = held  # entered: left when the page is unfollowed or the socket ends
+        self.count_only = item["presence_form"] == "count"  # presence frames without names
 
 
 class Socket:
     """One open WebSocket: the route's worker reads (handle), the pump writes."""
 
-    def __init__(self, ws, wire, service, rights):
+    def __init__(self, ws: Server, wire: Wire, service: "Service", rights: Rights | None) -> None:
         self.ws, self.wire, self.service, self.rights = ws, wire, service, rights
         self.store, self.notifier = service.store, service.notifier
-        self.woken = threading.Event()  # shared by every Follow's subscription, and by the reader's answers
+        self.woken = threading.Event()  # shared by every Page's subscription, and by the reader's answers
         self.space = threading.Event()  # the pump took an answer off a full queue
-        self.replies = deque()  # frames (str) and commands (tuple) for the pump, in the client's order
-        self.follows = {}  # slug -> Follow; the pump's alone
-        self.beats = {}  # (slug, client_id) -> Beat this socket recorded: "gone" for each at the end
+        self.replies: deque[str | tuple[str, Any]] = deque()  # frames (str) and commands (tuple) for the pump, in the client's order
+        self.follows: dict[str, Page] = {}  # the pages followed, by slug; the pump's alone
+        self.beats: dict[tuple[str, str], presence_module.Beat] = {}  # (slug, client_id) -> Beat this socket recorded: "gone" for each at the end
         self.ended = False  # the client went, or the socket is being closed: the pump stops
-        self.closed_with = None  # (code, reason) of the close frame sent, if one was
+        self.closed_with: tuple[int, str] | None = None  # (code, reason) of the close frame sent, if one was
         self.ends_at = None if rights is None else time.monotonic() + rights.seconds_left()
 
     # The reader: the route's own worker.
 
-    def handle(self, message):
+    def handle(self, message: str | bytes) -> None:
         """Answer one client message; a bad one gets an error frame, and the socket stays open."""
         slug = None
         try:
@@ -295,25 +302,26 @@ class Socket:
                                    "is logged.", **self._slug(slug)))
 
     @staticmethod
-    def _slug(slug, invalid=None):
+    def _slug(slug: str | None, invalid: ValidationError | None = None) -> dict[str, str]:
         """The `slug` member of an error frame: the message's, unless that is what was wrong with it."""
         if slug is None or (invalid is not None and "slug" in invalid.messages):
             return {}
         return {"slug": slug}
 
-    def on_subscribe(self, body):
+    def on_subscribe(self, body: dict[str, Any]) -> None:
         item = self.service.subscribe_schema.load(body)
         if self.service.verifier.reads:
+            assert self.rights is not None  # admit() lets no socket without a token in when reads need one
             self.rights.require("read", item["slug"])
         self.queue(("subscribe", item))
 
-    def on_unsubscribe(self, body):
+    def on_unsubscribe(self, body: dict[str, Any]) -> None:
         self.queue(("unsubscribe", self.service.unsubscribe_schema.load(body)["slug"]))
 
-    def on_ping(self, body):
+    def on_ping(self, body: dict[str, Any]) -> None:
         self.queue(_frame("pong", id=self.service.ping_schema.load(body)["id"]))
 
-    def on_presence(self, body):
+    def on_presence(self, body: dict[str, Any]) -> None:
         item = self.service.presence_schema.load(body)
         if self.service.verifier.enabled and self.rights is None:
             raise AuthError(401, "invalid_token", "Presence needs a token here (access control is on): connect "
@@ -328,7 +336,7 @@ class Socket:
             self.beats[key] = beat
         self.queue(_frame("beat", **answer))
 
-    def queue(self, item):
+    def queue(self, item: str | tuple[str, Any]) -> None:
         """Hand the pump a frame or command; wait while the queue is full, drop a client that keeps it full."""
         deadline = None
         while not self.ended:
@@ -343,12 +351,12 @@ class Socket:
             self.replies.append(item)
             self.woken.set()
 
-    def drop(self):
+    def drop(self) -> None:
         """End a client that does not read: a close frame if the stream is whole, then the connection."""
         metrics.refused("send_timeout")
         self.close(TRY_AGAIN_LATER, SLOW_REASON)
 
-    def close(self, code, reason):
+    def close(self, code: int, reason: str) -> None:
         """Stop both workers, with a close frame when the stream can still carry one (never mid-frame)."""
         self.ended = True
         self.woken.set()
@@ -362,7 +370,7 @@ class Socket:
         self.ws.connected = False
         self.ws.event.set()  # the reader's receive() returns
 
-    def leave(self):
+    def leave(self) -> None:
         """The socket ended: each tab it beat for leaves the page's presence at once."""
         for beat in self.beats.values():
             try:
@@ -373,7 +381,7 @@ class Socket:
 
     # The pump: its own worker.
 
-    def pump(self):
+    def pump(self) -> None:
         """Send the answers, then whatever is new on the followed pages, until the socket ends."""
         last_full_look = time.monotonic()
         try:
@@ -401,15 +409,15 @@ class Socket:
                     else:
                         self.unsubscribe(item[1])
                 news = False
-                for follow in list(self.follows.values()):
-                    news |= self.look(follow, full=False)
+                for page in list(self.follows.values()):
+                    news |= self.look(page, full=False)
                 # A wake-up that brought nothing is the heartbeat tick (or a new database): look for
                 # ourselves. Should a tick come along with news, the next one is looked at anyway.
                 now = time.monotonic()
                 if (not news and not answered) or now - last_full_look >= 2 * self.notifier.heartbeat_s:
                     last_full_look = now
-                    for follow in list(self.follows.values()):
-                        self.look(follow, full=True)
+                    for page in list(self.follows.values()):
+                        self.look(page, full=True)
         except TimeoutError:  # socket.timeout: the client took nothing for the send timeout
             self.drop()
         except (ConnectionClosed, OSError):  # the client went
@@ -419,103 +427,87 @@ class Socket:
             self.close(1011, "internal error")
         finally:
             self.ended = True
-            for follow in self.follows.values():
-                follow.held.__exit__(None, None, None)
+            for page in self.follows.values():
+                page.held.__exit__(None, None, None)
             self.follows.clear()
             self.ws.event.set()
 
-    def send(self, text):
+    def send(self, text: str) -> None:
         self.ws.send(text)
 
-    def subscribe(self, item):
+    def subscribe(self, item: dict[str, Any]) -> None:
         """Follow a page (again: from the position given), subscribed before the store is read."""
         slug = item["slug"]
-        follow = self.follows.get(slug)
-        if follow is None and len(self.follows) >= self.service.max_slugs:
-            return self.send(error_frame(
+        page = self.follows.get(slug)
+        if page is None and len(self.follows) >= self.service.max_slugs:
+            self.send(error_frame(
                 "too many subscriptions", f"This socket follows {len(self.follows)} pages, its most "
                 f"(CHANGEFEED_WS_MAX_SLUGS): unsubscribe from one first, or open another socket.", slug=slug))
+            return
         try:
-            if follow is None:
+            if page is None:
                 subscription = Subscription(self.woken)
-                held = self.notifier.subscribe(slug, subscription)
+                held: AbstractContextManager[Subscription] = self.notifier.subscribe(slug, subscription)
                 held.__enter__()  # starts the watcher: may find the database gone
-                follow = self.follows[slug] = Follow(slug, subscription, held)
             else:  # what was delivered before speaks of the old position
-                follow.subscription.latest = follow.subscription.presence = None
-            change = self.store.changes(slug, item["since"], item["epoch"])
-            present = self.store.presence(slug) if item["presence"] is not None else None
+                subscription, held = page.subscription, page.held
+                subscription.latest = subscription.presence = None
+            page = self.follows[slug] = Page(self.store, slug, item, subscription, held)
+            change, present = page.read(), page.read_presence()
         except Unavailable as exc:
             self.unfollow(slug)
-            return self.send(error_frame("unavailable", f"The database cannot be read right now ({exc}). "
-                                         "Subscribe again in a moment.", slug=slug))
-        since = item["since"]
-        if item["epoch"] is not None and change.epoch != item["epoch"]:
-            since = -1  # another database: whatever it holds is news, even version 0
-        follow.epoch, follow.sent = change.epoch, since
-        follow.presence_sent, follow.count_only = item["presence"], item["presence_form"] == "count"
+            self.send(error_frame("unavailable", f"The database cannot be read right now ({exc}). "
+                                  "Subscribe again in a moment.", slug=slug))
+            return
         self.send(f'{{"type":"subscribed","slug":"{slug}","version":{change.version},"epoch":"{change.epoch}"}}')
-        if change.version > follow.sent:
-            self.send_change(follow, change)
-        if present is not None and present.version != follow.presence_sent:
-            self.send_presence(follow, present)
+        news = page.take(change)
+        if news is not None:
+            self.send_change(page, news)
+        present = page.take_presence(present)
+        if present is not None:
+            self.send_presence(page, present)
 
-    def unsubscribe(self, slug):
+    def unsubscribe(self, slug: str) -> None:
         self.unfollow(slug)
         self.send(f'{{"type":"unsubscribed","slug":"{slug}"}}')
 
-    def unfollow(self, slug):
-        follow = self.follows.pop(slug, None)
-        if follow is not None:
-            follow.held.__exit__(None, None, None)
+    def unfollow(self, slug: str) -> None:
+        page = self.follows.pop(slug, None)
+        if page is not None:
+            page.held.__exit__(None, None, None)
 
-    def look(self, follow, full):
+    def look(self, page: Page, full: bool) -> bool:
         """Send what is new of one page: delivered, or (`full`) read from the store. Return whether anything was."""
-        news = False
-        change = follow.subscription.latest
-        if change is None or (change.epoch == follow.epoch and change.version <= follow.sent):
-            change = None
-            if full:
-                change = self._read(self.store.changes, follow.slug, max(follow.sent, 0))
-        if change is not None and change.epoch != follow.epoch:
-            follow.epoch, follow.sent = change.epoch, -1  # a new database: whatever it holds is news
-            if not change.changed:
-                change = self._read(self.store.changes, follow.slug, 0)
-        if change is not None and change.version > follow.sent:
-            self.send_change(follow, change)
-            news = True
-        if follow.presence_sent is not None:
-            present = follow.subscription.presence
-            if present is None or present.version == follow.presence_sent:
-                present = self._read(self.store.presence, follow.slug) if full else None
-            if present is not None and present.version != follow.presence_sent:
-                self.send_presence(follow, present)
-                news = True
-        return news
-
-    @staticmethod
-    def _read(read, *args):
         try:
-            return read(*args)
+            change = page.new_change(full)
         except Unavailable as exc:  # looked at again on the next heartbeat
-            log.warning("WebSocket could not read %s: %s", args[0], exc)
-            return None
+            change = None
+            log.warning("WebSocket could not read %s: %s", page.slug, exc)
+        if change is not None:
+            self.send_change(page, change)
+        try:
+            present = page.new_presence(full)
+        except Unavailable as exc:
+            present = None
+            log.warning("WebSocket could not read the presence on %s: %s", page.slug, exc)
+        if present is not None:
+            self.send_presence(page, present)
+        return change is not None or present is not None
 
-    def send_change(self, follow, change):
+    def send_change(self, page: Page, change: Change) -> None:
         # The cached JSON text of the answer, with the frame's type and slug in front: no re-serializing.
         text = change.answer if change.changed else change.unchanged
-        self.send(f'{{"type":"change","slug":"{follow.slug}",' + text[1:])
-        follow.sent = change.version
+        self.send(f'{{"type":"change","slug":"{page.slug}",' + text[1:])
 
-    def send_presence(self, follow, present):
-        self.send(f'{{"type":"presence","slug":"{follow.slug}",' + present.text(follow.count_only)[1:])
-        follow.presence_sent = present.version
+    def send_presence(self, page: Page, present: presence_module.Presence) -> None:
+        self.send(f'{{"type":"presence","slug":"{page.slug}",' + present.text(page.count_only)[1:])
 
 
 class Service:
     """What every socket of one app shares: the store, the notifier, the verifier, the limits."""
 
-    def __init__(self, app, store, notifier, verifier, waits):
+    def __init__(self, app: Flask, store: Store, notifier: Notifier, verifier: TokenVerifier,
+                 waits: WaitGate) -> None:
         config = app.config
         self.config, self.store, self.notifier, self.verifier, self.waits = config, store, notifier, verifier, waits
         self.allowed_origins = parse_origins(config["CHANGEFEED_CORS_ORIGINS"])
@@ -525,7 +517,7 @@ class Service:
         self.ping_schema = PingSchema()
         self.presence_schema = PresenceSchema()
 
-    def admit(self, req):
+    def admit(self, req: Request) -> tuple[tuple[int, str] | None, Rights | None]:
         """The close (code, reason) this connection gets at once, or None, and the token's Rights."""
         if cross_site(req, self.allowed_origins):
             return (POLICY_VIOLATION, "a page of another site may not connect here (CHANGEFEED_CORS_ORIGINS)"), None
@@ -549,7 +541,7 @@ class Service:
             return (TRY_AGAIN_LATER, "the token cannot be checked right now: retry later"), None
         return None, rights
 
-    def serve(self, ws):
+    def serve(self, ws: Server) -> None:
         """The route: admit the connection, start its pump, and read the client's messages until it ends."""
         environ = request.environ
         environ[UPGRADED] = True
@@ -595,7 +587,7 @@ class Service:
                     release()
 
     @staticmethod
-    def _hang_up(ws, environ):
+    def _hang_up(ws: Server, environ: dict[str, Any]) -> None:
         """End the TCP connection now: the library's reader stops, and gevent's handler reads no next request."""
         for raw in (ws.sock.sock, environ.get("gunicorn.sock")):
             if raw is not None:
@@ -606,7 +598,7 @@ class Service:
         ws.thread.join(CLOSE_WAIT_S)
 
 
-def _reconnectable_ping_timeout(ws):
+def _reconnectable_ping_timeout(ws: Server) -> None:
     """Have a missed ping close with 1001, not the library's 1008, which tells a client never to retry.
 
     A peer that missed a ping is most likely gone; should it still be there
@@ -614,7 +606,7 @@ def _reconnectable_ping_timeout(ws):
     """
     library_close = ws.close
 
-    def close(reason=None, message=None):
+    def close(reason: int | None = None, message: str | None = None) -> None:
         if reason == POLICY_VIOLATION and message == PING_TIMEOUT:
             reason, message = GOING_AWAY, PING_TIMEOUT_REASON
         return library_close(reason, message)
@@ -625,6 +617,6 @@ def _reconnectable_ping_timeout(ws):
 class Upgraded(Response):
     """The answer of a WebSocket request once the socket ended: a status for the server's books only."""
 
-    def __call__(self, environ, start_response):
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
         start_response("101 Switching Protocols", [("Connection", "close")])
         return []
