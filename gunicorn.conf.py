@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 
-# Loopback by default; put nginx in front (see README) or set CHANGEFEED_BIND.
+# Loopback by default; put nginx in front (see docs/production.md) or set CHANGEFEED_BIND.
 bind = os.environ.get("CHANGEFEED_BIND", "127.0.0.1:8000")
 
 # One process per core: gevent serves thousands of connections in each, so

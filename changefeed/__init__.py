@@ -1,8 +1,8 @@
 """changefeed: a page is saved, and every open tab that shows it learns of the new version at once.
 
 The package is cut in layers, each importing only the ones below it:
-core <- ops <- stores <- security <- transports <- http (see README,
-*Architecture*); changefeed.extension, the Flask extension, sits on top.
+core <- ops <- stores <- security <- transports <- http <- extension (the Flask
+extension, on top; see docs/architecture.md).
 
     from changefeed import Changefeed
     feed = Changefeed(app, url_prefix="/feed")

@@ -179,3 +179,13 @@ def test_a_last_event_id_is_an_epoch_and_a_version_or_a_version_alone(header, ex
 def test_an_idempotency_key_may_come_quoted_as_a_structured_field_string():
     assert IdempotencyKeySchema().load({"Idempotency-Key": '"key-1"'}) == {"key": "key-1"}
     assert IdempotencyKeySchema().load({"Idempotency-Key": "key-1"}) == {"key": "key-1"}
+
+
+def test_a_save_over_its_size_limits_is_refused_naming_the_field():
+    schema = SaveSchema(max_html_bytes=4, max_data_bytes=8)
+    assert "at most 4 bytes" in refusal(schema, {"slug": "a", "html": "ééé"})["html"][0]
+    assert "at most 8 bytes" in refusal(schema, {"slug": "a", "html": "", "data": "123456789"})["data"][0]
+
+
+def test_a_save_refuses_unknown_fields():
+    assert "extra" in refusal(SaveSchema(100, 100), {"slug": "a", "html": "", "extra": 1})

@@ -1,7 +1,7 @@
 """Every setting of the service in one place: name, default, and a line of help.
 
 Each setting is read from the environment variable of the same name, so the
-same code runs under `flask run`, gunicorn and the tests; the README lists
+same code runs under `flask run`, gunicorn and the tests; docs/configuration.md lists
 them all, and a test keeps that list honest.
 """
 

@@ -147,7 +147,7 @@ def build(app: Flask) -> dict[str, Any]:
     """Return the OpenAPI document of `app` as a dict."""
     plugin = MarshmallowPlugin()
     spec = APISpec(title="changefeed", version="1", openapi_version="3.1.0", plugins=[plugin], info={
-        "description": "Save a page; every open tab learns of the new version at once. See the README.",
+        "description": "Save a page; every open tab learns of the new version at once. See docs/api.md.",
     })
     plugin.map_to_openapi_type(Count, "integer", None)
     spec.components.schema("Error", schema=ErrorSchema)
@@ -241,7 +241,7 @@ def build(app: Flask) -> dict[str, Any]:
     }})
     spec.path("/ws", operations={"get": {
         "summary": "A WebSocket following many pages: JSON messages subscribe, unsubscribe, presence, ping "
-                   "(see the README)",
+                   "(see docs/api.md)",
         "security": optional_auth,
         "responses": {"101": {"description": "switched to the WebSocket protocol"},
                       **_errors("400", "403", "429", "503")},
@@ -266,7 +266,7 @@ def build(app: Flask) -> dict[str, Any]:
         "200": {"description": "OpenAPI 3.1", "content": {"application/json": {"schema": {"type": "object"}}}}}}})
     if app.config["CHANGEFEED_METRICS"] != "off":
         spec.path("/metrics", operations={"get": {
-            "summary": "Prometheus metrics, summed over the server's processes (see the README)",
+            "summary": "Prometheus metrics, summed over the server's processes (see docs/operations.md)",
             "security": [{}, {"bearer": []}],
             "responses": {"200": {"description": "the Prometheus text format (OpenMetrics when the Accept header "
                                                  "asks for it)", "content": {

@@ -7,7 +7,7 @@ have enough open already; core/clients.py says who the client is behind a proxy)
 
 Each server process counts its own: a client spread over W processes may
 hold W times its cap. For one cap across all of them, put nginx's
-`limit_conn` in front (README: Limits).
+`limit_conn` in front (docs/limits.md).
 """
 
 import resource

@@ -1,6 +1,6 @@
 """GET /ws: one WebSocket follows many pages, and who is on them (flask-sock over simple-websocket).
 
-Messages are JSON text; the protocol (README, and docs of issue 12):
+Messages are JSON text; the protocol (docs/api.md):
 
     client: subscribe {slug, since, epoch?, presence?, presence_form?}, unsubscribe {slug},
             presence {slug, client_id, name?, state} (a heartbeat, as POST /presence), ping {id?}

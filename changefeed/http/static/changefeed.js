@@ -29,7 +29,7 @@
  * This is the swap point: a hosted channel (Pusher, Ably, Centrifugo)
  * replaces the body of subscribe() and keeps its signature, as the "ws"
  * transport here is one more opener behind it; nothing else in the page, nor
- * the save side, changes. The README shows how.
+ * the save side, changes. docs/transports.md shows how.
  *
  * The push transports (longpoll, sse, ws) are shared between the tabs of one
  * browser: one leader tab, elected with the Web Locks API, holds the
