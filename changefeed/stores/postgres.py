@@ -102,19 +102,31 @@ class PostgresStore(PageStore):
         PageStore.PRESENCE_VERSION, PageStore.SET_PRESENCE, PageStore.PRESENCE))
     NEXT_PRESENCE_VERSION = "SELECT nextval('presence_clock')"
     _native_commits = False  # psycopg waits cooperatively: commits run in a greenlet
+    # Each statement names the writing transaction (`xact`): saved_since() reads by it.
     UPSERT = ("INSERT INTO page_versions AS p (slug, html, data, version, updated_at) VALUES (%s, %s, %s, 1, %s)"
               " ON CONFLICT (slug) DO UPDATE SET html = excluded.html, data = excluded.data,"
-              " version = p.version + 1, updated_at = excluded.updated_at, deleted = false RETURNING version")
+              " version = p.version + 1, updated_at = excluded.updated_at, deleted = false,"
+              " xact = pg_current_xact_id() RETURNING version")
     INSERT_NEW = ("INSERT INTO page_versions AS p (slug, html, data, version, updated_at) VALUES (%s, %s, %s, 1, %s)"
                   " ON CONFLICT (slug) DO UPDATE SET html = excluded.html, data = excluded.data,"
-                  " version = p.version + 1, updated_at = excluded.updated_at, deleted = false"
-                  " WHERE p.deleted RETURNING version")
+                  " version = p.version + 1, updated_at = excluded.updated_at, deleted = false,"
+                  " xact = pg_current_xact_id() WHERE p.deleted RETURNING version")
     UPDATE_FROM = ("UPDATE page_versions SET html = %s, data = %s, version = version + 1, updated_at = %s,"
-                   " deleted = false WHERE slug = %s AND version = %s RETURNING version")
+                   " deleted = false, xact = pg_current_xact_id() WHERE slug = %s AND version = %s RETURNING version")
     DELETE = ("UPDATE page_versions SET html = '', data = 'null', version = version + 1, updated_at = %s,"
-              " deleted = true WHERE slug = %s AND NOT deleted AND (%s::bigint IS NULL OR version = %s)"
-              " RETURNING version")
-    TAKE_TURN = "SELECT 1 FROM storage FOR UPDATE"
+              " deleted = true, xact = pg_current_xact_id()"
+              " WHERE slug = %s AND NOT deleted AND (%s::bigint IS NULL OR version = %s) RETURNING version")
+    # A storage shard no other transaction holds, named for the counting triggers (schema_postgres.sql);
+    # with every shard taken (16 transactions at once) the triggers count in shard 0 and wait for it.
+    TAKE_SHARD = ("WITH s AS MATERIALIZED (SELECT shard FROM storage_shards FOR UPDATE SKIP LOCKED LIMIT 1)"
+                  " SELECT set_config('changefeed.shard', shard::text, true) FROM s")
+    # What was saved at or after a cursor and below the oldest transaction still running: every row
+    # below that horizon is settled (committed, or rolled back and invisible), so none committing
+    # late is ever skipped. The horizon is the next cursor.
+    SAVED_SINCE = ("SELECT h.horizon::text, p.slug, p.version, p.deleted"
+                   " FROM (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS horizon) h"
+                   " LEFT JOIN page_versions p ON p.xact >= %s::text::xid8 AND p.xact < h.horizon"
+                   " ORDER BY p.xact, p.slug")
     CHANGES = ("SELECT e.value, p.version, p.updated_at,"
                " CASE WHEN p.version > %(since)s OR e.value <> %(epoch)s THEN p.html END,"
                " CASE WHEN p.version > %(since)s OR e.value <> %(epoch)s THEN p.data END, p.deleted"
@@ -264,11 +276,9 @@ class PostgresStore(PageStore):
             if apply is not None:
                 outcomes = apply(conn, items)
             else:
-                # One save transaction at a time, as on SQLite. Each one updates the storage row
-                # (its trigger) anyway: taken last, after page rows, two transactions deadlock
-                # (503 after a 1 s stall), and a retry of an Idempotency-Key misses the key
-                # committed meanwhile (READ COMMITTED) and saves a second version.
-                conn.execute(self.TAKE_TURN)
+                # Saves of different pages never wait for each other: each transaction counts what it
+                # stores in a shard of its own, and waits only for the rows of the pages it writes.
+                conn.execute(self.TAKE_SHARD)
                 outcomes = self._apply_all(conn, items)
                 saved = [outcome for outcome in outcomes if isinstance(outcome, Saved) and not outcome.replayed]
                 if saved:
@@ -308,6 +318,19 @@ class PostgresStore(PageStore):
         row = self._read(self.CHANGES, {"since": since, "slug": slug, "epoch": epoch})[0]
         self.epoch = row[0]
         return change_from_row(row)
+
+    def saved_since(self, cursor: int) -> tuple[list[tuple[str, int, bool]], int]:
+        """Return the pages saved since `cursor` [(slug, version, deleted)], oldest first, and the cursor to ask next.
+
+        Cursors are transaction ids (0: from the start). Transactions commit
+        out of the order of their ids, so a reader that took "everything above
+        the newest id seen" would skip one committing late; this one stops
+        below the oldest transaction still running and asks from there next
+        time. A page saved again since is listed once, at its newest version.
+        """
+        rows = self._read(self.SAVED_SINCE, (cursor,))
+        horizon = int(rows[0][0])
+        return [(slug, version, deleted) for _h, slug, version, deleted in rows if slug is not None], horizon
 
     def _read(self, sql: str, params: Any) -> list[Any]:
         """Run one read; return its rows, or raise Unavailable. Tried twice: a pooled connection may be dead."""
