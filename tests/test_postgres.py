@@ -156,6 +156,19 @@ def test_a_save_made_while_the_listener_is_cut_off_is_delivered_once_it_listens_
     assert stream.next(timeout=5)["id"] == f"{epoch}:3"
 
 
+def test_a_save_whose_notification_never_came_is_delivered_by_the_catch_up_read(make_server, open_stream, database,
+                                                                              epoch):
+    """A NOTIFY goes after its commit: a process dying in between sends none, and the listeners still deliver."""
+    server = make_server(workers=1, env=QUIET)
+    stream = open_stream(f"{server.url}/events?slug=unannounced")
+    stream.next()  # retry: subscribed
+    http_save(server, slug="unannounced", html="one")
+    assert stream.next()["id"] == f"{epoch}:1"
+    database.query("UPDATE page_versions SET version = 2, html = 'two' WHERE slug = 'unannounced'")  # no NOTIFY
+    event = stream.next(timeout=5)  # the catch-up reads once a second; the heartbeat re-read is minutes away
+    assert (event["id"], event["data"]["html"]) == (f"{epoch}:2", "two")
+
+
 def test_the_database_going_away_is_a_503_and_the_service_recovers_by_itself(make_server, open_stream, database):
     server = make_server(workers=2)
     answers, stop = [], threading.Event()
@@ -193,7 +206,8 @@ def test_the_database_going_away_is_a_503_and_the_service_recovers_by_itself(mak
     (stored,) = database.query("SELECT version FROM page_versions WHERE slug = 'flow'")[0]
     unknown = sum(a[1]["error"] == "outcome unknown" for a in refused)
     assert len(acknowledged) <= stored <= len(acknowledged) + unknown  # nothing lost, nothing invented
-    assert requests.get(f"{server.url}/readyz", timeout=10).status_code == 200
+    ready_after = requests.get(f"{server.url}/readyz", timeout=10)
+    assert ready_after.status_code == 200, ready_after.text
     stream = open_stream(f"{server.url}/events?slug=flow")
     stream.next()  # retry
     assert stream.next()["data"]["version"] == stored
@@ -280,6 +294,7 @@ def test_a_save_waiting_for_a_lock_never_stalls_the_other_requests_of_its_worker
 
 # What schema 7 (storage shards, the writing transaction of each version) added, taken away again: schema 6.
 BACK_TO_SCHEMA_6 = """
+    DROP TRIGGER page_versions_xact ON page_versions; DROP FUNCTION changefeed_stamp_xact();
     ALTER TABLE page_versions DROP COLUMN xact;
     DROP VIEW storage;
     DELETE FROM storage_shards WHERE shard <> 0;

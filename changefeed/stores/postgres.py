@@ -110,20 +110,17 @@ class PostgresStore(PageStore):
         PageStore.PRESENCE_VERSION, PageStore.SET_PRESENCE, PageStore.PRESENCE))
     NEXT_PRESENCE_VERSION = "SELECT nextval('presence_clock')"
     _native_commits = False  # psycopg waits cooperatively: commits run in a greenlet
-    # Each statement names the writing transaction (`xact`): saved_since() reads by it.
     UPSERT = ("INSERT INTO page_versions AS p (slug, html, data, version, updated_at) VALUES (%s, %s, %s, 1, %s)"
               " ON CONFLICT (slug) DO UPDATE SET html = excluded.html, data = excluded.data,"
-              " version = p.version + 1, updated_at = excluded.updated_at, deleted = false,"
-              " xact = pg_current_xact_id() RETURNING version")
+              " version = p.version + 1, updated_at = excluded.updated_at, deleted = false RETURNING version")
     INSERT_NEW = ("INSERT INTO page_versions AS p (slug, html, data, version, updated_at) VALUES (%s, %s, %s, 1, %s)"
                   " ON CONFLICT (slug) DO UPDATE SET html = excluded.html, data = excluded.data,"
-                  " version = p.version + 1, updated_at = excluded.updated_at, deleted = false,"
-                  " xact = pg_current_xact_id() WHERE p.deleted RETURNING version")
+                  " version = p.version + 1, updated_at = excluded.updated_at, deleted = false"
+                  " WHERE p.deleted RETURNING version")
     UPDATE_FROM = ("UPDATE page_versions SET html = %s, data = %s, version = version + 1, updated_at = %s,"
-                   " deleted = false, xact = pg_current_xact_id() WHERE slug = %s AND version = %s RETURNING version")
+                   " deleted = false WHERE slug = %s AND version = %s RETURNING version")
     DELETE = ("UPDATE page_versions SET html = '', data = 'null', version = version + 1, updated_at = %s,"
-              " deleted = true, xact = pg_current_xact_id()"
-              " WHERE slug = %s AND NOT deleted AND (%s::bigint IS NULL OR version = %s) RETURNING version")
+              " deleted = true WHERE slug = %s AND NOT deleted AND (%s::bigint IS NULL OR version = %s) RETURNING version")
     # A storage shard no other transaction holds, named for the counting triggers (schema_postgres.sql);
     # with every shard taken (16 transactions at once) the triggers count in shard 0 and wait for it.
     TAKE_SHARD = ("WITH s AS MATERIALIZED (SELECT shard FROM storage_shards FOR UPDATE SKIP LOCKED LIMIT 1)"
@@ -131,6 +128,7 @@ class PostgresStore(PageStore):
     # What was saved at or after a cursor and below the oldest transaction still running: every row
     # below that horizon is settled (committed, or rolled back and invisible), so none committing
     # late is ever skipped. The horizon is the next cursor.
+    HORIZON = "SELECT pg_snapshot_xmin(pg_current_snapshot())::text"  # the cursor of "from now on"
     SAVED_SINCE = ("SELECT h.horizon::text, p.slug, p.version, p.deleted"
                    " FROM (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS horizon) h"
                    " LEFT JOIN page_versions p ON p.xact >= %s::text::xid8 AND p.xact < h.horizon"

@@ -243,6 +243,14 @@ POSTGRES_UPGRADES = [
         $$;
         ALTER TABLE page_versions ADD COLUMN xact xid8 NOT NULL DEFAULT pg_current_xact_id();
         CREATE INDEX page_versions_xact ON page_versions (xact);
+        CREATE FUNCTION changefeed_stamp_xact() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            NEW.xact := pg_current_xact_id();
+            RETURN NEW;
+        END
+        $$;
+        CREATE TRIGGER page_versions_xact BEFORE UPDATE ON page_versions
+            FOR EACH ROW EXECUTE FUNCTION changefeed_stamp_xact();
     """),
 ]
 POSTGRES_CHANNEL = "changefeed"  # what saves NOTIFY and every host's listener LISTENs to

@@ -20,6 +20,15 @@ CREATE TABLE page_versions (
 -- xmin), which are all settled, and asks next time from there
 -- (PostgresStore.saved_since): nothing committed late is ever skipped.
 CREATE INDEX page_versions_xact ON page_versions (xact);
+-- Every write names its transaction, whoever makes it (a save, an import, an operator's SQL).
+CREATE FUNCTION changefeed_stamp_xact() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    NEW.xact := pg_current_xact_id();
+    RETURN NEW;
+END
+$$;
+CREATE TRIGGER page_versions_xact BEFORE UPDATE ON page_versions
+    FOR EACH ROW EXECUTE FUNCTION changefeed_stamp_xact();
 
 -- Pages are deleted by a tombstone, never by removing their row (see schema.sql).
 CREATE FUNCTION changefeed_keep_pages() RETURNS trigger LANGUAGE plpgsql AS $$
