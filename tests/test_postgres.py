@@ -156,6 +156,19 @@ def test_a_save_made_while_the_listener_is_cut_off_is_delivered_once_it_listens_
     assert stream.next(timeout=5)["id"] == f"{epoch}:3"
 
 
+def test_a_save_whose_notification_never_came_is_delivered_by_the_catch_up_read(make_server, open_stream, database,
+                                                                              epoch):
+    """A NOTIFY goes after its commit: a process dying in between sends none, and the listeners still deliver."""
+    server = make_server(workers=1, env=QUIET)
+    stream = open_stream(f"{server.url}/events?slug=unannounced")
+    stream.next()  # retry: subscribed
+    http_save(server, slug="unannounced", html="one")
+    assert stream.next()["id"] == f"{epoch}:1"
+    database.query("UPDATE page_versions SET version = 2, html = 'two' WHERE slug = 'unannounced'")  # no NOTIFY
+    event = stream.next(timeout=5)  # the catch-up reads once a second; the heartbeat re-read is minutes away
+    assert (event["id"], event["data"]["html"]) == (f"{epoch}:2", "two")
+
+
 def test_the_database_going_away_is_a_503_and_the_service_recovers_by_itself(make_server, open_stream, database):
     server = make_server(workers=2)
     answers, stop = [], threading.Event()
@@ -193,7 +206,8 @@ def test_the_database_going_away_is_a_503_and_the_service_recovers_by_itself(mak
     (stored,) = database.query("SELECT version FROM page_versions WHERE slug = 'flow'")[0]
     unknown = sum(a[1]["error"] == "outcome unknown" for a in refused)
     assert len(acknowledged) <= stored <= len(acknowledged) + unknown  # nothing lost, nothing invented
-    assert requests.get(f"{server.url}/readyz", timeout=10).status_code == 200
+    ready_after = requests.get(f"{server.url}/readyz", timeout=10)
+    assert ready_after.status_code == 200, ready_after.text
     stream = open_stream(f"{server.url}/events?slug=flow")
     stream.next()  # retry
     assert stream.next()["data"]["version"] == stored
@@ -263,8 +277,8 @@ def test_pages_imported_from_sqlite_keep_their_versions_and_epoch_so_clients_go_
 def test_a_save_waiting_for_a_lock_never_stalls_the_other_requests_of_its_worker(make_server, database, args):
     server = make_server(workers=1, args=args)
     http_save(server, slug="held")
-    with psycopg.connect(database.url) as blocker:  # a transaction holding the row every save updates
-        blocker.execute("UPDATE storage SET pages = pages")
+    with psycopg.connect(database.url) as blocker:  # a transaction holding the page's row
+        blocker.execute("UPDATE page_versions SET version = version WHERE slug = 'held'")
         saving = threading.Thread(target=requests.post, args=(f"{server.url}/save",),
                                   kwargs={"json": {"slug": "held", "html": "waits"}, "timeout": 30})
         saving.start()
@@ -278,8 +292,49 @@ def test_a_save_waiting_for_a_lock_never_stalls_the_other_requests_of_its_worker
     assert requests.get(f"{server.url}/changes?slug=held&since=0", timeout=5).json()["version"] == 2
 
 
+# What schema 7 (storage shards, the writing transaction of each version) added, taken away again: schema 6.
+BACK_TO_SCHEMA_6 = """
+    DROP TRIGGER page_versions_xact ON page_versions; DROP FUNCTION changefeed_stamp_xact();
+    ALTER TABLE page_versions DROP COLUMN xact;
+    DROP VIEW storage;
+    DELETE FROM storage_shards WHERE shard <> 0;
+    ALTER TABLE storage_shards DROP COLUMN shard;
+    ALTER TABLE storage_shards RENAME TO storage;
+    CREATE OR REPLACE FUNCTION changefeed_count_storage() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        IF TG_OP = 'INSERT' THEN
+            UPDATE storage SET pages = pages + (NOT NEW.deleted)::int,
+                               bytes = bytes + octet_length(NEW.html) + octet_length(NEW.data);
+        ELSIF TG_OP = 'UPDATE' THEN
+            UPDATE storage SET pages = pages + (NOT NEW.deleted)::int - (NOT OLD.deleted)::int,
+                               bytes = bytes + octet_length(NEW.html) + octet_length(NEW.data)
+                                             - octet_length(OLD.html) - octet_length(OLD.data);
+        ELSE
+            UPDATE storage SET pages = pages - (NOT OLD.deleted)::int,
+                               bytes = bytes - octet_length(OLD.html) - octet_length(OLD.data);
+        END IF;
+        RETURN NULL;
+    END
+    $$;
+    CREATE OR REPLACE FUNCTION changefeed_count_keys() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        IF TG_OP = 'INSERT' THEN
+            UPDATE storage SET bytes = bytes + 200 + octet_length(NEW.key) + octet_length(NEW.slug);
+        ELSIF TG_OP = 'UPDATE' THEN
+            UPDATE storage SET bytes = bytes + octet_length(NEW.key) + octet_length(NEW.slug)
+                                             - octet_length(OLD.key) - octet_length(OLD.slug);
+        ELSE
+            UPDATE storage SET bytes = bytes - 200 - octet_length(OLD.key) - octet_length(OLD.slug);
+        END IF;
+        RETURN NULL;
+    END
+    $$;
+    DROP FUNCTION changefeed_shard();
+    UPDATE schema_version SET version = 6;
+"""
+
 # What schema 6 (tombstones, keys counted in storage, "gone" entries) added, taken away again: schema 5.
-BACK_TO_SCHEMA_5 = """
+BACK_TO_SCHEMA_5 = BACK_TO_SCHEMA_6 + """
     DROP TRIGGER page_versions_keep ON page_versions; DROP FUNCTION changefeed_keep_pages();
     DROP TRIGGER storage_count_keys ON idempotency_keys; DROP FUNCTION changefeed_count_keys();
     DROP TRIGGER storage_count ON page_versions;
@@ -312,7 +367,7 @@ def _shape(database):
 
 
 def test_the_upgrades_from_schema_4_match_a_fresh_database_and_keep_pages(database):
-    """Schema 4 to 5 (presence) to 6 (tombstones) on PostgreSQL: the same tables and columns as a new database."""
+    """Schema 4 to 5 (presence) to 6 (tombstones) to 7 (shards) on PostgreSQL: the tables and columns of a new one."""
     fresh = _shape(database)
     database.query(BACK_TO_SCHEMA_5)
     database.query("INSERT INTO page_versions (slug, html, data, version, updated_at) VALUES"
@@ -336,3 +391,16 @@ def test_the_upgrade_to_tombstones_counts_kept_keys_and_takes_gone_entries(datab
     assert database.query("SELECT pages, bytes FROM storage") == [(1, 3 + 200 + len("k-1") + len("kept"))]
     database.query("INSERT INTO page_editors VALUES ('kept', 'client:x', 'x', 'Ada', 'gone', 0)")
     assert database.query("SELECT state FROM page_editors") == [("gone",)]
+
+
+def test_the_upgrade_to_storage_shards_keeps_the_counts_and_saves_go_on(database, client):
+    """Schema 6 to 7 on PostgreSQL: the one storage row becomes shard 0, its counts kept; later saves add to them."""
+    client.post("/save", json={"slug": "kept", "html": "x"}, headers={"Idempotency-Key": "k-1"})
+    counted = database.query("SELECT pages, bytes FROM storage")
+    database.query(BACK_TO_SCHEMA_6)
+    assert database.query("SELECT pages, bytes FROM storage") == counted
+    migrate.migrate_postgres(database.url)
+    assert database.query("SELECT shard, pages, bytes FROM storage_shards WHERE shard = 0") == [(0, *counted[0])]
+    assert database.query("SELECT count(*) FROM storage_shards") == [(16,)]
+    assert client.post("/save", json={"slug": "new", "html": "yy"}).status_code == 200
+    assert database.query("SELECT pages, bytes FROM storage") == [(2, counted[0][1] + len("yy") + len("null"))]

@@ -67,10 +67,11 @@ class PageStore:
     OLDEST_KEY = "SELECT min(created_at) FROM idempotency_keys"
     FIND_KEY = ("SELECT fingerprint, slug, version, updated_at FROM idempotency_keys"
                 " WHERE key = ? AND created_at > ?")
+    # Keeps a key, or takes over an expired one; no row when a live one is there (kept meanwhile).
     KEEP_KEY = ("INSERT INTO idempotency_keys (key, fingerprint, slug, version, updated_at, created_at)"
                 " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET fingerprint = excluded.fingerprint,"
                 " slug = excluded.slug, version = excluded.version, updated_at = excluded.updated_at,"
-                " created_at = excluded.created_at")
+                " created_at = excluded.created_at WHERE idempotency_keys.created_at <= ? RETURNING 1")
     VERSION = "SELECT version, deleted FROM page_versions WHERE slug = ?"
     STORAGE = "SELECT pages, bytes FROM storage"
     # (slug, html, data, updated_at) -> version: first save 1, then +1, whatever the last.
@@ -267,14 +268,42 @@ class PageStore:
         raise NotImplementedError
 
     def _apply_all(self, conn: Connection, items: Sequence[Any]) -> list[Outcome]:
-        """Apply each item in a savepoint of its own; raise when the whole transaction is lost."""
+        """Apply each item in a savepoint of its own; raise when the whole transaction is lost.
+
+        Items are applied in slug order (saves of one page keep their order):
+        two hosts' transactions that write the same pages then take their rows
+        in the same order, and never wait on each other in a cycle.
+        """
         now = time.time()
         # Read in the transaction, so each answer names the database that holds its save.
         (epoch,) = conn.execute(self.EPOCH).fetchone()
         self.epoch = epoch
         if now >= self._forget_keys_at:
             self._forget_keys(conn, now)
-        return [self._in_savepoint(conn, item, lambda: self._apply(conn, item, now, epoch)) for item in items]
+        room = self._room_for(conn, items)
+        outcomes: list[Outcome] = [None] * len(items)
+        for i in sorted(range(len(items)), key=lambda i: items[i].slug):
+            item = items[i]
+            outcomes[i] = self._in_savepoint(conn, item, lambda: self._apply(conn, item, now, epoch, room))
+        return outcomes
+
+    def _room_for(self, conn: Connection, items: Sequence[SaveRequest]) -> bool:
+        """Whether the whole batch fits under the storage limits whatever each save replaces (one read).
+
+        Then no save needs a look at the counters of its own, which is the
+        common case: a database far from its limits. Otherwise each save is
+        checked on its own (_over_limit). On PostgreSQL this sees what other
+        transactions have committed, not what they are writing: a limit may
+        be passed by what one batch of each other process adds meanwhile.
+        """
+        if self._max_pages is None and self._max_bytes is None:
+            return True
+        pages, stored = conn.execute(self.STORAGE).fetchone()
+        added_pages = sum(not item.delete for item in items)
+        added_bytes = sum(_utf8_len(item.html) + _utf8_len(item.data)
+                          + (200 + len(item.key) + _utf8_len(item.slug) if item.key else 0) for item in items)
+        return ((self._max_pages is None or pages + added_pages <= self._max_pages)
+                and (self._max_bytes is None or stored + added_bytes <= self._max_bytes))
 
     def _in_savepoint(self, conn: Connection, item: Item, apply: Callable[[], Outcome]) -> Outcome:
         """Run `apply()` for one item in a savepoint of its own; return its outcome.
@@ -301,7 +330,7 @@ class PageStore:
         conn.execute("RELEASE SAVEPOINT item")
         return outcome
 
-    def _apply(self, conn: Connection, item: SaveRequest, now: float, epoch: str) -> Outcome:
+    def _apply(self, conn: Connection, item: SaveRequest, now: float, epoch: str, room: bool = False) -> Outcome:
         """Write one save inside the caller's transaction; a stale base writes nothing.
 
         The base version is checked by the write itself (an UPDATE of that
@@ -319,7 +348,7 @@ class PageStore:
         updated_at = utc_now()
         if item.delete:
             return self._delete(conn, item, updated_at, epoch)
-        limited = self._max_pages is not None or self._max_bytes is not None
+        limited = not room and (self._max_pages is not None or self._max_bytes is not None)
         if limited:
             before = conn.execute(self.STORAGE).fetchone()
         if item.base_version is None:
@@ -334,7 +363,16 @@ class PageStore:
             return Conflict(current[0] if current else 0)
         (version,) = row
         if item.key is not None:
-            conn.execute(self.KEEP_KEY, (item.key, fingerprint, item.slug, version, updated_at, now))
+            kept = conn.execute(self.KEEP_KEY, (item.key, fingerprint, item.slug, version, updated_at, now,
+                                                now - self._key_ttl)).fetchone()
+            if kept is None:
+                # Another transaction kept this key since FIND_KEY looked (a retry on another host, which
+                # READ COMMITTED let this one miss): its save is the one, this one writes nothing.
+                conn.execute("ROLLBACK TO SAVEPOINT item")
+                row = conn.execute(self.FIND_KEY, (item.key, now - self._key_ttl)).fetchone()
+                if row is None or row[0] != fingerprint:
+                    return KeyReused(item.key)
+                return Saved(row[1], row[2], row[3], epoch, replayed=True)
         if limited:  # after the key too: what keys keep counts against the byte limit
             refused = self._over_limit(conn, *before)
             if refused is not None:
@@ -381,6 +419,11 @@ class PageStore:
                                                f"hold more than {self._max_bytes} bytes "
                                                "(CHANGEFEED_MAX_STORED_BYTES), so a page cannot grow or be added")
         return None
+
+
+def _utf8_len(text: str) -> int:
+    """How many bytes `text` takes in UTF-8 (what the storage triggers count), without encoding ASCII."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
 
 
 def change_from_row(row: Sequence[Any]) -> Change:

@@ -9,12 +9,17 @@ differs is how the engine is reached and how failures read:
   psycopg waits cooperatively under gevent (it must be imported after
   gevent patched the process, which gunicorn's workers do before loading
   the app).
-- A save's transaction ends with one NOTIFY naming the slugs and versions
-  it wrote (never the page: a payload holds at most 8000 bytes), which
-  every host's listener (stores/postgres_notify.py) hears. Group commit still applies:
-  one transaction, one NOTIFY and one commit for all the saves a process
-  has waiting, which matters here as PostgreSQL commits notifying
-  transactions one at a time.
+- A save's transaction is followed, once committed, by one NOTIFY naming
+  the slugs and versions it wrote (never the page: a payload holds at most
+  8000 bytes), which every host's listener (stores/postgres_notify.py)
+  hears. Not inside the transaction: PostgreSQL commits every transaction
+  that notified under one database-wide lock, held through the commit's
+  WAL flush, so notifying saves would take turns again (measured in
+  docs/performance.md). The NOTIFY goes in a transaction of its own that
+  waits for no flush; one lost (the process died between the two) is
+  found by the listeners' catch-up read of saved_since(), never lost for
+  good. Group commit still applies: one transaction, one commit and one
+  NOTIFY for all the saves a process has waiting.
 - The database unreachable, or every pooled connection busy for too long,
   is `Unavailable` for a read and `NotStored` for a save (503 with
   Retry-After); a connection lost while COMMIT was under way is
@@ -23,13 +28,14 @@ differs is how the engine is reached and how failures read:
 """
 
 import json
+import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import psycopg
-from psycopg import errors, pq
+from psycopg import errors, pq, sql
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from changefeed.core.outcomes import Busy, Change, NotStored, OutcomeUnknown, Saved, SchemaOutOfDate, Unavailable
@@ -57,6 +63,8 @@ def cooperate() -> None:
     if monkey.is_module_patched("select") and waiting.wait is getattr(waiting, "wait_c", None):
         waiting.wait = waiting.wait_poll  # select.poll, which gevent has patched
 
+
+log = logging.getLogger(__name__)
 
 cooperate()
 
@@ -112,9 +120,19 @@ class PostgresStore(PageStore):
     UPDATE_FROM = ("UPDATE page_versions SET html = %s, data = %s, version = version + 1, updated_at = %s,"
                    " deleted = false WHERE slug = %s AND version = %s RETURNING version")
     DELETE = ("UPDATE page_versions SET html = '', data = 'null', version = version + 1, updated_at = %s,"
-              " deleted = true WHERE slug = %s AND NOT deleted AND (%s::bigint IS NULL OR version = %s)"
-              " RETURNING version")
-    TAKE_TURN = "SELECT 1 FROM storage FOR UPDATE"
+              " deleted = true WHERE slug = %s AND NOT deleted AND (%s::bigint IS NULL OR version = %s) RETURNING version")
+    # A storage shard no other transaction holds, named for the counting triggers (schema_postgres.sql);
+    # with every shard taken (16 transactions at once) the triggers count in shard 0 and wait for it.
+    TAKE_SHARD = ("WITH s AS MATERIALIZED (SELECT shard FROM storage_shards FOR UPDATE SKIP LOCKED LIMIT 1)"
+                  " SELECT set_config('changefeed.shard', shard::text, true) FROM s")
+    # What was saved at or after a cursor and below the oldest transaction still running: every row
+    # below that horizon is settled (committed, or rolled back and invisible), so none committing
+    # late is ever skipped. The horizon is the next cursor.
+    HORIZON = "SELECT pg_snapshot_xmin(pg_current_snapshot())::text"  # the cursor of "from now on"
+    SAVED_SINCE = ("SELECT h.horizon::text, p.slug, p.version, p.deleted"
+                   " FROM (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS horizon) h"
+                   " LEFT JOIN page_versions p ON p.xact >= %s::text::xid8 AND p.xact < h.horizon"
+                   " ORDER BY p.xact, p.slug")
     CHANGES = ("SELECT e.value, p.version, p.updated_at,"
                " CASE WHEN p.version > %(since)s OR e.value <> %(epoch)s THEN p.html END,"
                " CASE WHEN p.version > %(since)s OR e.value <> %(epoch)s THEN p.data END, p.deleted"
@@ -258,21 +276,12 @@ class PostgresStore(PageStore):
                      apply: Apply | None = None) -> list[Outcome]:
         remaining_ms = max(1, int((deadline - time.monotonic()) * 1000))
         try:
-            conn.execute("BEGIN")
-            # Waiting for another host's row lock counts against the save's deadline, as SQLite's busy timeout.
-            conn.execute(f"SET LOCAL lock_timeout = {remaining_ms}")
-            if apply is not None:
-                outcomes = apply(conn, items)
-            else:
-                # One save transaction at a time, as on SQLite. Each one updates the storage row
-                # (its trigger) anyway: taken last, after page rows, two transactions deadlock
-                # (503 after a 1 s stall), and a retry of an Idempotency-Key misses the key
-                # committed meanwhile (READ COMMITTED) and saves a second version.
-                conn.execute(self.TAKE_TURN)
-                outcomes = self._apply_all(conn, items)
-                saved = [outcome for outcome in outcomes if isinstance(outcome, Saved) and not outcome.replayed]
-                if saved:
-                    conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, notify_payload(saved)))
+            # Waiting for another host's row lock counts against the save's deadline, as SQLite's busy
+            # timeout. Saves of different pages never wait for each other: each transaction counts what it
+            # stores in a shard of its own, and waits only for the rows of the pages it writes. One round trip.
+            begin = f"BEGIN; SET LOCAL lock_timeout = {remaining_ms}"
+            conn.execute(begin if apply is not None else f"{begin}; {self.TAKE_SHARD}")
+            outcomes = (apply or self._apply_all)(conn, items)
         except errors.LockNotAvailable as exc:
             _roll_back(conn)
             return [Busy(f"another save held the page past the busy timeout ({_one_line(exc)})") for _ in items]
@@ -294,7 +303,27 @@ class PostgresStore(PageStore):
             else:  # the server refused the commit: it rolled back
                 failed = NotStored(f"{self.name} refused the commit ({_one_line(exc)})")
             return [unless_settled(outcome, failed) for outcome in outcomes]
+        if apply is None:
+            self._notify(conn, [outcome for outcome in outcomes if isinstance(outcome, Saved) and not outcome.replayed])
         return outcomes
+
+    def _notify(self, conn: psycopg.Connection[Any], saved: list[Saved]) -> None:
+        """Tell every host's listener what a committed transaction saved: one NOTIFY, after the commit.
+
+        In a transaction of its own that does not wait for the WAL flush (a
+        notification is not durable anyway), so the database-wide lock it
+        takes is held for microseconds. Should it fail, the save stands: the
+        listeners' catch-up read finds it within a second (postgres_notify.py).
+        """
+        if not saved:
+            return
+        try:
+            conn.execute(sql.SQL("BEGIN; SET LOCAL synchronous_commit = off; SELECT pg_notify({}, {}); COMMIT").format(
+                sql.Literal(CHANNEL), sql.Literal(notify_payload(saved))))
+        except psycopg.Error as exc:
+            _roll_back(conn)
+            log.warning("saved, but the NOTIFY failed (%s); listeners find the save by their catch-up read",
+                        _one_line(exc))
 
     # -- reads ---------------------------------------------------------------------------------
 
@@ -308,6 +337,19 @@ class PostgresStore(PageStore):
         row = self._read(self.CHANGES, {"since": since, "slug": slug, "epoch": epoch})[0]
         self.epoch = row[0]
         return change_from_row(row)
+
+    def saved_since(self, cursor: int) -> tuple[list[tuple[str, int, bool]], int]:
+        """Return the pages saved since `cursor` [(slug, version, deleted)], oldest first, and the cursor to ask next.
+
+        Cursors are transaction ids (0: from the start). Transactions commit
+        out of the order of their ids, so a reader that took "everything above
+        the newest id seen" would skip one committing late; this one stops
+        below the oldest transaction still running and asks from there next
+        time. A page saved again since is listed once, at its newest version.
+        """
+        rows = self._read(self.SAVED_SINCE, (cursor,))
+        horizon = int(rows[0][0])
+        return [(slug, version, deleted) for _h, slug, version, deleted in rows if slug is not None], horizon
 
     def _read(self, sql: str, params: Any) -> list[Any]:
         """Run one read; return its rows, or raise Unavailable. Tried twice: a pooled connection may be dead."""

@@ -15,9 +15,13 @@ all of them, as the SQLite watcher does.
 Notifications are not durable: a dropped connection or a restarted server
 loses those sent meanwhile. So the listener reconnects with backoff and,
 once it listens again, re-reads every page it has subscribers on: a change
-made while it was deaf is delivered then, never missed. Streams and
-long-polls also re-read the page on each heartbeat tick (transports/feeds.py), which
-bounds what any missed wake-up could cost.
+made while it was deaf is delivered then, never missed. And a save sends its
+NOTIFY after its commit (stores/postgres.py), so a process that dies between
+the two sends none: about once a second the listener also reads what was
+saved since it last looked (PostgresStore.saved_since, which never skips a
+transaction that commits late) and delivers what it did not hear of. Streams
+and long-polls also re-read the page on each heartbeat tick
+(transports/feeds.py), which bounds what any missed wake-up could cost.
 """
 
 import json
@@ -38,6 +42,7 @@ log = logging.getLogger(__name__)
 
 APPLICATION_NAME = "changefeed-listener"  # what operators see in pg_stat_activity
 LOOK_S = 1.0  # the longest the listener waits for a notification before it looks around
+CATCH_UP_S = 1.0  # how often the listener reads what was saved since, for a NOTIFY that never came
 BACKOFF_BASE_S, BACKOFF_CAP_S = 0.1, 5.0
 
 
@@ -53,6 +58,10 @@ class PostgresNotifier(Fanout):
         self.last_look = None  # monotonic time the listener last heard from its connection
         self.problem = None  # what the listener last failed on, while it fails
         self.reconnects = 0
+        self._cursor = 0  # saved_since() cursor of the catch-up read, taken when the listener connects
+        self._heard: dict[str, int] = {}  # slug -> newest version notified since the last catch-up
+        self._next_catch_up = 0.0
+        self.caught_up = 0  # pages the catch-up delivered that no notification announced
         after_fork_in_child(self)
 
     def _forget_parent(self) -> None:
@@ -65,9 +74,13 @@ class PostgresNotifier(Fanout):
         try:
             conn.execute(f"LISTEN {CHANNEL}")
             conn.execute(f"LISTEN {PRESENCE_CHANNEL}")
+            # The catch-up starts here: what was saved before is read by whoever reads the store after
+            # start(). On this connection, not the pool's: a pool still reconnecting must not hold it up.
+            (horizon,) = conn.execute(PostgresStore.HORIZON).fetchone() or ("0",)
         except BaseException:
             conn.close()
             raise
+        self._cursor = int(horizon)
         return conn
 
     def start(self) -> None:
@@ -107,6 +120,7 @@ class PostgresNotifier(Fanout):
                         log.warning("listener listening again on %s after %d failure(s)", self._store.name, failures)
                     self._hear(conn, min(LOOK_S, max(0.0, next_beat - time.monotonic())))
                     self.sweep_if_due(self._store)
+                    self._catch_up_if_due()
                     if time.monotonic() >= next_beat:
                         next_beat = time.monotonic() + self.heartbeat_s
                         conn.execute("SELECT 1")  # a connection that died quietly fails here
@@ -137,9 +151,37 @@ class PostgresNotifier(Fanout):
                     if self.watched(slug):
                         self.refresh_presence(self._store, slug)
             else:
-                for slug in {slug for slug, _version in json.loads(notify.payload)}:
+                versions: dict[str, int] = {}
+                for slug, version in json.loads(notify.payload):
+                    versions[slug] = max(version, versions.get(slug, 0))
+                for slug, version in versions.items():
+                    self._heard[slug] = max(version, self._heard.get(slug, 0))
                     if self.watched(slug):
                         self.refresh(self._store, slug)
+
+    def _catch_up_if_due(self) -> None:
+        """About once a second: deliver what was saved since the last look that no notification announced.
+
+        A NOTIFY is sent after its save's commit, and lost if the saving
+        process dies in between. One read per second per process (an index
+        range); a page is read again only if it is watched here and its
+        version is newer than every notification heard for it.
+        """
+        now = time.monotonic()
+        if now < self._next_catch_up:
+            return
+        self._next_catch_up = now + CATCH_UP_S
+        try:
+            saved, cursor = self._store.saved_since(self._cursor)
+        except Unavailable as exc:
+            log.warning("catch-up read failed (%s); retrying in %g s", exc, CATCH_UP_S)
+            return
+        heard, self._heard = self._heard, {}
+        self._cursor = cursor
+        for slug, version, _deleted in saved:
+            if version > heard.get(slug, 0) and self.watched(slug):
+                self.caught_up += 1
+                self.refresh(self._store, slug)
 
     def refresh_all(self) -> None:
         """Re-read every page (and who is on it) someone here waits on: after a gap in listening, or a new epoch."""

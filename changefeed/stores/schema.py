@@ -122,6 +122,9 @@ UPGRADES = [
         );
         CREATE INDEX page_editors_seen_at ON page_editors (seen_at);
     """),
+    # Version 7 changed PostgreSQL's tables only (storage shards, the writing transaction of each version):
+    # SQLite has one writer at a time, and its `seq` is already in commit order.
+    (7, "SELECT 1;"),
 ]
 LATEST = UPGRADES[-1][0]
 
@@ -187,6 +190,67 @@ POSTGRES_UPGRADES = [
         ALTER TABLE page_editors DROP CONSTRAINT page_editors_state_check;
         ALTER TABLE page_editors ADD CONSTRAINT page_editors_state_check
             CHECK (state IN ('viewing', 'editing', 'gone'));
+    """),
+    # Saves of different pages never wait for each other: the storage counters in 16 shards (a save
+    # transaction takes one nobody holds), and each version names the transaction that wrote it.
+    (7, """
+        ALTER TABLE storage RENAME TO storage_shards;
+        ALTER TABLE storage_shards ADD COLUMN shard integer NOT NULL DEFAULT 0;
+        ALTER TABLE storage_shards ALTER COLUMN shard DROP DEFAULT;
+        ALTER TABLE storage_shards ADD PRIMARY KEY (shard);
+        INSERT INTO storage_shards (shard, pages, bytes) SELECT s, 0, 0 FROM generate_series(1, 15) s;
+        CREATE VIEW storage AS SELECT sum(pages)::bigint AS pages, sum(bytes)::bigint AS bytes FROM storage_shards;
+
+        CREATE FUNCTION changefeed_shard() RETURNS integer LANGUAGE sql STABLE AS $$
+            SELECT coalesce(nullif(current_setting('changefeed.shard', true), '')::integer, 0)
+        $$;
+
+        CREATE OR REPLACE FUNCTION changefeed_count_storage() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF TG_OP = 'INSERT' THEN
+                UPDATE storage_shards SET pages = pages + (NOT NEW.deleted)::int,
+                                          bytes = bytes + octet_length(NEW.html) + octet_length(NEW.data)
+                    WHERE shard = changefeed_shard();
+            ELSIF TG_OP = 'UPDATE' THEN
+                UPDATE storage_shards SET pages = pages + (NOT NEW.deleted)::int - (NOT OLD.deleted)::int,
+                                          bytes = bytes + octet_length(NEW.html) + octet_length(NEW.data)
+                                                        - octet_length(OLD.html) - octet_length(OLD.data)
+                    WHERE shard = changefeed_shard();
+            ELSE
+                UPDATE storage_shards SET pages = pages - (NOT OLD.deleted)::int,
+                                          bytes = bytes - octet_length(OLD.html) - octet_length(OLD.data)
+                    WHERE shard = changefeed_shard();
+            END IF;
+            RETURN NULL;
+        END
+        $$;
+
+        CREATE OR REPLACE FUNCTION changefeed_count_keys() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF TG_OP = 'INSERT' THEN
+                UPDATE storage_shards SET bytes = bytes + 200 + octet_length(NEW.key) + octet_length(NEW.slug)
+                    WHERE shard = changefeed_shard();
+            ELSIF TG_OP = 'UPDATE' THEN
+                UPDATE storage_shards SET bytes = bytes + octet_length(NEW.key) + octet_length(NEW.slug)
+                                                        - octet_length(OLD.key) - octet_length(OLD.slug)
+                    WHERE shard = changefeed_shard();
+            ELSE
+                UPDATE storage_shards SET bytes = bytes - 200 - octet_length(OLD.key) - octet_length(OLD.slug)
+                    WHERE shard = changefeed_shard();
+            END IF;
+            RETURN NULL;
+        END
+        $$;
+        ALTER TABLE page_versions ADD COLUMN xact xid8 NOT NULL DEFAULT pg_current_xact_id();
+        CREATE INDEX page_versions_xact ON page_versions (xact);
+        CREATE FUNCTION changefeed_stamp_xact() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            NEW.xact := pg_current_xact_id();
+            RETURN NEW;
+        END
+        $$;
+        CREATE TRIGGER page_versions_xact BEFORE UPDATE ON page_versions
+            FOR EACH ROW EXECUTE FUNCTION changefeed_stamp_xact();
     """),
 ]
 POSTGRES_CHANNEL = "changefeed"  # what saves NOTIFY and every host's listener LISTENs to
