@@ -455,17 +455,21 @@ def stores(cfg, tmp, log):
                                                                   env={"CHANGEFEED_DATABASE_URL": pg_url}))
         stock = stack.enter_context(servers.gunicorn("baseline:create_app()", db, log, pythonpath="bench",
                                                      worker_class="gevent"))
-        for service in services.values():
-            version = json.loads(http("POST", service.url + "/save", {"slug": "stores-poll", "html": "<p>x</p>"})[0])
-            poll_path = f"/changes?slug=stores-poll&since={version['version']}"
-            assert json.loads(http("GET", service.url + poll_path)[0])["changed"] is False
-        assert http("GET", stock.url + poll_path)[0] == http("GET", services["sqlite"].url + poll_path)[0], \
-            "the do-nothing route must answer SQLite's bytes"
+        polls = {}  # each store's unchanged poll: since= the page's current version
+        for name, service in services.items():
+            saved = json.loads(http("POST", service.url + "/save", {"slug": "stores-poll", "html": "<p>x</p>"})[0])
+            polls[name] = f"/changes?slug=stores-poll&since={saved['version']}"
+            assert json.loads(http("GET", service.url + polls[name])[0])["changed"] is False
+        # The do-nothing route answers version 1 with the SQLite file's epoch: the bytes of SQLite's answer.
+        assert http("GET", stock.url + polls["sqlite"])[0] == http("GET", services["sqlite"].url + polls["sqlite"])[0]
+        poll_urls = {"stock_gevent": stock.url + polls["sqlite"],
+                   **{f"{name}_polls": service.url + polls[name] for name, service in services.items()}}
         for n in range(cfg["runs"]):
+            # Polls: do-nothing, SQLite, PostgreSQL, then the other way round: SQLite always beside both.
             order = list(services) if n % 2 == 0 else list(services)[::-1]
-            run = {"order": order, "stock_gevent": wrk.run(stock.url + poll_path, cfg["wrk_s"])}
-            for name in order:
-                run[f"{name}_polls"] = wrk.run(services[name].url + poll_path, cfg["wrk_s"])
+            run = {"order": order}
+            for key in (poll_urls if n % 2 == 0 else reversed(poll_urls)):
+                run[key] = wrk.run(poll_urls[key], cfg["wrk_s"])
             for measure, slugs in (("saves_one", 1), ("saves_many", 1000)):
                 for name in order:
                     run[f"{name}_{measure}"] = wrk_saves(services[name].url, cfg["wrk_s"], slugs,
