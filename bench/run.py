@@ -12,6 +12,7 @@ so a noisy shared machine moves both sides together.
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -42,10 +43,10 @@ QUICK = dict(runs=1, wrk_s=1, subscribers=20, saves_per_s=10, propagate_s=1, idl
              capacity=100, ws_capacity=50, many_slugs=100, many_saves_per_s=20, many_s=1)
 
 TARGETS = {
-    "unchanged_rps": ("unchanged poll, requests/s", ">=", 4200),
+    "unchanged_rps": ("unchanged poll, requests/s", ">=", 8000),
     "unchanged_vs_baseline": ("unchanged poll / do-nothing Flask", ">=", 0.80),
     "unchanged_304_vs_200": ("304 / unchanged 200, requests/s", ">=", 1.0),
-    "saves_one_slug_rps": ("saves/s, 64 clients, one slug", ">=", 1200),
+    "saves_one_slug_rps": ("saves/s, 64 clients, one slug", ">=", 5000),
     "sse_p99_ms": ("SSE propagation p99, ms", "<", 50),
     "ws_p99_ms": ("WebSocket propagation p99, ms", "<", 50),
     "longpoll_p99_ms": ("long-poll propagation p99, ms", "<", 50),
@@ -58,6 +59,12 @@ TARGETS = {
     "capacity_p99_ms": ("10,000 streams: one save reaches all, p99 ms", "<", 1000),
     "capacity_kib_per_stream": ("server memory per open stream, KiB", "<", 30),
     "many_slugs_cost_ratio": ("CPU per save, 10,000 vs 100 subscribed slugs", "<=", 1.5),
+    "stores_sqlite_polls_rps": ("SQLite unchanged polls/s", ">=", 8000),
+    "stores_sqlite_polls_vs_stock_gevent": ("SQLite unchanged polls / do-nothing Flask under stock gevent",
+                                            ">=", 0.9),
+    "stores_sqlite_saves_one_rps": ("SQLite durable saves/s, 64 clients, one page", ">=", 5000),
+    "stores_pg_polls_vs_sqlite": ("PostgreSQL unchanged polls / SQLite's", ">=", 0.9),
+    "stores_pg_saves_many_vs_one": ("PostgreSQL saves/s over 1,000 pages / on one page", ">=", 3),
 }
 
 
@@ -125,14 +132,7 @@ def saves(cfg, tmp, log):
         for n in range(cfg["runs"]):
             run = {}
             for name, slugs in (("one_slug", 1), ("many_slugs", 1000)):
-                prefix = f"r{n}-{name.replace('_', '-')}"
-                env = {**os.environ, "SLUGS": str(slugs), "PREFIX": prefix}
-                result = wrk.run(service.url, cfg["wrk_s"], script="save.lua", env=env)
-                stored = sum(json.loads(http("GET", f"{service.url}/changes?slug={prefix}-{i}")[0])["version"]
-                             for i in range(slugs))
-                # wrk stops mid-flight: up to 64 saves may land without their answer being counted.
-                result["stored_minus_answered"] = stored - result["requests"]
-                run[name] = result
+                run[name] = wrk_saves(service.url, cfg["wrk_s"], slugs, f"r{n}-{name.replace('_', '-')}")
             run["exact"] = asyncio.run(_exact_versions(service.url, f"r{n}-exact", 64, 2000 if cfg is FULL else 200))
             runs.append(run)
     return runs, {
@@ -141,10 +141,23 @@ def saves(cfg, tmp, log):
         "saves_many_slugs_rps": median(r["many_slugs"]["requests_per_s"] for r in runs),
         "saves_many_slugs_p99_ms": median(r["many_slugs"]["p99_ms"] for r in runs),
         "saves_failed": sum(r[k]["non_2xx"] + r[k]["socket_errors"] for r in runs for k in ("one_slug", "many_slugs")),
-        "saves_unaccounted": sum(not 0 <= r[k]["stored_minus_answered"] <= 64
-                                 for r in runs for k in ("one_slug", "many_slugs")),
+        "saves_unaccounted": sum(not saves_accounted(r[k]) for r in runs for k in ("one_slug", "many_slugs")),
         "saves_exact": all(r["exact"] for r in runs),
     }
+
+
+def wrk_saves(url, seconds, slugs, prefix):
+    """wrk posting saves over `slugs` slugs named `prefix`-0...; "stored_minus_answered" checks none was lost."""
+    result = wrk.run(url, seconds, script="save.lua", env={**os.environ, "SLUGS": str(slugs), "PREFIX": prefix})
+    stored = sum(json.loads(http("GET", f"{url}/changes?slug={prefix}-{i}")[0])["version"] for i in range(slugs))
+    # wrk stops mid-flight: up to 64 saves may land without their answer being counted.
+    result["stored_minus_answered"] = stored - result["requests"]
+    return result
+
+
+def saves_accounted(result):
+    """Every answered save is stored, and at most one per connection more (those wrk cut off mid-flight)."""
+    return 0 <= result["stored_minus_answered"] <= 64
 
 
 async def _exact_versions(url, slug, concurrency, total):
@@ -416,6 +429,79 @@ async def _many(service, prefix, count, cfg):
             "p50_ms": percentile(delays, 50), "saves": saved}
 
 
+# --- scenario 9 --------------------------------------------------------------------------------
+
+def stores(cfg, tmp, log):
+    """SQLite and PostgreSQL in one run, round by round: unchanged polls, saves on one page and on 1,000.
+
+    Both services run at once, as production runs them, each on a fresh
+    database; in each round every measure is taken on one store right after
+    the other (which goes first alternates between rounds), so the drift of a
+    shared machine moves both sides together, and each ratio is taken within
+    its round. A do-nothing Flask route with the same answer under gunicorn's
+    stock gevent worker (not ours) gives the poll a ratio that travels between
+    machines. Without a PostgreSQL server, SQLite alone.
+    """
+    folder = Path(tmp) / "stores"
+    folder.mkdir(exist_ok=True)
+    db = servers.migrated_db(folder)
+    runs = []
+    with servers.postgres_db() as pg_url, contextlib.ExitStack() as stack:
+        services = {"sqlite": stack.enter_context(servers.gunicorn("app:create_app()", db, log))}
+        if pg_url is None:
+            print("  no PostgreSQL server on 127.0.0.1:5432 (CHANGEFEED_BENCH_DATABASE_URL): SQLite alone")
+        else:
+            services["pg"] = stack.enter_context(servers.gunicorn("app:create_app()", "", log,
+                                                                  env={"CHANGEFEED_DATABASE_URL": pg_url}))
+        stock = stack.enter_context(servers.gunicorn("baseline:create_app()", db, log, pythonpath="bench",
+                                                     worker_class="gevent"))
+        polls = {}  # each store's unchanged poll: since= the page's current version
+        for name, service in services.items():
+            saved = json.loads(http("POST", service.url + "/save", {"slug": "stores-poll", "html": "<p>x</p>"})[0])
+            polls[name] = f"/changes?slug=stores-poll&since={saved['version']}"
+            assert json.loads(http("GET", service.url + polls[name])[0])["changed"] is False
+        # The do-nothing route answers version 1 with the SQLite file's epoch: the bytes of SQLite's answer.
+        assert http("GET", stock.url + polls["sqlite"])[0] == http("GET", services["sqlite"].url + polls["sqlite"])[0]
+        poll_urls = {"stock_gevent": stock.url + polls["sqlite"],
+                   **{f"{name}_polls": service.url + polls[name] for name, service in services.items()}}
+        for n in range(cfg["runs"]):
+            # Polls: do-nothing, SQLite, PostgreSQL, then the other way round: SQLite always beside both.
+            order = list(services) if n % 2 == 0 else list(services)[::-1]
+            run = {"order": order}
+            for key in (poll_urls if n % 2 == 0 else reversed(poll_urls)):
+                run[key] = wrk.run(poll_urls[key], cfg["wrk_s"])
+            for measure, slugs in (("saves_one", 1), ("saves_many", 1000)):
+                for name in order:
+                    run[f"{name}_{measure}"] = wrk_saves(services[name].url, cfg["wrk_s"], slugs,
+                                                         f"stores-r{n}-{measure.replace('_', '-')}")
+            runs.append(run)
+        exact = {name: asyncio.run(_exact_versions(service.url, "stores-exact", 64, 2000 if cfg is FULL else 200))
+                 for name, service in services.items()}
+    measured = [key for key in runs[0] if key != "order"]
+    rps = lambda run, key: run[key]["requests_per_s"]  # noqa: E731
+    ratio = lambda over, under: median(rps(r, over) / rps(r, under) for r in runs)  # noqa: E731
+    summary = {f"stores_{key}_rps": median(rps(r, key) for r in runs) for key in measured}
+    summary.update({f"stores_{key}_p99_ms": median(r[key]["p99_ms"] for r in runs) for key in measured})
+    summary["stores_sqlite_polls_vs_stock_gevent"] = ratio("sqlite_polls", "stock_gevent")
+    if "pg" in services:
+        summary.update({
+            "stores_pg_polls_vs_stock_gevent": ratio("pg_polls", "stock_gevent"),
+            "stores_pg_polls_vs_sqlite": ratio("pg_polls", "sqlite_polls"),
+            "stores_pg_saves_many_vs_one": ratio("pg_saves_many", "pg_saves_one"),
+            "stores_pg_vs_sqlite_saves_one": ratio("pg_saves_one", "sqlite_saves_one"),
+            "stores_pg_vs_sqlite_saves_many": ratio("pg_saves_many", "sqlite_saves_many"),
+        })
+    saves_runs = [r[key] for r in runs for key in measured if "_saves_" in key]
+    summary.update({
+        "stores_non_2xx": sum(r[key]["non_2xx"] for r in runs for key in measured),
+        # wrk's connect, read and write errors and its timeouts (an answer later than 2 s), apart from refusals.
+        "stores_socket_errors": sum(r[key]["socket_errors"] for r in runs for key in measured),
+        "stores_saves_unaccounted": sum(not saves_accounted(result) for result in saves_runs),
+        "stores_saves_exact": all(exact.values()),
+    })
+    return {"rounds": runs, "exact": exact}, summary
+
+
 # --- report ------------------------------------------------------------------------------------
 
 def median(values):
@@ -496,6 +582,26 @@ def print_table(summary):
                                                                     "many_slugs_cpu_ms_per_save_n")),
              ("", "ratio", "many_slugs_cost_ratio"),
              ("", "p99 ms, 100 slugs / 10,000", ("many_slugs_p99_ms_100", "many_slugs_p99_ms_n"))]
+    rows += [("stores A/B", "SQLite unchanged polls/s", "stores_sqlite_polls_rps"),
+             ("", "PostgreSQL unchanged polls/s", "stores_pg_polls_rps"),
+             ("", "do-nothing Flask, stock gevent, requests/s", "stores_stock_gevent_rps"),
+             ("", "SQLite polls / do-nothing stock gevent", "stores_sqlite_polls_vs_stock_gevent"),
+             ("", "PostgreSQL polls / do-nothing stock gevent", "stores_pg_polls_vs_stock_gevent"),
+             ("", "PostgreSQL polls / SQLite polls", "stores_pg_polls_vs_sqlite"),
+             ("", "SQLite saves/s, one page", "stores_sqlite_saves_one_rps"),
+             ("", "SQLite saves/s, 1,000 pages", "stores_sqlite_saves_many_rps"),
+             ("", "PostgreSQL saves/s, one page", "stores_pg_saves_one_rps"),
+             ("", "PostgreSQL saves/s, 1,000 pages", "stores_pg_saves_many_rps"),
+             ("", "PostgreSQL saves, 1,000 pages / one page", "stores_pg_saves_many_vs_one"),
+             ("", "PostgreSQL / SQLite saves, one / 1,000", ("stores_pg_vs_sqlite_saves_one",
+                                                            "stores_pg_vs_sqlite_saves_many")),
+             ("", "saves p99 ms, SQLite one / 1,000 pages", ("stores_sqlite_saves_one_p99_ms",
+                                                            "stores_sqlite_saves_many_p99_ms")),
+             ("", "saves p99 ms, PostgreSQL one / 1,000 pages", ("stores_pg_saves_one_p99_ms",
+                                                                "stores_pg_saves_many_p99_ms")),
+             ("", "non-2xx / socket errors / unaccounted", ("stores_non_2xx", "stores_socket_errors",
+                                                           "stores_saves_unaccounted")),
+             ("", "versions exactly 1..N, each store", "stores_saves_exact")]
     print(f"\n{'scenario':<18} {'measure':<42} {'median':>22}  target")
     for scenario, label, keys in rows:
         keys = keys if isinstance(keys, tuple) else (keys,)
@@ -551,7 +657,7 @@ def chart(delays, path):
 
 SCENARIOS = {"poll": unchanged_poll, "saves": saves, "propagation": propagation,
              "nginx": propagation_nginx, "hosts": hosts, "capacity": capacity,
-             "ws_capacity": ws_capacity, "many": many_slugs}
+             "ws_capacity": ws_capacity, "many": many_slugs, "stores": stores}
 
 
 def main():

@@ -94,11 +94,18 @@ class Process:
         return [len(proc.net_connections(kind="tcp")) for proc in self.workers()]
 
 
-def gunicorn(app, db_path, log, pythonpath=None, env=None):
-    """The production way to serve `app`: gunicorn with the default gunicorn.conf.py."""
+def gunicorn(app, db_path, log, pythonpath=None, env=None, worker_class=None):
+    """The production way to serve `app`: gunicorn with the default gunicorn.conf.py.
+
+    `worker_class` (such as "gevent", gunicorn's stock gevent worker) replaces
+    the file's `changefeed.ops.worker.Worker`: gunicorn's command line wins over
+    its config file, and every other setting stays the file's.
+    """
     argv = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"]
     if pythonpath:
         argv += ["--pythonpath", pythonpath]
+    if worker_class:
+        argv += ["--worker-class", worker_class]
     # Every bench client comes from loopback, standing in for thousands of browsers: no per-client cap.
     env = {"CHANGEFEED_BIND": "127.0.0.1:{port}", "CHANGEFEED_DB": db_path,
            "CHANGEFEED_MAX_WAITS_PER_CLIENT": "1000000", **(env or {})}

@@ -32,7 +32,7 @@ def test_quick_bench_runs_every_scenario(tmp_path):
     report = json.loads((tmp_path / "latest.json").read_text())
     summary = report["summary"]
     assert set(report["runs"]) == {"poll", "saves", "propagation", "nginx", "hosts", "capacity", "ws_capacity",
-                                    "many"}
+                                    "many", "stores"}
     assert summary["unchanged_rps"] > 0 and summary["unchanged_errors"] == 0
     assert summary["saves_failed"] == 0 and summary["saves_unaccounted"] == 0 and summary["saves_exact"] is True
     for transport in ("sse", "ws", "longpoll", "poll", "longpoll100"):
@@ -47,5 +47,9 @@ def test_quick_bench_runs_every_scenario(tmp_path):
     elif os.environ.get("CHANGEFEED_REQUIRE_POSTGRES") == "1":
         pytest.fail("the bench ran no scenario across hosts: no PostgreSQL server answered")
     assert summary["capacity_dropped"] == 0 and summary["ws_capacity_dropped"] == 0
+    assert summary["stores_non_2xx"] == summary["stores_socket_errors"] == summary["stores_saves_unaccounted"] == 0
+    assert summary["stores_saves_exact"] is True and summary["stores_stock_gevent_rps"] > 0
+    if report["runs"]["hosts"]:  # the same PostgreSQL server: the stores A/B has its side too
+        assert summary["stores_pg_saves_many_rps"] > 0 and summary["stores_pg_polls_vs_sqlite"] > 0
     assert (tmp_path / "propagation.png").stat().st_size > 10_000
     assert "scenario" in result.stdout and "median" in result.stdout  # the table was printed
