@@ -35,6 +35,10 @@ Item = SaveRequest | Beat | Sweep  # what a writer carries to a store's batch
 Outcome = Saved | Beaten | Exception | None
 
 
+class _StartOver(Exception):
+    """A save applied without a savepoint of its own must be undone: the batch runs again, one savepoint each."""
+
+
 class Rows(Protocol):
     """What a statement returns, in both engines."""
 
@@ -268,11 +272,17 @@ class PageStore:
         raise NotImplementedError
 
     def _apply_all(self, conn: Connection, items: Sequence[Any]) -> list[Outcome]:
-        """Apply each item in a savepoint of its own; raise when the whole transaction is lost.
+        """Apply each item; raise when the whole transaction is lost.
 
-        Items are applied in slug order (saves of one page keep their order):
-        two hosts' transactions that write the same pages then take their rows
-        in the same order, and never wait on each other in a cycle.
+        One savepoint holds the whole batch: the common case, where every
+        save simply lands, costs no statement per save beyond its own. Should
+        any save fail, or need undoing (a storage limit near it, a key kept
+        meanwhile by another host), the batch goes back to that savepoint and
+        runs again with a savepoint per item, so one failing save does not
+        fail the others (_in_savepoint). Items are applied in slug order
+        (saves of one page keep their order): two hosts' transactions that
+        write the same pages take their rows in the same order, and never
+        wait on each other in a cycle.
         """
         now = time.time()
         # Read in the transaction, so each answer names the database that holds its save.
@@ -281,8 +291,26 @@ class PageStore:
         if now >= self._forget_keys_at:
             self._forget_keys(conn, now)
         room = self._room_for(conn, items)
+        order = sorted(range(len(items)), key=lambda i: items[i].slug)
         outcomes: list[Outcome] = [None] * len(items)
-        for i in sorted(range(len(items)), key=lambda i: items[i].slug):
+        if room:
+            conn.execute("SAVEPOINT batch")
+            try:
+                for i in order:
+                    outcomes[i] = self._apply(conn, items[i], now, epoch, room=True, alone=False)
+            except _StartOver:
+                conn.execute("ROLLBACK TO SAVEPOINT batch")
+            except self.Error as exc:
+                if self._fatal(conn, exc):
+                    raise
+                conn.execute("ROLLBACK TO SAVEPOINT batch")
+            except Exception:  # noqa: BLE001 - not a database error: each item again, on its own, to find it
+                conn.execute("ROLLBACK TO SAVEPOINT batch")
+            else:
+                conn.execute("RELEASE SAVEPOINT batch")
+                return outcomes
+            conn.execute("RELEASE SAVEPOINT batch")
+        for i in order:
             item = items[i]
             outcomes[i] = self._in_savepoint(conn, item, lambda: self._apply(conn, item, now, epoch, room))
         return outcomes
@@ -330,13 +358,16 @@ class PageStore:
         conn.execute("RELEASE SAVEPOINT item")
         return outcome
 
-    def _apply(self, conn: Connection, item: SaveRequest, now: float, epoch: str, room: bool = False) -> Outcome:
+    def _apply(self, conn: Connection, item: SaveRequest, now: float, epoch: str, room: bool = False,
+               alone: bool = True) -> Outcome:
         """Write one save inside the caller's transaction; a stale base writes nothing.
 
         The base version is checked by the write itself (an UPDATE of that
         version, an INSERT of a page that must not exist), so two engines
         with different locking (SQLite's one writer, PostgreSQL's row locks)
-        never let two saves from the same base both land.
+        never let two saves from the same base both land. `alone`: in a
+        savepoint of its own, which it may roll back; otherwise it raises
+        _StartOver where it would.
         """
         if item.key is not None:
             fingerprint = item.fingerprint()
@@ -368,6 +399,8 @@ class PageStore:
             if kept is None:
                 # Another transaction kept this key since FIND_KEY looked (a retry on another host, which
                 # READ COMMITTED let this one miss): its save is the one, this one writes nothing.
+                if not alone:
+                    raise _StartOver()
                 conn.execute("ROLLBACK TO SAVEPOINT item")
                 row = conn.execute(self.FIND_KEY, (item.key, now - self._key_ttl)).fetchone()
                 if row is None or row[0] != fingerprint:
