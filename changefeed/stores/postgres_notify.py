@@ -101,7 +101,7 @@ class PostgresNotifier(Fanout):
         after_fork_in_child(self)
 
     def _forget_parent(self) -> None:
-        self._running, self._conn, self.last_look = False, None, None
+        self._running, self._conn, self.last_look, self._unread = False, None, None, lambda: True
 
     def _connect(self) -> psycopg.Connection[Any]:
         """Open the listening connection and LISTEN: from then on no notification is lost.
