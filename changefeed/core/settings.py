@@ -66,6 +66,9 @@ SETTINGS: list[tuple[str, Value, str]] = [
      "Most bytes of html and data all pages hold together; a save that would grow them past it gets 507."),
     ("CHANGEFEED_QUERY_CACHE_BYTES", 4 * MiB,
      "Memory each server process may spend remembering validated /changes queries (bytes)."),
+    ("CHANGEFEED_POLL_MEMORY_BYTES", 16 * MiB,
+     "PostgreSQL: memory each server process may spend remembering the pages it is polled about, so an "
+     "unchanged poll (or a changed one for a page read before) needs no database round trip (bytes; 0: off)."),
     ("CHANGEFEED_WATCH_INTERVAL_MS", 10,
      "How often each server process looks for saves made by the others (milliseconds)."),
     ("CHANGEFEED_SSE_HEARTBEAT_MS", 15_000,

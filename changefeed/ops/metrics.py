@@ -77,6 +77,11 @@ WATCHER_LAG = Histogram("changefeed_watcher_lag_seconds", "From a save's updated
                         "process's watcher (one per delivered save and process; updated_at has ms precision).",
                         buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
 
+PAGE_READS = Counter("changefeed_page_reads", "States of a page read for /changes, long-polls, streams and "
+                     "wake-ups on PostgreSQL, by where the answer came from: memory (the process's poll memory, "
+                     "CHANGEFEED_POLL_MEMORY_BYTES) or database (a round trip).", ["source"])
+PAGE_READS_MEMORY, PAGE_READS_DATABASE = PAGE_READS.labels(source="memory"), PAGE_READS.labels(source="database")
+
 LIMITS = ("waits_per_client", "waits_per_worker", "pages", "stored_bytes", "header_timeout", "body_timeout",
           "send_timeout")
 REFUSALS = Counter("changefeed_refusals", "Requests and connections refused or cut off by a limit.", ["limit"])

@@ -30,7 +30,8 @@ def open_engine(config: Mapping[str, Any]) -> tuple[Store, Notifier]:
         from changefeed.stores.postgres_notify import PostgresNotifier
 
         shared = PostgresStore(config["CHANGEFEED_DATABASE_URL"], pool_size=config["CHANGEFEED_DATABASE_POOL_SIZE"],
-                               pool_timeout_ms=config["CHANGEFEED_DATABASE_POOL_TIMEOUT_MS"], **common)
+                               pool_timeout_ms=config["CHANGEFEED_DATABASE_POOL_TIMEOUT_MS"],
+                               poll_memory_bytes=config["CHANGEFEED_POLL_MEMORY_BYTES"], **common)
         _limit_presence(shared, config)
         return shared, PostgresNotifier(shared, heartbeat_s=heartbeat_s)
     local = SQLiteStore(config["CHANGEFEED_DB"], synchronous=config["CHANGEFEED_SQLITE_SYNCHRONOUS"], **common)

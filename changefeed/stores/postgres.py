@@ -39,10 +39,13 @@ from psycopg import errors, pq, sql
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from changefeed.core.outcomes import Busy, Change, NotStored, OutcomeUnknown, Saved, SchemaOutOfDate, Unavailable
+from changefeed.core.settings import MiB
+from changefeed.ops import metrics
 from changefeed.stores import schema as migrate
 from changefeed.stores import writers
 from changefeed.stores.base import Item, Outcome, PageStore, change_from_row, unless_settled
 from changefeed.stores.forking import after_fork_in_child, master_checked
+from changefeed.stores.memory import PageMemory
 from changefeed.stores.schema import SchemaTooNew, describe
 
 
@@ -142,7 +145,7 @@ class PostgresStore(PageStore):
 
     def __init__(self, url: str, busy_timeout_ms: int = 10_000, writer: writers.WriterFactory | None = None,
                  idempotency_ttl_s: float = 86_400, max_pages: int | None = None, max_bytes: int | None = None,
-                 pool_size: int = 10, pool_timeout_ms: int = 2_000) -> None:
+                 pool_size: int = 10, pool_timeout_ms: int = 2_000, poll_memory_bytes: int = 16 * MiB) -> None:
         self.url = url
         self.name = describe(url)
         self._max_pages, self._max_bytes = max_pages, max_bytes
@@ -154,6 +157,10 @@ class PostgresStore(PageStore):
         self._pool: ConnectionPool | None = None
         self._pool_lock = threading.Lock()
         self._checking = False  # a sweep of the pool's idle connections is under way
+        # The pages polled here, answered without a read while the listener (postgres_notify.py) trusts it;
+        # `listen` is that listener's start(), given by it: a poll starts it, or the memory never answers.
+        self.memory = PageMemory(poll_memory_bytes)
+        self.listen: Callable[[], None] | None = None
         self.epoch = None
         try:
             self.epoch = self._open_check()
@@ -184,6 +191,7 @@ class PostgresStore(PageStore):
     def _forget_parent(self) -> None:
         """In a forked child: the parent's pool and its connections are not ours to use or close."""
         self._pool, self._writer, self._presence_writer, self._pool_lock = None, None, None, threading.Lock()
+        self.memory = PageMemory(self.memory.budget, self.memory.max_age_s)  # the parent's listener vouched for it
 
     def _connections(self) -> ConnectionPool:
         """This process's pool, opened on first use (after fork, after gevent patched)."""
@@ -268,9 +276,13 @@ class PostgresStore(PageStore):
         except PoolTimeout as exc:  # the database is down, or every connection is busy: say so soon
             return [NotStored(f"no connection to {self.name} ({_one_line(exc)})") for _ in items]
         try:
-            return self._transaction(conn, items, deadline, apply)
+            outcomes = self._transaction(conn, items, deadline, apply)
         finally:
             pool.putconn(conn)  # the pool closes a broken connection, and rolls back an open transaction
+        for outcome in outcomes:  # committed: a poll here after the answer never gets an older version
+            if isinstance(outcome, Saved):
+                self.memory.heard(outcome.slug, outcome.version)
+        return outcomes
 
     def _transaction(self, conn: psycopg.Connection[Any], items: Sequence[Item], deadline: float,
                      apply: Apply | None = None) -> list[Outcome]:
@@ -328,15 +340,32 @@ class PostgresStore(PageStore):
     # -- reads ---------------------------------------------------------------------------------
 
     def changes(self, slug: str, since: int, epoch: str | None = None) -> Change:
-        """Return the page's state for a client at version `since` of database `epoch` (one statement).
+        """Return the page's state for a client at version `since` of database `epoch`: remembered, or one statement.
 
-        A pooled connection that turns out dead (the server restarted) is
-        dropped and the read tried once more on another, so a restart of
-        PostgreSQL costs its clients nothing once it is back.
+        The memory answers when it holds the newest version heard of the
+        page (stores/memory.py). A pooled connection that turns out dead
+        (the server restarted) is dropped and the read tried once more on
+        another, so a restart of PostgreSQL costs its clients nothing once
+        it is back.
         """
+        memory = self.memory
+        if memory.enabled:
+            remembered = memory.answer(slug, since, epoch)
+            if remembered is not None:
+                metrics.PAGE_READS_MEMORY.inc()
+                return remembered
+            if self.listen is not None and not memory.trusted:
+                try:
+                    self.listen()  # a no-op once it runs
+                except Unavailable:
+                    pass  # the read below says what is wrong
+        entry = memory.begin(slug)  # before the read: a save heard meanwhile is not lost
         row = self._read(self.CHANGES, {"since": since, "slug": slug, "epoch": epoch})[0]
         self.epoch = row[0]
-        return change_from_row(row)
+        change = change_from_row(row)
+        memory.store(slug, entry, change)
+        metrics.PAGE_READS_DATABASE.inc()
+        return change
 
     def saved_since(self, cursor: int) -> tuple[list[tuple[str, int, bool]], int]:
         """Return the pages saved since `cursor` [(slug, version, deleted)], oldest first, and the cursor to ask next.
