@@ -75,8 +75,9 @@ PLAIN_HEADERS = re.compile(f"(?:{PLAIN_HEADER.pattern})*")
 def parse_headers(rfile: IO[bytes], *args: object) -> OldMessage:
     """The request's headers, read as gevent reads them (its headers_factory): the same message, made faster.
 
-    gevent hands the header lines to the email package's parser, about a
-    tenth of a poll's time. Lines of the plain kind (PLAIN_HEADER), which is
+    gevent hands the header lines to the email package's parser: 16 µs of a
+    request with 3 headers (docs/performance.md), about 8% of a worker's
+    time on polls. Lines of the plain kind (PLAIN_HEADER), which is
     what every client sends, become the same message (the same (name, value)
     list, the same empty payload) directly. Any other line, or a message the
     email parser treats as one of parts (a multipart or message type), and
