@@ -10,8 +10,8 @@ promise for grouped saves, and the HTTP layer turns each into its answer.
 
 import hashlib
 import json
+import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from functools import cached_property
 from typing import NamedTuple
 
@@ -148,7 +148,22 @@ class SchemaOutOfDate(RuntimeError):
     """The database file is missing or older than this code."""
 
 
+_clock: tuple[int, str] = (-1, "")  # the last second formatted, and its text: strftime once a second
+
+
 def utc_now() -> str:
-    """Return the current time as ISO 8601 UTC with milliseconds, e.g. 2026-11-23T21:24:37.444Z."""
-    now = datetime.now(timezone.utc)
-    return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
+    """Return the current time as ISO 8601 UTC with milliseconds, e.g. 2026-11-23T21:24:37.444Z.
+
+    Each save and each access-log line takes one: the date and time of day
+    are formatted once a second (strftime is most of the cost), the
+    milliseconds every time, from one integer reading of the clock so the
+    two always agree.
+    """
+    global _clock
+    ms = time.time_ns() // 1_000_000
+    second, text = _clock
+    if ms // 1000 != second:
+        second = ms // 1000
+        text = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(second))
+        _clock = second, text
+    return f"{text}{ms % 1000:03d}Z"

@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from typing import NoReturn, TypedDict
 
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, missing, post_load, pre_load, validate
+from marshmallow.types import UnknownOption
 
 MAX_INTEGER = 2**63 - 1  # SQLite's and PostgreSQL's largest INTEGER/BIGINT
 MAX_WAIT_S = 60
@@ -117,10 +118,46 @@ class SaveSchema(Schema):
     data = fields.Raw(load_default=None, allow_none=True)
     base_version = Count(load_default=None, allow_none=True)
 
+    FIELDS = frozenset({"slug", "html", "data", "base_version"})
+
     def __init__(self, max_html_bytes: int, max_data_bytes: int) -> None:
         super().__init__()
         self.max_html_bytes = max_html_bytes
         self.max_data_bytes = max_data_bytes
+
+    def load(self, data: Mapping[str, object], *, many: bool | None = None,  # type: ignore[override]
+             partial: bool | None = None, unknown: UnknownOption | None = None) -> SaveItem:
+        """Load a save's body (see the class): a plain one the short way, anything else through marshmallow.
+
+        A body of known fields holding a valid slug, text html and a whole
+        base_version (or none) is what nearly every save sends; marshmallow
+        takes about 30 µs to load it, this about 3. The short way accepts
+        only what marshmallow accepts and returns what it returns; for
+        anything else, or a body check_sizes refuses, marshmallow loads it,
+        so every refusal is marshmallow's own, word for word.
+        """
+        if many is None and partial is None and unknown is None and self._fast and type(data) is dict:
+            item = self._load_plain(data)
+            if item is not None:
+                return item
+        loaded: SaveItem = super().load(data, many=many, partial=partial, unknown=unknown)
+        return loaded
+
+    _fast = True  # SaveFormSchema has a pre_load step: always through marshmallow
+
+    def _load_plain(self, body: dict[str, object]) -> SaveItem | None:
+        """The loaded save, when the body is plain (see load); None to let marshmallow load it."""
+        slug, html = body.get("slug"), body.get("html")
+        base = body.get("base_version")
+        if (type(slug) is not str or type(html) is not str or not body.keys() <= self.FIELDS
+                or not (base is None or (type(base) is int and 0 <= base <= MAX_INTEGER))
+                or len(slug) > 120 or not SLUG.fullmatch(slug) or has_surrogate(html)):
+            return None
+        try:
+            return self.check_sizes({"slug": slug.lower(), "html": html, "data": body.get("data"),
+                                     "base_version": base})
+        except ValidationError:
+            return None
 
     @post_load
     def check_sizes(self, item: _SaveFields, **kwargs: object) -> SaveItem:
@@ -146,6 +183,8 @@ class SaveSchema(Schema):
 
 class SaveFormSchema(SaveSchema):
     """POST /save sent as form fields (curl -d): `data`, when given, is JSON text."""
+
+    _fast = False
 
     @pre_load
     def parse_data(self, form: Mapping[str, str], **kwargs: object) -> Mapping[str, object]:

@@ -90,5 +90,7 @@ def _credential() -> str | None:
 
 def require(right: str, slug: str) -> Rights | None:
     """Raise 403 unless this request's token may `right` ("read" or "write") the page `slug`."""
+    if not services().verifier.enabled:  # access control off: no token, no rights to look up (every save)
+        return None
     found = rights()
     return found.require(right, slug) if found is not None else None
