@@ -22,6 +22,7 @@
 
 import json
 import logging
+import os
 import random
 import re
 import sys
@@ -37,6 +38,11 @@ from flask.logging import default_handler
 
 from changefeed.core.clients import CLIENT, Network, client_address, parse_networks
 from changefeed.core.outcomes import Saved, utc_now
+
+# Request ids come from a generator of this module's own, seeded from the OS and again in each forked
+# worker: a host app seeding `random` cannot make them repeat, and none costs a system call.
+_IDS = random.Random()
+os.register_at_fork(after_in_child=_IDS.seed)
 
 # Keys of the WSGI environ that carry what a log line needs past the view.
 REQUEST_ID = "changefeed.request_id"
@@ -90,10 +96,10 @@ def request_id(environ: WSGIEnvironment | None = None) -> str:
     rid = environ.get(REQUEST_ID)
     if rid is None:
         sent = environ.get("HTTP_X_REQUEST_ID")
-        # 64 random bits: unique enough to find one request among a day's. From Python's generator (reseeded
+        # 64 random bits: unique enough to find one request among a day's. From _IDS above (reseeded
         # in each forked worker), not os.urandom: a system call, which under gunicorn hands the GIL to the
         # commit thread (stores/writers.py) and waits to get it back. An id is no secret.
-        rid = environ[REQUEST_ID] = sent if sent and VALID_ID.fullmatch(sent) else f"{random.getrandbits(64):016x}"
+        rid = environ[REQUEST_ID] = sent if sent and VALID_ID.fullmatch(sent) else f"{_IDS.getrandbits(64):016x}"
     return rid
 
 
