@@ -261,11 +261,12 @@ class PostgresStore(PageStore):
                          (PRESENCE_CHANNEL, payload if len(payload) <= MAX_PAYLOAD else EVERYTHING))
 
     def save_batch(self, items: Sequence[Item], deadline: float, apply: Apply | None = None) -> list[Outcome]:
-        """Apply saves [SaveRequest] in one transaction with one NOTIFY, before `deadline`.
+        """Apply saves [SaveRequest] in one transaction, then one NOTIFY, before `deadline`.
 
         Returns each item's outcome (a Saved, or the exception saying what
         became of it); never raises for a database error. `apply`: other
-        items than saves (heartbeats), which do not take the saves' turn.
+        items than saves (heartbeats), which take no storage shard and
+        notify inside their transaction (presence changes are few).
         """
         remaining = deadline - time.monotonic()
         if remaining <= 0:
