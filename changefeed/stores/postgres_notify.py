@@ -102,7 +102,6 @@ class PostgresNotifier(Fanout):
         self._cursor = 0  # saved_since() cursor of the catch-up read, taken when the listener connects
         self._heard: dict[str, int] = {}  # slug -> newest version notified since the last catch-up
         self._next_catch_up = 0.0
-        self.caught_up = 0  # pages the catch-up delivered that no notification announced
         self._lease = 0.0  # the memory's lease: monotonic time the last round trip began, plus LEASE_S
         self._unread: Callable[[], bool] = lambda: True
         store.listen = self.start  # a poll starts the listener, which lets the memory answer
@@ -293,7 +292,6 @@ class PostgresNotifier(Fanout):
                 continue
             self._store.memory.heard(slug, version)  # so a poll of it reads the database again
             if self.watched(slug):
-                self.caught_up += 1
                 self.refresh(self._store, slug)
 
     def refresh_all(self) -> None:
