@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import jwt
@@ -140,6 +141,22 @@ def test_a_save_logs_one_info_line_with_slug_version_sub_and_request_id(make_ser
         assert kv_fields(line.partition(": saved ")[2]) == {
             "slug": "home", "version": str(version), "sub": "editor-1", "request_id": f"req-{version}"}
     assert "body-marker" not in log
+
+
+def test_concurrent_saves_under_gunicorn_log_one_line_each_written_together(make_server):
+    """A worker writes its greenlets' lines once per turn of gevent's loop: none lost, none twice, each whole."""
+    server = make_server(workers=2)
+    with ThreadPoolExecutor(32) as pool:
+        versions = list(pool.map(lambda n: requests.post(f"{server.url}/save", json={"slug": f"p{n % 4}", "html": "x"},
+                                                         timeout=10).json()["version"], range(400)))
+    assert sorted(versions) == sorted(v for _ in range(4) for v in range(1, 101))
+    log = wait_for(lambda: (log := server.log()).count("changefeed.saves") >= 400 and log)
+    lines = [line for line in log.splitlines() if "changefeed.saves" in line]
+    assert len(lines) == 400
+    assert all(re.fullmatch(r"\[.+\] \[\d+\] \[INFO\] changefeed\.saves: saved slug=p\d version=\d+ request_id=[0-9a-f]{16}",
+                            line) for line in lines)
+    assert Counter(kv_fields(line)["slug"] + "/" + kv_fields(line)["version"] for line in lines) == Counter(
+        {f"p{n}/{v}": 1 for n in range(4) for v in range(1, 101)})
 
 
 def test_error_answers_carry_the_request_id_in_body_and_header(client):

@@ -81,3 +81,54 @@ def test_plain_headers_skip_the_email_parser(monkeypatch):
     monkeypatch.setattr("changefeed.ops.worker.headers_factory", lambda *args: calls.append(args))
     assert parse_headers(BytesIO(PLAIN), 0).get("content-length") == "55"
     assert calls == []
+
+
+def serve_and_count_sends(monkeypatch, body):
+    """Serve one GET answering `body` with the worker's Handler in this process; return (raw answer, sends made).
+
+    Server and client are gevent's (no monkey-patching needed): the client's reads let the server run.
+    """
+    from gevent import socket
+    from gevent.pywsgi import WSGIServer
+
+    from changefeed.ops import worker
+
+    sends = []
+    real = worker.Handler._sendall
+
+    def counting(self, data):
+        sends.append(len(data))
+        return real(self, data)
+
+    monkeypatch.setattr(worker.Handler, "_sendall", counting)
+
+    def app(environ, start_response):
+        start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+        return [body]
+
+    server = WSGIServer(("127.0.0.1", 0), app, handler_class=worker.Handler, log=None)
+    server.limits = {"header_s": 5, "body_s": 5, "keepalive_s": 5, "send_s": 5}
+    server.log = type("Log", (), {"access_log_enabled": False})()
+    server.start()
+    try:
+        with socket.create_connection(server.address, timeout=5) as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            raw = b""
+            while chunk := sock.recv(65536):
+                raw += chunk
+    finally:
+        server.stop()
+    return raw, sends
+
+
+def test_a_small_answer_leaves_in_one_send_with_its_headers(monkeypatch):
+    raw, sends = serve_and_count_sends(monkeypatch, b'{"changed": false}')
+    assert raw.startswith(b"HTTP/1.1 200 OK\r\n") and raw.endswith(b'\r\n\r\n{"changed": false}')
+    assert sends == [len(raw)]
+
+
+def test_a_large_answer_is_sent_after_its_headers_not_copied_behind_them(monkeypatch):
+    body = b"x" * 100_000
+    raw, sends = serve_and_count_sends(monkeypatch, body)
+    assert raw.endswith(b"\r\n\r\n" + body)
+    assert sends == [len(raw) - len(body), len(body)]

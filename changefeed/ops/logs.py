@@ -29,7 +29,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
-from typing import TextIO
+from typing import Any, TextIO
 from urllib.parse import quote, unquote_plus
 from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
@@ -43,6 +43,16 @@ from changefeed.core.outcomes import Saved, utc_now
 # worker: a host app seeding `random` cannot make them repeat, and none costs a system call.
 _IDS = random.Random()
 os.register_at_fork(after_in_child=_IDS.seed)
+
+# The id of the OS thread running: all the greenlets of one share it (gevent patches threading.get_ident per greenlet).
+try:
+    from gevent.monkey import get_original
+
+    _native_thread: Callable[[], int] = get_original("_thread", "get_ident")
+except ImportError:  # pragma: no cover - gevent is a dependency
+    import _thread
+
+    _native_thread = _thread.get_ident
 
 # Keys of the WSGI environ that carry what a log line needs past the view.
 REQUEST_ID = "changefeed.request_id"
@@ -131,6 +141,9 @@ def configure(level: int) -> None:
         return
     root.addHandler(_Stream(_error_log_stream, ERROR_LOG_FORMAT))
     root.setLevel(level)
+    # Nothing of ours formats a line's thread or process name; under gevent, each request's greenlet
+    # would make a stand-in thread object for logging to read it from (a line cost a third more).
+    logging.logThreads = logging.logMultiprocessing = False
 
 
 def _error_log_stream() -> TextIO:
@@ -152,22 +165,60 @@ class _Stream(logging.StreamHandler[TextIO]):
         logging.Handler.__init__(self)
         self._find_stream = find_stream
         self.setFormatter(formatter)
+        self._pending: list[str] = []  # lines of this turn of the gevent loop, not yet written
+        self._loop, self._loop_thread = _gevent_loop()
 
     @property
     def stream(self) -> TextIO:  # type: ignore[override]  # read-only here: a StreamHandler's is an attribute
         return self._find_stream()
 
     def emit(self, record: logging.LogRecord) -> None:
-        """StreamHandler.emit, finding the stream once per line instead of four times."""
+        """StreamHandler.emit, finding the stream once per line instead of four times.
+
+        In a gunicorn worker, the lines of the greenlets (a save's line, the
+        hot one) are written once per turn of gevent's loop, together: every
+        write releases the GIL to the commit thread (stores/writers.py) and
+        waits to get it back, and the saves of one commit are answered in
+        one turn. A line is written microseconds after its answer was sent,
+        before the worker waits for anything; logging.shutdown() writes
+        what is left. Lines of other threads are written at once.
+        """
         try:
-            msg = self.format(record)
+            line = self.format(record) + self.terminator
+            if self._loop is not None and _native_thread() == self._loop_thread:
+                self._pending.append(line)
+                if len(self._pending) == 1:
+                    self._loop.run_callback(self.flush)
+                return
             stream = self._find_stream()
-            stream.write(msg + self.terminator)
+            stream.write(line)
             stream.flush()
         except RecursionError:  # as logging's own: see https://bugs.python.org/issue36272
             raise
         except Exception:
             self.handleError(record)
+
+    def flush(self) -> None:
+        """Write the lines this turn of the loop gathered (and at exit, what is left)."""
+        if self._pending:
+            lines, self._pending = "".join(self._pending), []
+            try:
+                stream = self._find_stream()
+                stream.write(lines)
+                stream.flush()
+            except Exception:  # noqa: BLE001 - a log that cannot be written must not stop the loop
+                pass
+
+
+def _gevent_loop() -> tuple[Any, int | None]:
+    """(gevent's loop, the native thread it runs in) in a gunicorn worker that gevent patched; else (None, None)."""
+    try:
+        from gevent import get_hub, monkey
+    except ImportError:  # pragma: no cover - gevent is a dependency
+        return None, None
+    if not monkey.is_module_patched("threading"):
+        return None, None  # flask run, tests: every line written at once
+    return get_hub().loop, _native_thread()
 
 
 def saved(page: Saved) -> None:
