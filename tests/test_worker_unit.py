@@ -83,13 +83,54 @@ def test_plain_headers_skip_the_email_parser(monkeypatch):
     assert calls == []
 
 
+def serving(app):
+    """A gevent WSGI server with the worker's Handler in this process (gevent's own sockets: no patching)."""
+    from gevent.pywsgi import WSGIServer
+
+    from changefeed.ops import worker
+
+    server = WSGIServer(("127.0.0.1", 0), app, handler_class=worker.Handler, log=None)
+    server.limits = {"header_s": 5, "body_s": 5, "keepalive_s": 5, "send_s": 5}
+    server.log = type("Log", (), {"access_log_enabled": False})()
+    server.start()
+    return server
+
+
+def test_a_client_asking_again_at_once_does_not_keep_the_others_waiting():
+    """Fifty requests sent at once on one kept-alive connection; another client's, sent meanwhile, is served among them."""
+    import gevent
+    from gevent import socket
+
+    served = []
+
+    def app(environ, start_response):
+        served.append(environ["PATH_INFO"])
+        if served == ["/eager"]:  # the other client asks while the first one's requests are being served
+            other.sendall(b"GET /other HTTP/1.1\r\nHost: x\r\n\r\n")
+        start_response("200 OK", [("Content-Length", "2")])
+        return [b"ok"]
+
+    server = serving(app)
+    try:
+        eager = socket.create_connection(server.address, timeout=5)
+        other = socket.create_connection(server.address, timeout=5)
+        eager.sendall(b"".join(b"GET /eager HTTP/1.1\r\nHost: x\r\n\r\n" for _ in range(50)))
+        with gevent.Timeout(5):
+            while len(served) < 51:
+                gevent.sleep(0.01)
+        eager.close()
+        other.close()
+    finally:
+        server.stop()
+    assert served.index("/other") < 5, served  # without its turn: 50th, after all of the first client's
+
+
 def serve_and_count_sends(monkeypatch, body):
     """Serve one GET answering `body` with the worker's Handler in this process; return (raw answer, sends made).
 
     Server and client are gevent's (no monkey-patching needed): the client's reads let the server run.
     """
     from gevent import socket
-    from gevent.pywsgi import WSGIServer
 
     from changefeed.ops import worker
 
@@ -106,10 +147,7 @@ def serve_and_count_sends(monkeypatch, body):
         start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
         return [body]
 
-    server = WSGIServer(("127.0.0.1", 0), app, handler_class=worker.Handler, log=None)
-    server.limits = {"header_s": 5, "body_s": 5, "keepalive_s": 5, "send_s": 5}
-    server.log = type("Log", (), {"access_log_enabled": False})()
-    server.start()
+    server = serving(app)
     try:
         with socket.create_connection(server.address, timeout=5) as sock:
             sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
