@@ -48,6 +48,7 @@ TARGETS = {
     "unchanged_304_vs_200": ("304 / unchanged 200, requests/s", ">=", 1.0),
     "saves_one_slug_rps": ("saves/s, 64 clients, one slug", ">=", 5000),
     "sse_p99_ms": ("SSE propagation p99, ms", "<", 50),
+    "sse_prefix_p99_ms": ("SSE on a prefix's feed: propagation p99, ms", "<", 50),
     "ws_p99_ms": ("WebSocket propagation p99, ms", "<", 50),
     "longpoll_p99_ms": ("long-poll propagation p99, ms", "<", 50),
     "longpoll100_p99_ms": ("long-poll propagation p99 at 100 subscribers, ms", "<", 50),
@@ -179,13 +180,16 @@ async def _exact_versions(url, slug, concurrency, total):
 def propagation_variants(cfg):
     """(name, transport, subscribers): SSE, WebSocket, long-poll and poll at 1,000; long-poll at a tenth of that.
 
+    `sse_prefix` is SSE on the feed (`/events?prefix=`, the slug as the prefix): what one
+    save to a prefix costs to reach its followers, beside the single page's figure.
+
     Long-polling answers and re-asks once per subscriber per save: 1,000
     subscribers at 10 saves/s need 10,000 requests/s, more than this stack
     serves on 2 cores; the smaller run shows the mechanism at a load it carries.
     """
     n = cfg["subscribers"]
-    return [("sse", "sse", n), ("ws", "ws", n), ("longpoll", "longpoll", n), ("poll", "poll", n),
-            ("longpoll100", "longpoll", max(n // 10, 1))]
+    return [("sse", "sse", n), ("sse_prefix", "sse_prefix", n), ("ws", "ws", n), ("longpoll", "longpoll", n),
+            ("poll", "poll", n), ("longpoll100", "longpoll", max(n // 10, 1))]
 
 
 def propagation(cfg, tmp, log):
@@ -196,7 +200,8 @@ def propagation(cfg, tmp, log):
         for n in range(cfg["runs"]):
             run = {}
             for name, transport, count in propagation_variants(cfg):
-                result, run_delays = asyncio.run(_propagate(service, transport, f"prop-{name}-{n}", count, cfg))
+                slug = f"prop-{name.replace('_', '-')}-{n}"  # a slug takes no underscore
+                result, run_delays = asyncio.run(_propagate(service, transport, slug, count, cfg))
                 run[name] = result
                 delays.setdefault(f"{transport} ({count:,} subscribers)", []).extend(run_delays)
             runs.append(run)
@@ -543,7 +548,7 @@ def print_table(summary):
         ("", "failed / unaccounted", ("saves_failed", "saves_unaccounted")),
         ("", "versions exactly 1..N", "saves_exact"),
     ]
-    for t in ("sse", "ws", "longpoll", "poll", "longpoll100"):
+    for t in ("sse", "sse_prefix", "ws", "longpoll", "poll", "longpoll100"):
         rows += [(f"propagation {t}", "p50 / p99 / max ms", (f"{t}_p50_ms", f"{t}_p99_ms", f"{t}_max_ms")),
                  ("", "missed / failed subscribers", (f"{t}_missed", f"{t}_failed")),
                  ("", "server CPU % idle / load", (f"{t}_idle_server_cpu_pct", f"{t}_load_server_cpu_pct")),

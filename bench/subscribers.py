@@ -6,6 +6,7 @@ the limit; it reports its own CPU so a reader can check.
 
 import asyncio
 import json
+import re
 import time
 from urllib.parse import urlsplit
 
@@ -13,6 +14,7 @@ import aiohttp
 
 LONG_POLL_WAIT_S = 25
 POLL_INTERVAL_S = 2.0
+FEED_VERSION = re.compile(rb'\ndata: \{"slug":"[^"]*","version":(\d+)')  # a feed event's page version
 
 
 class Seen:
@@ -45,8 +47,9 @@ class _EventStream(asyncio.Protocol):
     the source of the delay being measured.
     """
 
-    def __init__(self, seen, request):
+    def __init__(self, seen, request, feed=False):
         self.seen, self.request, self.buffer, self.answered = seen, request, b"", False
+        self.feed = feed  # a feed stream (?prefix=): ids are cursors, the version is in the data
         self.ended = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport):
@@ -65,6 +68,10 @@ class _EventStream(asyncio.Protocol):
         lines, self.buffer = data[:end], data[end:]
         if not self.seen.opened.is_set() and b"\nretry:" in lines:
             self.seen.opened.set()
+        if self.feed:
+            for version in FEED_VERSION.findall(lines):
+                self.seen.record(int(version))
+            return
         start = lines.find(b"\nid: ")
         while start >= 0:
             stop = lines.index(b"\n", start + 1)
@@ -76,14 +83,15 @@ class _EventStream(asyncio.Protocol):
             self.ended.set_result(exc)
 
 
-async def sse(url, slug, seen, counter):
-    """Hold /events open, recording each version as its event arrives."""
+async def sse(url, slug, seen, counter, prefix=False):
+    """Hold /events open, recording each version as its event arrives (`prefix`: the feed of the slug as a prefix)."""
     parts = urlsplit(url)
-    request = (f"GET /events?slug={slug}&since={seen.version} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
+    query = f"prefix={slug}&since=0" if prefix else f"slug={slug}&since={seen.version}"
+    request = (f"GET /events?{query} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
                "Accept: text/event-stream\r\n\r\n").encode()
     loop = asyncio.get_running_loop()
     try:
-        transport, stream = await loop.create_connection(lambda: _EventStream(seen, request),
+        transport, stream = await loop.create_connection(lambda: _EventStream(seen, request, feed=prefix),
                                                          parts.hostname, parts.port)
     except OSError as exc:
         seen.failed = repr(exc)
@@ -168,8 +176,8 @@ async def subscribe_all(http, url, transport, slugs, since, counter, batch=500):
     for start in range(0, len(slugs), batch):
         for i, slug in enumerate(slugs[start:start + batch], start):
             seen = Seen(since)
-            if transport == "sse":
-                job = sse(url, slug, seen, counter)
+            if transport in ("sse", "sse_prefix"):
+                job = sse(url, slug, seen, counter, prefix=transport == "sse_prefix")
             elif transport == "ws":
                 job = ws(http, url, slug, seen, counter)
             elif transport == "longpoll":

@@ -35,7 +35,7 @@ def test_quick_bench_runs_every_scenario(tmp_path):
                                     "many", "stores"}
     assert summary["unchanged_rps"] > 0 and summary["unchanged_errors"] == 0
     assert summary["saves_failed"] == 0 and summary["saves_unaccounted"] == 0 and summary["saves_exact"] is True
-    for transport in ("sse", "ws", "longpoll", "poll", "longpoll100"):
+    for transport in ("sse", "sse_prefix", "ws", "longpoll", "poll", "longpoll100"):
         assert summary[f"{transport}_missed"] == 0 and summary[f"{transport}_failed"] == 0
     if report["runs"]["nginx"]:  # run when nginx is installed
         assert summary["longpoll_nginx_missed"] == 0 and summary["longpoll_nginx_failed"] == 0

@@ -13,10 +13,15 @@ from typing import NoReturn, TypedDict
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, missing, post_load, pre_load, validate
 from marshmallow.types import UnknownOption
 
+from changefeed.core import feed
+
 MAX_INTEGER = 2**63 - 1  # SQLite's and PostgreSQL's largest INTEGER/BIGINT
 MAX_WAIT_S = 60
+FEED_LIMIT, MAX_FEED_LIMIT = 100, 1_000  # pages in one /feed answer: by default, at most
+MAX_STREAM_SLUGS = 100  # pages one /events stream may name (a prefix follows any number)
 TRANSPORTS = ("poll", "longpoll", "sse", "ws")
 SLUG = re.compile(r"[A-Za-z0-9-]{1,120}")
+PREFIX = re.compile(r"[A-Za-z0-9-]{0,120}\Z")  # the start of a slug ("" is every slug)
 # Anchored at both ends: validate.Regexp only matches at the start.
 EPOCH = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
 IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}\Z")  # printable ASCII, no spaces
@@ -72,6 +77,21 @@ class Slug(Text):
                      **kwargs: object) -> str:
         text = super()._deserialize(value, attr, data, **kwargs)
         validate_slug(text)
+        return text.lower()
+
+
+class Prefix(Text):
+    """The start of a slug ("": every slug), folded to lower case as slugs are; checked as sent, as a Slug."""
+
+    def __init__(self, *, required: bool = False, load_default: object = missing) -> None:
+        super().__init__(metadata={"pattern": f"^{PREFIX.pattern[:-2]}$"}, required=required,
+                         load_default=load_default)
+
+    def _deserialize(self, value: object, attr: str | None, data: Mapping[str, object] | None,
+                     **kwargs: object) -> str:
+        text = super()._deserialize(value, attr, data, **kwargs)
+        if not PREFIX.match(text):
+            raise ValidationError("Must be the start of a slug: at most 120 ASCII letters, digits and hyphens.")
         return text.lower()
 
 
@@ -312,6 +332,56 @@ class EventsQuerySchema(Schema):
     presence_form = PresenceQuery.presence_form
 
 
+class Cursor(fields.Field[tuple[str | None, tuple[int, str]]]):
+    """A feed cursor from an earlier answer's `next` (or an event's id), or 0 for the beginning: (epoch, position)."""
+
+    default_error_messages = {
+        "invalid": "Must be 0 (from the beginning) or the `next` of an earlier /feed answer, as it was sent.",
+    }
+
+    def _deserialize(self, value: object, attr: str | None, data: Mapping[str, object] | None,
+                     **kwargs: object) -> tuple[str | None, tuple[int, str]]:
+        try:
+            return feed.decode(value if isinstance(value, str) else "")
+        except ValueError:
+            raise self.make_error("invalid") from None
+
+
+class FeedQuerySchema(Schema):
+    """The query of GET /feed: ?since=C&prefix=P&limit=N&wait=W&include=content; unknown parameters are ignored."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+    since = Cursor(load_default=(None, feed.START))
+    prefix = Prefix(load_default="")
+    limit = Count(load_default=FEED_LIMIT, validate=validate.Range(
+        min=1, max=MAX_FEED_LIMIT, error=f"Must be a whole number from 1 to {MAX_FEED_LIMIT}."))
+    wait = Count(load_default=0)
+    include = Text(load_default=None, validate=validate.OneOf(
+        ("content",), error="Must be content (each page's html and data with it), or left out."))
+
+    def __init__(self, max_wait_s: int = MAX_WAIT_S) -> None:
+        super().__init__()
+        self.fields["wait"].validators = [validate.Range(
+            max=max_wait_s, error=f"Must be a whole number of seconds from 0 to {max_wait_s}.")]
+
+
+class FeedEventsQuerySchema(Schema):
+    """The query of GET /events following many pages: ?prefix=P or ?slug=a&slug=b..., and ?since=C (a cursor)."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+    slug = fields.List(Slug(), load_default=None, validate=validate.Length(
+        max=MAX_STREAM_SLUGS, error=f"Must name at most {MAX_STREAM_SLUGS} pages; follow a prefix for more."))
+    prefix = Prefix(load_default=None)
+    since = Cursor(load_default=(None, feed.START))
+    last_event_id = Cursor(data_key="Last-Event-ID", load_default=None)
+    presence = Text(load_default=None, validate=lambda _: _refuse(
+        "Presence follows one page: open a stream of that slug alone (or use /ws) to see who is on it."))
+
+
 class LastEvent(TypedDict):
     """A Last-Event-ID as LastEventId loads it: the epoch it names (None for a bare version), and the version."""
 
@@ -370,6 +440,11 @@ class PageQuerySchema(Schema):
     slug = Slug(load_default="demo")
     transport = Text(load_default="poll", validate=validate.OneOf(
         TRANSPORTS, error=f"Must be one of {', '.join(TRANSPORTS)}."))
+
+
+def _refuse(message: str) -> NoReturn:
+    """A validator's answer to a parameter that has no meaning here."""
+    raise ValidationError(message)
 
 
 def reject_constant(name: str) -> NoReturn:

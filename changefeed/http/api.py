@@ -7,9 +7,9 @@ of its own, importable and testable alone.
 
 from flask import Blueprint
 
-from . import access, events, pages, presence, session
+from . import access, events, feed, pages, presence, session
 
 blueprint = Blueprint("api", __name__)
 blueprint.before_request(access.guard)
-for child in (pages.blueprint, events.blueprint, presence.blueprint, session.blueprint):
+for child in (pages.blueprint, feed.blueprint, events.blueprint, presence.blueprint, session.blueprint):
     blueprint.register_blueprint(child)

@@ -1,9 +1,10 @@
-"""GET /events: each new version of a page pushed as a Server-Sent Event."""
+"""GET /events: each new version of a page (or of every page under a prefix, or in a list) as a Server-Sent Event."""
 
 from flask import Blueprint, Response, request
 
 from changefeed.core.errors import ShuttingDown
 from changefeed.security.limits import Held
+from changefeed.transports.feed import STREAM_LIMIT, FeedReader, feed_stream
 from changefeed.transports.feeds import event_stream
 
 from . import access
@@ -18,7 +19,9 @@ EVENTS_HEADERS = [("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no"), ("
 @blueprint.get("/events")
 @access.reads
 def events() -> Response:
-    """Stream each new version of a page as a Server-Sent Event, from `since` on."""
+    """Stream each new version of a page as a Server-Sent Event, from `since` on (of many pages: feed_events)."""
+    if "prefix" in request.args or len(request.args.getlist("slug")) > 1:
+        return feed_events()
     feed = services()
     query = feed.schemas.events.load(request.args)
     lasts_s = None
@@ -38,5 +41,40 @@ def events() -> Response:
                           request.environ.get("changefeed.on_disconnect"), query["presence"],
                           query["presence_form"] == "count")
     # The stream yields bytes ready to send: no need for werkzeug to re-encode each one.
+    return Response(Held(stream, release), mimetype="text/event-stream", headers=EVENTS_HEADERS,
+                    direct_passthrough=True)
+
+
+def feed_events() -> Response:
+    """Stream each page saved under `prefix` (or among the `slug`s) after the cursor `since`, as it lands.
+
+    One connection for a whole dashboard: each event names its page, and its
+    id is a feed cursor (GET /feed's), so a reconnecting EventSource resumes
+    every page it follows from its Last-Event-ID.
+    """
+    found = services()
+    args = request.args
+    query = found.schemas.feed_events.load({
+        **{key: args[key] for key in ("prefix", "since", "presence") if key in args},
+        **({"slug": args.getlist("slug")} if "slug" in args else {}),
+        **({"Last-Event-ID": request.headers["Last-Event-ID"]} if "Last-Event-ID" in request.headers else {})})
+    slugs, prefix = query["slug"], query["prefix"] or ""
+    epoch, after = query["last_event_id"] or query["since"]  # a reconnecting EventSource resumes where it was
+    readable, lasts_s = None, None
+    rights = access.rights() if found.verifier.reads else None
+    if rights is not None:  # a stream never outlives its token: it ends at expiry, the client reconnects
+        for slug in slugs or ():
+            rights.require("read", slug)
+        if slugs is None and prefix:
+            rights.require_prefix("read", prefix)
+        elif slugs is None:
+            readable = lambda slug: rights.may("read", slug)  # noqa: E731 - one line, one use
+        lasts_s = rights.seconds_left()
+    if found.notifier.closed:
+        raise ShuttingDown()
+    release = found.waits.enter(request.environ)
+    reader = FeedReader(found.store, found.notifier, prefix, slugs, STREAM_LIMIT, content=True, readable=readable)
+    stream = feed_stream(reader, after, epoch, found.config["CHANGEFEED_SSE_RETRY_MS"], lasts_s,
+                         request.environ.get("changefeed.on_disconnect"))
     return Response(Held(stream, release), mimetype="text/event-stream", headers=EVENTS_HEADERS,
                     direct_passthrough=True)

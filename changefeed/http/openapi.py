@@ -15,10 +15,14 @@ from apispec.ext.marshmallow import MarshmallowPlugin
 from flask import Blueprint, Flask
 from marshmallow import Schema, fields
 
+from changefeed.core.feed import CURSOR
 from changefeed.core.schemas import (
     EPOCH,
+    FEED_LIMIT,
     IDEMPOTENCY_KEY,
+    MAX_FEED_LIMIT,
     MAX_INTEGER,
+    PREFIX,
     PRESENCE_FORMS,
     SLUG,
     TRANSPORTS,
@@ -42,6 +46,7 @@ class ErrorSchema(Schema):
     checks = fields.Dict(keys=fields.String(), values=fields.String(), metadata={"description": "what is not ready"})
     limit = fields.String(metadata={"description": "which limit refused it (429, 503 server full, 507)"})
     retry_after_ms = fields.Integer(metadata={"description": "when to beat again (429 of POST /presence)"})
+    epoch = fields.String(metadata={"description": "this database's epoch (410 of GET /feed: list again from 0)"})
     request_id = fields.String(required=True, metadata={
         "description": "this request's id, also its X-Request-Id header: the server's log lines carry it"})
 
@@ -95,6 +100,25 @@ class ChangeSchema(Schema):
     epoch = fields.String(required=True)
     presence = fields.Nested(PresenceListSchema, metadata={
         "description": "with ?presence=V: who is on the page, when its presence version is not V"})
+
+
+class FeedEntrySchema(Schema):
+    """One page in a /feed answer: its newest version after the cursor (a tombstone: `deleted`, no content)."""
+
+    slug = fields.String(required=True)
+    version = fields.Integer(required=True, metadata={"minimum": 1})
+    updated_at = fields.String(required=True, metadata={"format": "date-time"})
+    html = fields.String(metadata={"description": "with include=content"})
+    data = fields.Raw(allow_none=True, metadata={"description": "with include=content: the JSON value saved"})
+    deleted = fields.Boolean(metadata={"enum": [True], "description": "the page was deleted since the cursor"})
+
+
+class FeedSchema(Schema):
+    """A /feed answer: the pages saved after the cursor, in save order, and the cursor to read on from."""
+
+    changes = fields.List(fields.Nested(FeedEntrySchema), required=True)
+    next = fields.String(required=True, metadata={"description": "the cursor to send as `since` next (opaque)"})
+    epoch = fields.String(required=True)
 
 
 def _header(description: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -153,6 +177,7 @@ def build(app: Flask) -> dict[str, Any]:
     spec.components.schema("Error", schema=ErrorSchema)
     spec.components.schema("Saved", schema=SavedSchema)
     spec.components.schema("Change", schema=ChangeSchema)
+    spec.components.schema("Feed", schema=FeedSchema)
     spec.components.schema("Deleted", schema=DeletedSchema)
     spec.components.schema("DeleteRequest", schema=DeleteSchema)
     spec.components.schema("SaveRequest", schema=SaveSchema(max_html_bytes=0, max_data_bytes=0))
@@ -215,6 +240,29 @@ def build(app: Flask) -> dict[str, Any]:
                     "content": {"application/json": {"schema": "Change"}},
                     "headers": {"ETag": _header("changes whenever the answer would")}},
             "304": {"description": "unchanged since the ETag sent in If-None-Match"},
+            **_errors("400", "401", "403", "422", "429", "503")},
+    }})
+    spec.path("/feed", operations={"get": {
+        "summary": "Every page saved after the cursor `since`, by prefix, each once at its newest version",
+        "security": optional_auth,
+        "parameters": [
+            {"in": "query", "name": "since", "schema": {"type": "string", "pattern": f"^(0|{CURSOR.pattern})$"},
+             "description": "0 (from the beginning) or the `next` of an earlier answer"},
+            {"in": "query", "name": "prefix", "schema": {"type": "string", "pattern": f"^{PREFIX.pattern[:-2]}$"},
+             "description": "only pages whose slug starts with it"},
+            {"in": "query", "name": "limit", "schema": {"type": "integer", "minimum": 1, "maximum": MAX_FEED_LIMIT,
+                                                        "default": FEED_LIMIT}},
+            {"in": "query", "name": "wait", "schema": {
+                "type": "integer", "minimum": 0, "maximum": app.config["CHANGEFEED_MAX_WAIT_S"]}},
+            {"in": "query", "name": "include", "schema": {"enum": ["content"]},
+             "description": "each page's html and data too"}],
+        "responses": {
+            "200": {"description": "the pages saved after `since`",
+                    "content": {"application/json": {"schema": "Feed"}},
+                    "headers": {"ETag": _header("changes whenever the answer would")}},
+            "304": {"description": "unchanged since the ETag sent in If-None-Match"},
+            "410": _error("a cursor of another database (a new epoch) or past everything this one saved: "
+                          "list again from since=0"),
             **_errors("400", "401", "403", "422", "429", "503")},
     }})
     spec.path("/events", operations={"get": {

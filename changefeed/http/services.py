@@ -18,6 +18,8 @@ from changefeed.core.schemas import (
     ChangesQuerySchema,
     DeleteSchema,
     EventsQuerySchema,
+    FeedEventsQuerySchema,
+    FeedQuerySchema,
     IdempotencyKeySchema,
     LastEventIdSchema,
     PageQuerySchema,
@@ -59,6 +61,8 @@ class Schemas:
     delete: DeleteSchema
     changes: ChangesQuerySchema
     events: EventsQuerySchema
+    feed: FeedQuerySchema
+    feed_events: FeedEventsQuerySchema
     last_event_id: LastEventIdSchema
     idempotency_key: IdempotencyKeySchema
     presence: PresenceSchema
@@ -70,7 +74,9 @@ class Schemas:
                       max_data_bytes=config["CHANGEFEED_MAX_DATA_BYTES"])
         return cls(save=SaveSchema(**limits), save_form=SaveFormSchema(**limits), delete=DeleteSchema(),
                    changes=ChangesQuerySchema(max_wait_s=config["CHANGEFEED_MAX_WAIT_S"]),
-                   events=EventsQuerySchema(), last_event_id=LastEventIdSchema(),
+                   events=EventsQuerySchema(), feed=FeedQuerySchema(max_wait_s=config["CHANGEFEED_MAX_WAIT_S"]),
+                   feed_events=FeedEventsQuerySchema(),
+                   last_event_id=LastEventIdSchema(),
                    idempotency_key=IdempotencyKeySchema(), presence=PresenceSchema(), page=PageQuerySchema())
 
 

@@ -72,6 +72,20 @@ class Rights:
                             f"ask its issuer for one whose `{CLAIM}` claim lists it under `{right}`.")
         return self
 
+    def may(self, right: str, slug: str) -> bool:
+        """Whether this token may `right` ("read" or "write") the page `slug`."""
+        return any(_matches(pattern, slug) for pattern in getattr(self, right))
+
+    def require_prefix(self, right: str, prefix: str) -> "Rights":
+        """Raise 403 unless this token may `right` every page whose slug starts with `prefix`."""
+        if not any(_covers(pattern, prefix) for pattern in getattr(self, right)):
+            raise AuthError(403, "insufficient_scope",
+                            f"This token ({self.sub or 'no sub'}) may not {right} every page under the prefix "
+                            f"{prefix!r}: ask for a prefix its `{CLAIM}` claim lists under `{right}` (as "
+                            f"`{prefix or 'docs-'}*`, or a longer one), or leave the prefix out to get only "
+                            "the pages it may read.")
+        return self
+
     def require_metrics(self) -> "Rights":
         """Raise 403 unless this token may read GET /metrics."""
         if not self.metrics:
@@ -122,6 +136,12 @@ def _patterns(value: object) -> tuple[str, ...]:
 def _matches(pattern: str, slug: str) -> bool:
     pattern = pattern.lower()
     return pattern == "*" or pattern == slug or (pattern.endswith("*") and slug.startswith(pattern[:-1]))
+
+
+def _covers(pattern: str, prefix: str) -> bool:
+    """Whether `pattern` matches every slug that starts with `prefix` (a prefix pattern no longer than it)."""
+    pattern = pattern.lower()
+    return pattern.endswith("*") and prefix.startswith(pattern[:-1])
 
 
 class TokenVerifier:

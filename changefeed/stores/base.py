@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
+from changefeed.core.feed import FeedEntry, FeedPage, Position
 from changefeed.core.outcomes import (
     Change,
     Conflict,
@@ -244,6 +245,41 @@ class PageStore:
         """The page's presence version alone: what an unchanged poll needs to say 304."""
         rows = self._read(self.PRESENCE_VERSION, (slug,))
         return rows[0][0] if rows else 0
+
+    FEED: str  # each engine's read of the feed: (epoch, next number, ceiling, slug, version, ..., html, data)
+    FEED_POSITIONS_NAME_SLUGS: bool
+
+    @staticmethod
+    def _slugs_param(slugs: Sequence[str] | None) -> Any:
+        """The list of slugs as the engine's driver takes it for FEED's `slugs` (None: every slug)."""
+        return None if slugs is None else list(slugs)
+
+    def feed(self, after: Position, prefix: str = "", limit: int = 100, content: bool = False,
+             slugs: Sequence[str] | None = None) -> FeedPage:
+        """The pages saved after position `after` whose slug starts with `prefix`, oldest first, at most `limit`.
+
+        With `slugs`, only those pages (a stream following a list of them).
+
+        Each page once, at its newest version (a tombstone for a deleted
+        one), with its html and data when `content`. One statement, so the
+        entries, the epoch and where to read on come from one snapshot.
+        When fewer than `limit` came, the next position is past everything
+        this read could see (other prefixes' saves included), so a reader
+        of a quiet prefix does not scan the same rows again.
+        """
+        rows = self._read(self.FEED, {"number": after[0], "slug": after[1], "prefix": prefix, "limit": limit,
+                                      "content": content, "slugs": self._slugs_param(slugs)})
+        epoch, next_number, ceiling = rows[0][0], int(rows[0][1]), int(rows[0][2])
+        by_slug = self.FEED_POSITIONS_NAME_SLUGS
+        entries = [FeedEntry(slug, version, updated_at, bool(deleted), (int(number), slug if by_slug else ""),
+                             html, data)
+                   for _e, _n, _c, slug, version, updated_at, deleted, number, html, data in rows if slug is not None]
+        self.epoch = epoch
+        if len(entries) == limit:
+            following = entries[-1].position
+        else:
+            following = max(after, (next_number, ""))
+        return FeedPage(epoch, entries, following, ahead=after[0] > ceiling)
 
     def _presence_expired(self) -> bool:
         return bool(self._read(self.ANY_EXPIRED, (time.time() - self.presence_ttl_s,)))

@@ -15,9 +15,11 @@ notifiers) satisfy them by shape: mypy checks it where stores/engines.py
 returns them as these types, and a test double needs no base class.
 """
 
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from typing import Protocol
 
+from changefeed.core.feed import FeedPage, Position
 from changefeed.core.outcomes import Change, Saved
 from changefeed.core.presence import Beat, Beaten, Presence
 from changefeed.stores.notify import Subscription
@@ -41,6 +43,10 @@ class Store(Protocol):
 
     def changes(self, slug: str, since: int, epoch: str | None = None) -> Change:
         """The page as a client at version `since` of database `epoch` sees it; raise Unavailable."""
+
+    def feed(self, after: Position, prefix: str = "", limit: int = 100, content: bool = False,
+             slugs: Sequence[str] | None = None) -> FeedPage:
+        """The pages saved after `after` under `prefix` (among `slugs`), each once, oldest first; raise Unavailable."""
 
     def beat(self, beat: Beat) -> Beaten:
         """Record a tab's heartbeat; raise TooSoon, PresenceFull, NotStored or OutcomeUnknown."""
@@ -72,6 +78,10 @@ class Notifier(Protocol):
     def subscribe(self, slug: str,
                   subscription: Subscription | None = None) -> AbstractContextManager[Subscription]:
         """Hold a Subscription to `slug` for a `with` block; subscribe first, then read the store."""
+
+    def subscribe_prefix(self, prefix: str,
+                         subscription: Subscription | None = None) -> AbstractContextManager[Subscription]:
+        """Hold a Subscription woken (`saved`) by each save of a page under `prefix` ("": any), for a `with` block."""
 
     def start(self) -> None:
         """Begin learning of saves (idempotent); raise Unavailable when the look-out cannot start."""

@@ -15,7 +15,9 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
+
+from prometheus_client import Gauge
 
 from changefeed.core.outcomes import Change
 from changefeed.core.presence import Presence
@@ -38,6 +40,7 @@ class Subscription:
         self.latest: Change | None = None  # the newest Change delivered, or None
         self.presence: Presence | None = None  # the newest Presence delivered, or None
         self.gone = False  # the client closed its connection: stop waiting for it
+        self.saved = False  # (a feed's) a page it follows was saved since the waiter last looked
         self._woken = woken if woken is not None else threading.Event()
 
     def deliver(self, change: Change) -> None:
@@ -46,6 +49,11 @@ class Subscription:
         if latest is None or change.version > latest.version or change.epoch != latest.epoch:
             self.latest = change
             self._woken.set()
+
+    def saw_save(self) -> None:
+        """(A feed's subscription) a page under its prefix was saved: the waiter reads the feed again."""
+        self.saved = True
+        self._woken.set()
 
     def deliver_presence(self, presence: Presence) -> None:
         """Take a presence list; versions are compared for sameness only (each is used once)."""
@@ -78,37 +86,62 @@ class Fanout:
 
     def __init__(self, heartbeat_s: float = 15.0) -> None:
         self._subscriptions: dict[str, set[Subscription]] = {}  # slug -> set of Subscription
+        self._prefixes: dict[str, set[Subscription]] = {}  # the feeds': prefix ("" all) -> set of Subscription
         self.heartbeat_s = heartbeat_s
         self.closed = False
 
-    @contextmanager
-    def subscribe(self, slug: str, subscription: Subscription | None = None) -> Iterator[Subscription]:
+    def subscribe(self, slug: str, subscription: Subscription | None = None) -> AbstractContextManager[Subscription]:
         """Hold a Subscription to `slug` (a new one, or the one given) for the duration of a `with` block.
 
         Subscribe first, then read the store: a save that lands in between is
         delivered, never lost.
         """
+        return self._hold(self._subscriptions, slug, subscription, metrics.WATCHED_SLUGS)
+
+    def subscribe_prefix(self, prefix: str,
+                         subscription: Subscription | None = None) -> AbstractContextManager[Subscription]:
+        """Hold a Subscription to every page whose slug starts with `prefix` ("": every page) for a `with` block.
+
+        For a reader of the database feed: each save of such a page marks it
+        `saved` and wakes it, and the reader reads the feed itself (which
+        pages, which versions), so no page is read here for it. Subscribe
+        first, then read, as for a page.
+        """
+        return self._hold(self._prefixes, prefix, subscription)
+
+    @contextmanager
+    def _hold(self, table: dict[str, set[Subscription]], key: str, subscription: Subscription | None,
+              keys: Gauge | None = None) -> Iterator[Subscription]:
+        """Hold `subscription` (or a new one) under `key` of `table` for a `with` block; `keys` counts the keys."""
         self.start()
         subscription = subscription if subscription is not None else Subscription()
-        subscribers = self._subscriptions.setdefault(slug, set())
-        if not subscribers:
-            metrics.WATCHED_SLUGS.inc()
+        subscribers = table.setdefault(key, set())
+        if not subscribers and keys is not None:
+            keys.inc()
         subscribers.add(subscription)
         metrics.SUBSCRIBERS.inc()
         try:
             yield subscription
         finally:
             metrics.SUBSCRIBERS.dec()
-            still = self._subscriptions.get(slug)
+            still = table.get(key)
             if still is not None:
                 still.discard(subscription)
                 if not still:
-                    del self._subscriptions[slug]
-                    metrics.WATCHED_SLUGS.dec()
+                    del table[key]
+                    if keys is not None:
+                        keys.dec()
 
     def watched(self, slug: str) -> bool:
-        """Whether anyone in this process waits on `slug`."""
-        return slug in self._subscriptions
+        """Whether anyone in this process waits on `slug`, or on a prefix of it."""
+        return slug in self._subscriptions or (bool(self._prefixes) and any(map(slug.startswith, self._prefixes)))
+
+    def _saw_save(self, slug: str) -> None:
+        """Wake the feeds' subscriptions whose prefix `slug` starts with."""
+        for prefix, subscriptions in list(self._prefixes.items()):
+            if slug.startswith(prefix):
+                for subscription in list(subscriptions):
+                    subscription.saw_save()
 
     def deliver(self, slug: str, change: Change) -> None:
         """Hand a page's new state to every subscription of `slug` in this process."""
@@ -140,14 +173,17 @@ class Fanout:
         return None
 
     def refresh(self, store: PageStore, slug: str) -> None:
-        """Read the page once and hand it to every subscription of `slug` in this process."""
-        change = store.changes(slug, 0)
-        self.deliver(slug, change)
-        metrics.watcher_delivered(change.updated_at)
+        """Read the page once and hand it to every subscription of `slug` in this process; wake the feeds'."""
+        if slug in self._subscriptions:
+            change = store.changes(slug, 0)
+            self.deliver(slug, change)
+            metrics.watcher_delivered(change.updated_at)
+        self._saw_save(slug)
 
     def refresh_presence(self, store: PageStore, slug: str) -> None:
         """Read who is on the page once and hand it to every subscription of `slug` in this process."""
-        self.deliver_presence(slug, store.presence(slug))
+        if slug in self._subscriptions:  # a feed's subscription follows no one's presence
+            self.deliver_presence(slug, store.presence(slug))
 
     _next_sweep = 0.0
 
@@ -185,9 +221,15 @@ class Fanout:
 
     def wake_all(self) -> None:
         """Wake every subscription: for a heartbeat tick, or to end them all."""
-        for subscribers in list(self._subscriptions.values()):
+        for subscribers in [*self._subscriptions.values(), *self._prefixes.values()]:
             for subscription in list(subscribers):
                 subscription.wake()
+
+    def feeds_look_again(self) -> None:
+        """Have every feed reader read again: after a gap in listening, saves may have gone unannounced."""
+        for subscribers in list(self._prefixes.values()):
+            for subscription in list(subscribers):
+                subscription.saw_save()
 
     def close(self) -> None:
         """End every wait at once, as on SIGTERM, so clients reconnect elsewhere."""

@@ -136,6 +136,19 @@ class PostgresStore(PageStore):
                    " FROM (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS horizon) h"
                    " LEFT JOIN page_versions p ON p.xact >= %s::text::xid8 AND p.xact < h.horizon"
                    " ORDER BY p.xact, p.slug")
+    # The feed (PageStore.feed): the pages after a position (xact, slug) and below the horizon, in that
+    # order; the horizon is where a reader goes on, and a position past the snapshot's xmax was never given.
+    FEED = ("SELECT e.value, h.horizon::text, pg_snapshot_xmax(h.snap)::text, p.slug, p.version, p.updated_at,"
+            " p.deleted, p.xact::text, p.html, p.data"
+            " FROM (SELECT s AS snap, pg_snapshot_xmin(s) AS horizon FROM pg_current_snapshot() s) h CROSS JOIN epoch e"
+            " LEFT JOIN LATERAL (SELECT slug, version, updated_at, deleted, xact,"
+            " CASE WHEN %(content)s THEN html END AS html, CASE WHEN %(content)s THEN data END AS data"
+            " FROM page_versions WHERE xact >= %(number)s::text::xid8"
+            " AND (xact > %(number)s::text::xid8 OR slug > %(slug)s) AND xact < h.horizon"
+            " AND starts_with(slug, %(prefix)s) AND (%(slugs)s::text[] IS NULL OR slug = ANY(%(slugs)s::text[]))"
+            " ORDER BY xact, slug LIMIT %(limit)s) p ON true"
+            " ORDER BY p.xact, p.slug")
+    FEED_POSITIONS_NAME_SLUGS = True  # one transaction writes many pages: the slug orders them
     CHANGES = ("SELECT e.value, p.version, p.updated_at,"
                " CASE WHEN p.version > %(since)s OR e.value <> %(epoch)s THEN p.html END,"
                " CASE WHEN p.version > %(since)s OR e.value <> %(epoch)s THEN p.data END, p.deleted"

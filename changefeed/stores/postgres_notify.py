@@ -299,6 +299,7 @@ class PostgresNotifier(Fanout):
         for slug in self.watched_slugs():
             self.refresh(self._store, slug)
             self.refresh_presence(self._store, slug)
+        self.feeds_look_again()
 
 
 def _close(conn: psycopg.Connection[Any] | None) -> None:

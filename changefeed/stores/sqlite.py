@@ -11,6 +11,7 @@ is wrong with the file in the contract's words.
 
 import errno
 import fcntl
+import json
 import logging
 import os
 import sqlite3
@@ -123,6 +124,20 @@ class SQLiteStore(PageStore):
               f" seq = {_NEXT_SEQ}, deleted = 1 WHERE slug = ? AND NOT deleted AND (? IS NULL OR version = ?)"
               " RETURNING version")
     NEXT_PRESENCE_VERSION = "UPDATE presence_clock SET value = value + 1 RETURNING value"
+    # The feed (PageStore.feed): every `seq` is taken under the one write lock, so the pages after a
+    # seq, in seq order, are exactly what was saved since; the newest seq is where a reader goes on.
+    FEED = ("SELECT e.value, m.top, m.top, p.slug, p.version, p.updated_at, p.deleted, p.seq, p.html, p.data"
+            " FROM epoch e CROSS JOIN (SELECT coalesce(max(seq), 0) AS top FROM page_versions) m"
+            " LEFT JOIN (SELECT slug, version, updated_at, deleted, seq, CASE WHEN :content THEN html END AS html,"
+            " CASE WHEN :content THEN data END AS data FROM page_versions"
+            " WHERE seq > :number AND substr(slug, 1, length(:prefix)) = :prefix"
+            " AND (:slugs IS NULL OR slug IN (SELECT value FROM json_each(:slugs))) ORDER BY seq LIMIT :limit) p ON 1"
+            " ORDER BY p.seq")
+    FEED_POSITIONS_NAME_SLUGS = False  # a seq alone orders every save
+
+    @staticmethod
+    def _slugs_param(slugs: Sequence[str] | None) -> str | None:
+        return None if slugs is None else json.dumps(list(slugs))
     _native_commits = True  # SQLite blocks the thread that commits
 
     def __init__(self, path: str, synchronous: str = "FULL", busy_timeout_ms: int = 10_000,

@@ -33,7 +33,7 @@ OnDisconnect = Callable[[Callable[[], None]], Callable[[], None] | None]
 
 
 @contextmanager
-def _ends_when_gone(subscription: Subscription, on_disconnect: OnDisconnect | None) -> Iterator[None]:
+def ends_when_gone(subscription: Subscription, on_disconnect: OnDisconnect | None) -> Iterator[None]:
     """Have the server end `subscription`'s wait when its client disconnects (gunicorn: ops/worker.py)."""
     cancel = on_disconnect(subscription.leave) if on_disconnect is not None else None
     try:
@@ -61,7 +61,7 @@ def long_poll(store: Store, notifier: Notifier, slug: str, since: int, epoch: st
         return change, present
     epoch = change.epoch
     # An open wait from here on (metrics): a poll answered above held nothing.
-    with (notifier.subscribe(slug) as subscription, _ends_when_gone(subscription, on_disconnect),
+    with (notifier.subscribe(slug) as subscription, ends_when_gone(subscription, on_disconnect),
           metrics.OPEN_LONG_POLLS.track_inprogress()):
         follow.subscription = subscription
         change, present = follow.read(), follow.read_presence()  # again: a save may have landed before we subscribed
@@ -104,7 +104,7 @@ def event_stream(store: Store, notifier: Notifier, slug: str, since: int, epoch:
     ends_at = None if lasts_s is None else time.monotonic() + lasts_s
     yield f"retry: {retry_ms}\n\n".encode()
     try:
-        with (notifier.subscribe(slug) as subscription, _ends_when_gone(subscription, on_disconnect),
+        with (notifier.subscribe(slug) as subscription, ends_when_gone(subscription, on_disconnect),
               metrics.OPEN_STREAMS.track_inprogress()):
             follow = Follow(store, slug, since, epoch, presence, subscription)
             change, present = follow.take(follow.read()), follow.take_presence(follow.read_presence())

@@ -2,9 +2,14 @@
 
 Messages are JSON text; the protocol (docs/api.md):
 
-    client: subscribe {slug, since, epoch?, presence?, presence_form?}, unsubscribe {slug},
+    client: subscribe {slug, since, epoch?, presence?, presence_form?} or {prefix, since?},
+            unsubscribe {slug} or {prefix},
             presence {slug, client_id, name?, state} (a heartbeat, as POST /presence), ping {id?}
-    server: subscribed, change, presence, beat, unsubscribed, pong, error
+    server: subscribed, change, presence, beat, unsubscribed, pong, error, reset (a prefix's new database)
+
+A prefix is followed through the database feed (transports/feed.py): each
+save under it wakes the socket, whose pump reads the feed after the client's
+place and sends each page found, with the cursor that resumes after it.
 
 Each socket has two workers of its own (greenlets under gunicorn's gevent
 worker, threads under `flask run`), besides the library's reader of the
@@ -51,6 +56,7 @@ from wsproto.utilities import LocalProtocolError
 
 from changefeed.core import presence as presence_module
 from changefeed.core.errors import ApiError
+from changefeed.core.feed import START, Position
 from changefeed.core.outcomes import Change, Unavailable
 from changefeed.core.schemas import (
     EPOCH,
@@ -58,6 +64,8 @@ from changefeed.core.schemas import (
     MAX_NAME,
     SLUG,
     Count,
+    Cursor,
+    Prefix,
     PresenceQuery,
     PresenceSchema,
     Slug,
@@ -71,6 +79,7 @@ from changefeed.security.origins import parse_origins
 from changefeed.security.tokens import AuthError, Rights, TokenVerifier, read_token
 from changefeed.stores.contract import Notifier, Store
 from changefeed.stores.notify import Subscription
+from changefeed.transports.feed import FIRST_RETRY_S, LAST_RETRY_S, STREAM_LIMIT, FeedReader, entry_frame
 from changefeed.transports.follow import Follow
 
 log = logging.getLogger(__name__)
@@ -109,13 +118,24 @@ class SubscribeSchema(Schema):
     presence_form = PresenceQuery.presence_form
 
 
-class UnsubscribeSchema(Schema):
-    """{"type": "unsubscribe", "slug"}."""
+class FeedSubscribeSchema(Schema):
+    """{"type": "subscribe", "prefix", "since"?}: every page whose slug starts with `prefix`, after the cursor."""
 
     class Meta:
         unknown = EXCLUDE
 
-    slug = Slug(required=True)
+    prefix = Prefix(required=True)
+    since = Cursor(load_default=(None, START))
+
+
+class UnsubscribeSchema(Schema):
+    """{"type": "unsubscribe", "slug"} or {"type": "unsubscribe", "prefix"}."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+    slug = Slug()
+    prefix = Prefix()
 
 
 MAX_PING_ID = 100  # characters
@@ -252,6 +272,50 @@ class Page(Follow):
         self.count_only = item["presence_form"] == "count"  # presence frames without names
 
 
+class Feed:
+    """A prefix one socket follows: its reader (whose subscription shares the socket's wake-up), the client's place.
+
+    Its frames are `change` frames as a page's, each with the `cursor` that
+    resumes right after it (subscribe again with it as `since`); a cursor of
+    another database starts over with a `reset` frame, then every page
+    under the prefix as this database holds it.
+    """
+
+    def __init__(self, reader: FeedReader, since: tuple[str | None, Position],
+                 held: AbstractContextManager[Subscription]) -> None:
+        self.reader, self.held = reader, held
+        self.epoch, self.position = since
+        self.retry: float | None = None  # a save it was told of is not listed yet: look again after this long
+        self.look_at: float | None = None  # ... at this time (monotonic)
+
+    @property
+    def subscription(self) -> Subscription:
+        assert self.reader.subscription is not None
+        return self.reader.subscription
+
+    def frames(self) -> list[str]:
+        """Read what is new under the prefix since the client's place, as frames; move the place past it."""
+        announced, self.subscription.saved = self.subscription.saved, False
+        frames = []
+        while True:
+            page, full = self.reader.read(self.position)
+            if (self.epoch is not None and page.epoch != self.epoch) or page.ahead:
+                frames.append(_frame("reset", prefix=self.reader.prefix, epoch=page.epoch))
+                self.epoch, self.position = page.epoch, START
+                continue
+            self.epoch, self.position = page.epoch, page.next
+            frames += [entry_frame(entry, page.epoch, self.reader.prefix) for entry in page.entries]
+            if not full:
+                break
+        if frames or not (announced or self.retry):  # found, or nothing was announced: wait for the next save
+            self.retry = self.look_at = None
+        else:  # announced but not listed yet (PostgreSQL's horizon): look again soon, then less often
+            self.retry = FIRST_RETRY_S if not self.retry else self.retry * 2
+            self.retry = None if self.retry > LAST_RETRY_S else self.retry
+            self.look_at = None if self.retry is None else time.monotonic() + self.retry
+        return frames
+
+
 class Socket:
     """One open WebSocket: the route's worker reads (handle), the pump writes."""
 
@@ -262,6 +326,7 @@ class Socket:
         self.space = threading.Event()  # the pump took an answer off a full queue
         self.replies: deque[str | tuple[str, Any]] = deque()  # frames (str) and commands (tuple) for the pump, in the client's order
         self.follows: dict[str, Page] = {}  # the pages followed, by slug; the pump's alone
+        self.feeds: dict[str, Feed] = {}  # the prefixes followed; the pump's alone
         self.beats: dict[tuple[str, str], presence_module.Beat] = {}  # (slug, client_id) -> Beat this socket recorded: "gone" for each at the end
         self.ended = False  # the client went, or the socket is being closed: the pump stops
         self.closed_with: tuple[int, str] | None = None  # (code, reason) of the close frame sent, if one was
@@ -309,6 +374,13 @@ class Socket:
         return {"slug": slug}
 
     def on_subscribe(self, body: dict[str, Any]) -> None:
+        if "prefix" in body and "slug" not in body:
+            feed = self.service.feed_subscribe_schema.load(body)
+            if self.service.verifier.reads and feed["prefix"]:
+                assert self.rights is not None
+                self.rights.require_prefix("read", feed["prefix"])
+            self.queue(("subscribe_prefix", feed))
+            return
         item = self.service.subscribe_schema.load(body)
         if self.service.verifier.reads:
             assert self.rights is not None  # admit() lets no socket without a token in when reads need one
@@ -316,7 +388,10 @@ class Socket:
         self.queue(("subscribe", item))
 
     def on_unsubscribe(self, body: dict[str, Any]) -> None:
-        self.queue(("unsubscribe", self.service.unsubscribe_schema.load(body)["slug"]))
+        item = self.service.unsubscribe_schema.load(body)
+        if ("slug" in item) == ("prefix" in item):
+            raise ValidationError({"slug": ["Name the `slug` (or the `prefix`) of a subscription of this socket."]})
+        self.queue(("unsubscribe", item["slug"]) if "slug" in item else ("unsubscribe_prefix", item["prefix"]))
 
     def on_ping(self, body: dict[str, Any]) -> None:
         self.queue(_frame("pong", id=self.service.ping_schema.load(body)["id"]))
@@ -387,7 +462,10 @@ class Socket:
         try:
             while not self.ended:
                 # Nothing followed: no subscription for notifier.close() to wake, so look now and then.
-                timeout = None if self.follows else 1.0
+                timeout = None if self.follows or self.feeds else 1.0
+                looks = [feed.look_at for feed in self.feeds.values() if feed.look_at is not None]
+                if looks:  # a save announced to a feed and not listed yet
+                    timeout = max(0.0, min(looks) - time.monotonic())
                 if self.ends_at is not None:
                     timeout = min(timeout or 1e9, max(0.0, self.ends_at - time.monotonic()))
                 self.woken.wait(timeout)
@@ -404,13 +482,15 @@ class Socket:
                     self.space.set()
                     if isinstance(item, str):
                         self.send(item)
-                    elif item[0] == "subscribe":
-                        self.subscribe(item[1])
                     else:
-                        self.unsubscribe(item[1])
+                        getattr(self, item[0])(item[1])
                 news = False
                 for page in list(self.follows.values()):
                     news |= self.look(page, full=False)
+                now = time.monotonic()
+                for feed in list(self.feeds.values()):
+                    if feed.subscription.saved or (feed.look_at is not None and feed.look_at <= now):
+                        news |= self.look_feed(feed)
                 # A wake-up that brought nothing is the heartbeat tick (or a new database): look for
                 # ourselves. Should a tick come along with news, the next one is looked at anyway.
                 now = time.monotonic()
@@ -418,6 +498,8 @@ class Socket:
                     last_full_look = now
                     for page in list(self.follows.values()):
                         self.look(page, full=True)
+                    for feed in list(self.feeds.values()):
+                        self.look_feed(feed)
         except TimeoutError:  # socket.timeout: the client took nothing for the send timeout
             self.drop()
         except (ConnectionClosed, OSError):  # the client went
@@ -427,9 +509,10 @@ class Socket:
             self.close(1011, "internal error")
         finally:
             self.ended = True
-            for page in self.follows.values():
-                page.held.__exit__(None, None, None)
+            for held in [*(page.held for page in self.follows.values()), *(feed.held for feed in self.feeds.values())]:
+                held.__exit__(None, None, None)
             self.follows.clear()
+            self.feeds.clear()
             self.ws.event.set()
 
     def send(self, text: str) -> None:
@@ -466,6 +549,57 @@ class Socket:
         present = page.take_presence(present)
         if present is not None:
             self.send_presence(page, present)
+
+    def subscribe_prefix(self, item: dict[str, Any]) -> None:
+        """Follow every page under a prefix from the cursor given (again: from there), subscribed before reading."""
+        prefix = item["prefix"]
+        feed = self.feeds.get(prefix)
+        if feed is None and len(self.follows) + len(self.feeds) >= self.service.max_slugs:
+            self.send(error_frame(
+                "too many subscriptions", f"This socket follows {len(self.follows) + len(self.feeds)} pages and "
+                "prefixes, its most (CHANGEFEED_WS_MAX_SLUGS): unsubscribe from one first.", prefix=prefix))
+            return
+        rights = self.rights
+        readable = (lambda slug: rights.may("read", slug)) if rights is not None and not prefix else None
+        try:
+            if feed is None:
+                reader = FeedReader(self.store, self.notifier, prefix, limit=STREAM_LIMIT, content=True,
+                                    readable=readable)
+                reader.subscription = Subscription(self.woken)
+                held: AbstractContextManager[Subscription] = self.notifier.subscribe_prefix(prefix,
+                                                                                             reader.subscription)
+                held.__enter__()
+                feed = Feed(reader, item["since"], held)
+            else:
+                feed.epoch, feed.position = item["since"]
+            self.feeds[prefix] = feed
+            frames = feed.frames()
+        except Unavailable as exc:
+            self.unsubscribe_prefix(prefix, answer=False)
+            self.send(error_frame("unavailable", f"The database cannot be read right now ({exc}). "
+                                  "Subscribe again in a moment.", prefix=prefix))
+            return
+        self.send(_frame("subscribed", prefix=prefix, epoch=feed.epoch))
+        for frame in frames:
+            self.send(frame)
+
+    def unsubscribe_prefix(self, prefix: str, answer: bool = True) -> None:
+        feed = self.feeds.pop(prefix, None)
+        if feed is not None:
+            feed.held.__exit__(None, None, None)
+        if answer:
+            self.send(_frame("unsubscribed", prefix=prefix))
+
+    def look_feed(self, feed: Feed) -> bool:
+        """Send what is new under one prefix; return whether anything was."""
+        try:
+            frames = feed.frames()
+        except Unavailable as exc:  # looked at again on the next heartbeat
+            log.warning("WebSocket could not read the feed of %r: %s", feed.reader.prefix, exc)
+            return False
+        for frame in frames:
+            self.send(frame)
+        return bool(frames)
 
     def unsubscribe(self, slug: str) -> None:
         self.unfollow(slug)
@@ -514,6 +648,7 @@ class Service:
         self.max_slugs = config["CHANGEFEED_WS_MAX_SLUGS"]
         self.send_timeout_s = config["CHANGEFEED_SEND_TIMEOUT_S"]
         self.subscribe_schema, self.unsubscribe_schema = SubscribeSchema(), UnsubscribeSchema()
+        self.feed_subscribe_schema = FeedSubscribeSchema()
         self.ping_schema = PingSchema()
         self.presence_schema = PresenceSchema()
 

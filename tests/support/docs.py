@@ -30,7 +30,9 @@ from support import ROOT
 
 ISO_MS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 HEX16 = re.compile(r"[0-9a-f]{16}")
-FREE_FORMS = {"updated_at": ISO_MS, "epoch": HEX16, "request_id": HEX16}  # request_id: the server's own
+FEED_CURSOR = re.compile(r"[0-9a-f]{16}\.\d+(\.[A-Za-z0-9-]+)?")  # a /feed `next`: its numbers are the database's own
+FREE_FORMS = {"updated_at": ISO_MS, "epoch": HEX16, "request_id": HEX16,  # request_id: the server's own
+              "next": FEED_CURSOR}
 SHELLS = {"sh", "bash", "shell", "console"}
 END = "@@end-of-example-command@@"
 
@@ -133,6 +135,6 @@ def same_json(actual: object, expected: object) -> bool:
 
 
 def free(text: str) -> str:
-    """Text with its times and 16-hex-digit ids made alike, and trailing spaces gone."""
-    text = HEX16.sub("<id>", ISO_MS.sub("<time>", text))
+    """Text with its times, 16-hex-digit ids and feed cursors made alike, and trailing spaces gone."""
+    text = HEX16.sub("<id>", ISO_MS.sub("<time>", FEED_CURSOR.sub("<cursor>", text)))
     return "\n".join(line.rstrip() for line in text.strip().splitlines())
