@@ -7,7 +7,9 @@ the same for every engine and lives here; how a process learns of saves is
 the engine's own and lives beside it: `sqlite_notify.SQLiteNotifier` runs one
 watcher per process over the database file, `postgres_notify.PostgresNotifier`
 LISTENs. Either way a save costs one wake-up per subscriber of that page, and
-nothing for the subscribers of other pages. The transports see only the
+nothing for the subscribers of other pages; a reader of the database feed
+subscribes to a prefix instead, and each save looks through the prefixes
+followed in the process (a few, for a few dashboards) to wake those it falls under. The transports see only the
 `contract.Notifier` protocol and this module's `Subscription`.
 """
 
