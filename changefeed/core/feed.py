@@ -53,7 +53,7 @@ class FeedEntry:
     html: str | None = None  # filled when the read asked for content
     data: str | None = None  # JSON text, as saved
 
-    def fields(self, epoch: str, content: bool) -> str:
+    def fields(self, content: bool) -> str:
         """This entry as the JSON object of a feed answer (a tombstone: slug, version, deleted)."""
         if self.deleted:
             return f'{{"slug":"{self.slug}","version":{self.version},"deleted":true,"updated_at":"{self.updated_at}"}}'

@@ -55,7 +55,7 @@ def feed() -> Response:
                              *(found.unchanged_wait_headers if wait and not page.entries else found.reusable_headers)])
     if request.environ.get("HTTP_IF_NONE_MATCH") == etag or request.if_none_match.contains_weak(etag[1:-1]):
         return Response(status=304, headers=headers)
-    changes = ",".join(entry.fields(page.epoch, content) for entry in page.entries)
+    changes = ",".join(entry.fields(content) for entry in page.entries)
     body = f'{{"changes":[{changes}],"next":"{cursor}","epoch":"{page.epoch}"}}'
     return Response(body, content_type="application/json", headers=headers)
 

@@ -31,6 +31,13 @@ from changefeed.transports.feeds import HEARTBEAT, OnDisconnect, ends_when_gone
 log = logging.getLogger(__name__)
 
 FIRST_RETRY_S, LAST_RETRY_S = 0.01, 1.0  # a save announced but not listed yet: look again this soon, doubling
+
+
+def next_retry(retry: float | None) -> float | None:
+    """The pause before looking again for a save announced and not listed yet: 10, 20, ... ms, 1 s, then none."""
+    if retry is None:
+        return FIRST_RETRY_S
+    return None if retry >= LAST_RETRY_S else min(retry * 2, LAST_RETRY_S)
 STREAM_LIMIT = 100  # entries per read of a stream (it reads on at once while reads come full)
 
 
@@ -89,7 +96,7 @@ class FeedReader:
         if self._retry is None:
             return subscription.wait(timeout)
         pause = self._retry if timeout is None else min(self._retry, timeout)
-        self._retry = None if self._retry >= LAST_RETRY_S else min(self._retry * 2, LAST_RETRY_S)
+        self._retry = next_retry(self._retry)
         return subscription.wait(pause) or timeout is None or pause < timeout
 
     @property
@@ -131,14 +138,14 @@ def read_feed(reader: FeedReader, after: Position, epoch: str | None, wait_s: fl
 
 def entry_event(entry: FeedEntry, epoch: str, content: bool) -> bytes:
     """One page of the feed as a Server-Sent Event: its id is the cursor that resumes right after it."""
-    fields = entry.fields(epoch, content)
+    fields = entry.fields(content)
     cursor = cursors.encode(epoch, entry.position)
     return f'id: {cursor}\nevent: change\ndata: {fields[:-1]},"epoch":"{epoch}"}}\n\n'.encode()
 
 
 def entry_frame(entry: FeedEntry, epoch: str, prefix: str) -> str:
     """One page of a socket's feed as a `change` frame, with the `cursor` that resumes right after it."""
-    fields = entry.fields(epoch, True)
+    fields = entry.fields(True)
     return (f'{{"type":"change","prefix":"{prefix}",' + fields[1:-1]
             + f',"epoch":"{epoch}","cursor":"{cursors.encode(epoch, entry.position)}"}}')
 

@@ -79,7 +79,7 @@ from changefeed.security.origins import parse_origins
 from changefeed.security.tokens import AuthError, Rights, TokenVerifier, read_token
 from changefeed.stores.contract import Notifier, Store
 from changefeed.stores.notify import Subscription
-from changefeed.transports.feed import FIRST_RETRY_S, LAST_RETRY_S, STREAM_LIMIT, FeedReader, entry_frame
+from changefeed.transports.feed import STREAM_LIMIT, FeedReader, entry_frame, next_retry
 from changefeed.transports.follow import Follow
 
 log = logging.getLogger(__name__)
@@ -310,8 +310,7 @@ class Feed:
         if frames or not (announced or self.retry):  # found, or nothing was announced: wait for the next save
             self.retry = self.look_at = None
         else:  # announced but not listed yet (PostgreSQL's horizon): look again soon, then less often
-            self.retry = FIRST_RETRY_S if not self.retry else self.retry * 2
-            self.retry = None if self.retry > LAST_RETRY_S else self.retry
+            self.retry = next_retry(self.retry)
             self.look_at = None if self.retry is None else time.monotonic() + self.retry
         return frames
 
