@@ -1,7 +1,8 @@
 /**
  * changefeed client: the one place that knows how a page learns of new versions.
  *
- *   const unsubscribe = subscribe(slug, {since, epoch, onChange, onStatus, onPresence, transport});
+ *   const unsubscribe = subscribe(slug, {since, epoch, onChange, onStatus, onPresence, transport, payload});
+ *   const unsubscribe = subscribe({prefix}, {since, onChange, onReset, onStatus, transport, payload});
  *
  * - onChange({version, html, data, updated_at, epoch}) runs once for each
  *   newer version seen (a slow client may skip versions: it always ends at
@@ -20,9 +21,21 @@
  *   (GET /changes?wait=, answered the moment a save lands), "sse"
  *   (an EventSource on /events; falls back to long-poll when the server
  *   refuses streams, but not for a 503 or 429 with Retry-After: "later") or
- *   "ws" (a WebSocket on /ws; falls back to long-poll when /ws does not
- *   exist, as behind a proxy that does not pass upgrades).
+ *   "ws" (the tab's one WebSocket on /ws, whatever it follows; falls back to
+ *   long-poll when /ws does not exist, as behind a proxy that does not pass
+ *   upgrades).
+ * - payload: "full" (the default: events carry the page) or "version"
+ *   (events carry the version only, and the page is fetched through the
+ *   cacheable GET /changes before onChange: for large pages and many readers).
  * - since and epoch: the position already held (0 and null: none).
+ *
+ * A prefix follows every page whose slug starts with it (GET /feed,
+ * /events?prefix=, or a prefix frame on the socket), pages created later
+ * included: onChange({slug, version, updated_at, epoch, html?, data?,
+ * deleted?}) runs for each new version of any of them (with payload
+ * "version", slug and version only), and from since "0" (the default) first
+ * for every page there is. since is a feed cursor; onReset({epoch}) says the
+ * database is another one: forget every page, what follows is its state.
  *
  * After unsubscribe() nothing stays open and no callback runs.
  *
@@ -41,6 +54,8 @@
  */
 
 export const TRANSPORTS = ["poll", "longpoll", "sse", "ws"];
+export const PAYLOADS = ["full", "version"];
+export const FEED_LIMIT = 1000;  // entries per GET /feed of a prefix (it reads on while answers come full)
 /**
  * Where the API answers: beside this file's folder (/static/changefeed.js: the root; a service
  * embedded under /feed serves /feed/static/changefeed.js and answers /feed/changes).
@@ -103,12 +118,18 @@ export class Position {
   }
 }
 
-export function subscribe(slug, options = {}) {
-  const {transport = "poll"} = options;
+export function subscribe(target, options = {}) {
+  const {transport = "poll", payload = "full"} = options;
   if (!TRANSPORTS.includes(transport)) throw new Error(`unknown transport ${transport}: use ${TRANSPORTS.join(", ")}`);
+  if (!PAYLOADS.includes(payload)) throw new Error(`unknown payload ${payload}: use ${PAYLOADS.join(" or ")}`);
+  if (typeof target !== "string") {
+    if (typeof target?.prefix !== "string") throw new Error('subscribe() follows a slug, or {prefix: "..."}');
+    return connect(prefixFeed(target.prefix, options), options);
+  }
   // Polling stays per tab: a hidden tab stops polling, so a hidden leader would starve the others.
   const shareable = transport !== "poll" && "locks" in navigator && "BroadcastChannel" in window;
-  return shareable && options.shared !== false ? shareAcrossTabs(slug, options) : connect(slug, options);
+  return shareable && options.shared !== false ? shareAcrossTabs(target, options)
+    : connect(pageFeed(target, options), options);
 }
 
 /** The presence a subscriber holds: the version of the last list seen (0: none), and which form it asks for. */
@@ -131,41 +152,22 @@ export class PresenceHeld {
   }
 }
 
-/** Open one real connection of the chosen transport; return its unsubscribe function. */
-function connect(slug, {since = 0, epoch = null, presence = 0, presenceForm = null, onChange, onStatus = () => {},
-  onPresence = null, transport = "poll"}) {
-  const feed = {
-    slug,
-    position: new Position(since, epoch),
-    presence: onPresence ? new PresenceHeld(presence, presenceForm) : null,  // null: presence not asked for
+/**
+ * Open one connection of the chosen transport for one subscription (`specific`: pageFeed() or prefixFeed());
+ * return its unsubscribe function. Over "ws" the connection is the tab's one socket (SocketHub).
+ */
+function connect(specific, {onStatus = () => {}, transport = "poll"}) {
+  const feed = Object.assign(specific, {
     transport,
     failures: 0,
     stopped: false,
-    /** Pass on what is news (a version, a presence list in the answer); return whether there was any. */
-    deliver(body) {
-      if (this.stopped) return false;
-      const {presence: list, ...change} = body;
-      const seen = list ? this.present(list) : false;
-      if (!this.position.take(change)) return seen;
-      onChange(change);
-      return true;
-    },
-    /** Pass on a presence list when it is another one; return whether it was. */
-    present(list) {
-      if (this.stopped || !this.presence || !this.presence.take(list)) return false;
-      onPresence(list);
-      return true;
-    },
-    /** The query of a read from the position held: since, epoch and, when asked for, presence. */
-    query() {
-      return this.position.query() + (this.presence ? this.presence.query() : "");
-    },
+    subscribed: false,  // over "ws": the server has answered this subscription's subscribe frame
     live() {
       this.failures = 0;
       onStatus({state: "live", transport: this.transport});
     },
-    /** Count a failure, report it, and return how long to wait before trying again. */
-    failed(error) {
+    /** Count a failure, report it, and return how long to wait before trying again (`retryInMs`, when given). */
+    failed(error, retryInMs) {
       if (error.status === 401 || error.status === 403) {
         // A refused or expired token: asking again cannot help. Stop and say so.
         this.stopped = true;
@@ -174,13 +176,13 @@ function connect(slug, {since = 0, epoch = null, presence = 0, presenceForm = nu
         return 0;
       }
       this.failures += 1;
-      const retryInMs = backoffMs(this.failures, error.retryAfterMs);
+      retryInMs ??= backoffMs(this.failures, error.retryAfterMs);
       // "offline" is the browser's word for having no network; a server that does not answer is "retrying".
       const state = navigator.onLine === false ? "offline" : "retrying";
       onStatus({state, retryInMs, transport: this.transport, error: String(error.message || error)});
       return retryInMs;
     },
-  };
+  });
   let stop = null;
   feed.switchTo = (other) => {
     if (feed.stopped) return;
@@ -198,17 +200,196 @@ function connect(slug, {since = 0, epoch = null, presence = 0, presenceForm = nu
   };
 }
 
-/** GET /changes for the feed's position, waiting up to `waitS` seconds for a newer version. */
-async function getChanges(feed, waitS, signal) {
-  const wait = waitS ? `&wait=${waitS}` : "";
-  const response = await fetch(`${BASE}/changes?slug=${encodeURIComponent(feed.slug)}&${feed.query()}${wait}`, {
-    signal,
-    headers: {Accept: "application/json"},
-    // Polls revalidate with If-None-Match (an unchanged answer is a bodiless 304);
-    // a long-poll is never worth keeping.
-    cache: waitS ? "no-store" : "no-cache",
-  });
-  if (!response.ok) throw new RequestError(response);
+/**
+ * What one page's subscription knows: the version held, presence if asked for, and how each transport asks
+ * for and reads the page (GET /changes, /events?slug=, a subscribe frame on the socket).
+ *
+ * With payload "version" the events carry the version alone; the page itself is then fetched through
+ * GET /changes, the same URL for every reader of that version, which the server's micro-cache (or a CDN)
+ * answers once for all of them.
+ */
+function pageFeed(slug, {since = 0, epoch = null, presence = 0, presenceForm = null, onChange = null,
+  onPresence = null, payload = "full"}) {
+  const notified = payload === "version";
+  return {
+    slug,
+    key: `slug:${slug}`,
+    position: new Position(since, epoch),
+    presence: onPresence ? new PresenceHeld(presence, presenceForm) : null,  // null: presence not asked for
+    fetching: false,  // payload "version": a GET /changes of the newest version is under way...
+    again: false,     // ...and another notification came meanwhile
+    fetchFailures: 0,
+    eventTypes: ["change", "presence"],
+    /** Pass on what is news (a version, a presence list in the answer); return whether there was any. */
+    deliver(body) {
+      if (this.stopped) return false;
+      const {presence: list, ...change} = body;
+      const seen = list ? this.present(list) : false;
+      if (notified && onChange && change.changed && !("html" in change)) {
+        // A notification only: fetch that version, then pass it on.
+        if (!new Position(this.position.version, this.position.epoch).take(change)) return seen;
+        this.fetchNewest();
+        return true;
+      }
+      if (!this.position.take(change)) return seen;
+      if (onChange) onChange(change);
+      return true;
+    },
+    /** Fetch the newest version through GET /changes and pass it on; again if a notification came meanwhile. */
+    async fetchNewest() {
+      if (this.fetching) {
+        this.again = true;
+        return;
+      }
+      this.fetching = true;
+      try {
+        do {
+          this.again = false;
+          const body = await getJson(`${BASE}/changes?slug=${encodeURIComponent(slug)}&${this.position.query()}`, 0);
+          if (this.stopped) return;
+          const {presence: _, ...change} = body;
+          if (this.position.take(change)) onChange(change);
+        } while (this.again && !this.stopped);
+        this.fetchFailures = 0;
+      } catch (error) {
+        if (this.stopped) return;
+        this.fetchFailures += 1;
+        const delayMs = error.status === 401 || error.status === 403 ? this.failed(error)
+          : backoffMs(this.fetchFailures, error.retryAfterMs);
+        if (!this.stopped) setTimeout(() => this.fetchNewest(), delayMs);
+      } finally {
+        this.fetching = false;
+      }
+    },
+    /** Pass on a presence list when it is another one; return whether it was. */
+    present(list) {
+      if (this.stopped || !this.presence || !this.presence.take(list)) return false;
+      onPresence(list);
+      return true;
+    },
+    /** The query of a read from the position held: since, epoch and, when asked for, presence. */
+    query() {
+      return this.position.query() + (this.presence ? this.presence.query() : "");
+    },
+    /** GET /changes from the position held, waiting up to `waitS` seconds; return whether it brought news. */
+    async read(waitS, signal) {
+      const wait = waitS ? `&wait=${waitS}` : "";
+      const body = await getJson(`${BASE}/changes?slug=${encodeURIComponent(slug)}&${this.query()}${wait}`, waitS,
+        signal);
+      if (this.stopped) return false;
+      this.live();
+      return this.deliver(body);
+    },
+    eventsUrl() {
+      return `${BASE}/events?slug=${encodeURIComponent(slug)}&${this.query()}${notified ? "&payload=version" : ""}`;
+    },
+    hear(type, data) {
+      if (type === "change") this.deliver(JSON.parse(data));
+      else if (type === "presence") this.present(JSON.parse(data));
+    },
+    subscription() {
+      return {type: "subscribe", slug, since: this.position.version, epoch: this.position.epoch,
+        ...(this.presence ? {presence: this.presence.version, presence_form: this.presence.form || "list"} : {}),
+        ...(notified ? {payload} : {})};
+    },
+    unsubscription() {
+      return {type: "unsubscribe", slug};
+    },
+    hearFrame({type, slug: _, ...body}) {
+      if (type === "change") this.deliver(body);
+      else if (type === "presence") this.present(body);
+    },
+  };
+}
+
+/**
+ * What one prefix's subscription knows: the feed cursor held, the version seen of each page under it,
+ * and how each transport reads the feed (GET /feed, /events?prefix=, a subscribe frame on the socket).
+ *
+ * onChange({slug, version, updated_at, epoch, html?, data?, deleted?}) runs once per new version of any
+ * page under the prefix, pages created later included; from `since` "0" (the default) it first runs for
+ * every page there is, each at its newest version. onReset({epoch}) says the database is another one
+ * (restored, replaced): forget every page; what follows is its whole state.
+ */
+function prefixFeed(prefix, {since = "0", onChange = () => {}, onReset = () => {}, payload = "full"}) {
+  const content = payload === "full";
+  return {
+    prefix,
+    key: `prefix:${prefix}`,
+    cursor: String(since || "0"),
+    epoch: null,
+    versions: new Map(),  // slug -> the newest version passed on
+    eventTypes: ["change", "reset"],
+    /** Pass on an entry of the feed when it is a newer version of its page; return whether it was. */
+    deliver(entry, cursor) {
+      if (this.stopped) return false;
+      if (cursor) this.cursor = cursor;
+      if (entry.epoch) this.epoch = entry.epoch;
+      if ((this.versions.get(entry.slug) ?? -1) >= entry.version) return false;
+      this.versions.set(entry.slug, entry.version);
+      onChange(entry);
+      return true;
+    },
+    reset(epoch) {
+      if (this.stopped) return;
+      this.versions.clear();
+      this.cursor = "0";
+      this.epoch = epoch || null;
+      onReset({epoch: this.epoch});
+    },
+    query() {
+      return `prefix=${encodeURIComponent(prefix)}&since=${encodeURIComponent(this.cursor)}`;
+    },
+    /** GET /feed after the cursor held (reading on while answers come full); return whether it brought news. */
+    async read(waitS, signal) {
+      let news = false;
+      for (;;) {
+        const wait = waitS ? `&wait=${waitS}` : "";
+        const url = `${BASE}/feed?${this.query()}&limit=${FEED_LIMIT}${content ? "&include=content" : ""}${wait}`;
+        const response = await fetch(url, {signal, headers: {Accept: "application/json"},
+          cache: waitS ? "no-store" : "no-cache"});
+        if (response.status === 410) {  // a cursor of another database: start over from its beginning
+          const {epoch = null} = await response.json().catch(() => ({}));
+          this.reset(epoch);
+          news = true;
+          waitS = 0;
+          continue;
+        }
+        if (!response.ok) throw new RequestError(response, "/feed");
+        const body = await response.json();
+        if (this.stopped) return false;
+        this.live();
+        for (const entry of body.changes) news = this.deliver({...entry, epoch: body.epoch}) || news;
+        this.cursor = body.next;
+        if (body.changes.length < FEED_LIMIT) return news;
+        waitS = 0;  // a full answer: read on at once
+      }
+    },
+    eventsUrl() {
+      return `${BASE}/events?${this.query()}${content ? "" : "&payload=version"}`;
+    },
+    hear(type, data, id) {
+      if (type === "reset") this.reset(JSON.parse(data).epoch);
+      else if (type === "change") this.deliver(JSON.parse(data), id);
+    },
+    subscription() {
+      return {type: "subscribe", prefix, since: this.cursor, ...(content ? {} : {payload})};
+    },
+    unsubscription() {
+      return {type: "unsubscribe", prefix};
+    },
+    hearFrame({type, prefix: _, cursor, ...body}) {
+      if (type === "change") this.deliver(body, cursor);
+      else if (type === "reset") this.reset(body.epoch);
+    },
+  };
+}
+
+/** GET a JSON answer; waiting answers (`waitS`) are never kept, polls revalidate with If-None-Match (a 304). */
+async function getJson(url, waitS, signal) {
+  const response = await fetch(url, {signal, headers: {Accept: "application/json"},
+    cache: waitS ? "no-store" : "no-cache"});
+  if (!response.ok) throw new RequestError(response, new URL(url, location.href).pathname);
   return response.json();
 }
 
@@ -241,10 +422,7 @@ const OPENERS = {
       inFlight = new AbortController();
       let delayMs = POLL_INTERVAL_MS;
       try {
-        const body = await getChanges(feed, 0, inFlight.signal);
-        if (feed.stopped) return;
-        feed.live();
-        feed.deliver(body);
+        await feed.read(0, inFlight.signal);
       } catch (error) {
         if (feed.stopped) return;
         delayMs = feed.failed(error);
@@ -285,10 +463,8 @@ const OPENERS = {
         const askedAt = Date.now();
         let delayMs = 0;
         try {
-          const body = await getChanges(feed, waitS, controller.signal);
+          const news = await feed.read(waitS, controller.signal);
           if (feed.stopped) return;
-          feed.live();
-          const news = feed.deliver(body);
           if (!news && waitS && Date.now() - askedAt < (waitS - 1) * 1000) delayMs = gapMs();
           waitS = LONG_POLL_WAIT_S;
         } catch (error) {
@@ -319,14 +495,15 @@ const OPENERS = {
       timer = null;
       if (stopped || feed.stopped) return;
       let opened = false;
-      const url = `${BASE}/events?slug=${encodeURIComponent(feed.slug)}&${feed.query()}`;
+      const url = feed.eventsUrl();
       source = new EventSource(url);
       source.onopen = () => {
         opened = true;
         feed.live();
       };
-      source.addEventListener("change", (event) => feed.deliver(JSON.parse(event.data)));
-      source.addEventListener("presence", (event) => feed.present(JSON.parse(event.data)));
+      for (const type of feed.eventTypes) {
+        source.addEventListener(type, (event) => feed.hear(type, event.data, event.lastEventId));
+      }
       source.onerror = async () => {
         // Close it: EventSource would retry at a fixed pace; we back off with jitter,
         // and resume from the position we hold (the since= and epoch= of the next URL).
@@ -363,148 +540,215 @@ const OPENERS = {
     };
   },
 
-  /**
-   * A WebSocket on /ws: subscribe on open, then change and presence frames.
-   *
-   * Reconnects with the same backoff, from the position held. A close with
-   * 1008 (no valid token, another site's page) or 4001 (the token expired) is
-   * never retried: asking again cannot help. A socket that never opens is
-   * explained by a plain GET /ws (a browser never tells why): a 404, 405 or
-   * 501 means this server or a proxy has no WebSocket, and the feed long-polls;
-   * so does a third socket in a row that did not open though the server
-   * answers (a proxy that does not pass the upgrade).
-   */
+  /** The tab's one WebSocket on /ws (SocketHub): this subscription's frames on it. */
   ws(feed) {
-    let socket = null;
-    let timer = null;
-    let pinger = null;
-    let stopped = false;
-    let unopened = 0;  // sockets in a row that never opened though the server answered GET /ws
-    const asking = new AbortController();  // the probe, cut by unsubscribe
-    const url = `${location.protocol === "https:" ? "wss:" : "ws:"}//${location.host}${BASE}/ws`;
-
-    function open() {
-      timer = null;
-      if (stopped || feed.stopped) return;
-      let opened = false;
-      let subscribed = false;
-      let heardAt = Date.now();
-      let pingedAt = 0;
-      const current = socket = new WebSocket(url);
-
-      function send(message) {
-        if (current.readyState === WebSocket.OPEN) current.send(JSON.stringify(message));
-      }
-
-      /** Let go of this socket; return whether it was still the one in use. */
-      function drop() {
-        if (socket !== current) return false;
-        socket = null;
-        clearInterval(pinger);
-        current.onopen = current.onmessage = current.onclose = null;
-        if (current.readyState !== WebSocket.CLOSED) current.close();
-        return !(stopped || feed.stopped);
-      }
-
-      /** Let go of this socket and try again after the backoff (or never, when feed.failed() says stop). */
-      function lost(error) {
-        if (!drop()) return;
-        const delayMs = feed.failed(error);
-        if (!feed.stopped) timer = setTimeout(open, delayMs);
-      }
-
-      current.onopen = () => {
-        opened = true;
-        unopened = 0;
-        send({type: "subscribe", slug: feed.slug, since: feed.position.version, epoch: feed.position.epoch,
-          ...(feed.presence ? {presence: feed.presence.version, presence_form: feed.presence.form || "list"} : {})});
-        // The server pings too; this ping tells the page when the network went away without a close.
-        pinger = setInterval(() => {
-          if (pingedAt && heardAt < pingedAt && Date.now() - pingedAt > WS_PONG_WAIT_MS) {
-            lost(new Error("the WebSocket went silent"));
-          } else if (!pingedAt || heardAt >= pingedAt) {
-            pingedAt = Date.now();
-            send({type: "ping"});
-          }
-        }, WS_PING_MS);
-      };
-
-      current.onmessage = ({data}) => {
-        heardAt = Date.now();
-        let message;
-        try {
-          message = JSON.parse(data);
-        } catch {
-          return;
-        }
-        if (!message || ("slug" in message && message.slug !== feed.slug)) return;
-        const {type, slug: _, ...body} = message;
-        if (type === "subscribed") {
-          subscribed = true;
-          feed.live();
-        } else if (type === "change") {
-          feed.deliver(body);
-        } else if (type === "presence") {
-          feed.present(body);
-        } else if (type === "error" && !subscribed && message.slug === feed.slug) {
-          // The subscription was refused: no right to read this slug, or come back later.
-          const error = new Error(body.message || body.error || "subscription refused");
-          if (/scope|forbidden|right|token|auth/i.test(`${body.error} ${body.message}`)) error.status = 403;
-          error.retryAfterMs = body.retry_after_ms || 0;
-          lost(error);
-        }
-      };
-
-      current.onclose = async (event) => {
-        if (socket !== current) return;
-        const error = new Error(`the WebSocket closed (${event.code}${event.reason ? `: ${event.reason}` : ""})`);
-        if (event.code === 1008) error.status = 403;  // a policy violation: no valid token, or another site
-        if (event.code === 4001) {
-          error.status = 401;
-          error.reason = "expired";
-        }
-        if (!opened && event.code === 1006) {
-          const probe = await probeSocket(asking.signal);
-          if (stopped || feed.stopped || socket !== current) return;
-          // An answer that is neither "not allowed" nor "later", three times in a row: the server is
-          // there but the upgrade never gets through (a proxy that does not pass it).
-          if (probe.answered) unopened += 1;
-          if (probe.refused || unopened >= WS_UNOPENED_TRIES) {
-            // The server answers, but has no WebSocket here (or a proxy does not pass it): long-poll instead.
-            if (drop()) {
-              stopped = true;
-              feed.switchTo("longpoll");
-            }
-            return;
-          }
-          Object.assign(error, probe);
-        }
-        lost(error);
-      };
-    }
-
-    function openNow() {
-      if (timer === null) return;
-      clearTimeout(timer);
-      open();
-    }
-
-    window.addEventListener("online", openNow);
-    open();
-    return () => {
-      stopped = true;
-      clearTimeout(timer);
-      clearInterval(pinger);
-      asking.abort();
-      if (socket) {
-        socket.onopen = socket.onmessage = socket.onclose = null;
-        socket.close(1000);
-      }
-      socket = null;
-      window.removeEventListener("online", openNow);
-    };
+    socketHub ??= new SocketHub();
+    return socketHub.join(feed);
   },
 };
+
+let socketHub = null;  // the tab's WebSocket, opened by the first subscription over "ws"
+
+/**
+ * The tab's one WebSocket on /ws, shared by every subscription of the tab over "ws".
+ *
+ * Each subscription (a page, a prefix) sends its own subscribe frame, and
+ * the frames that come back name their slug or prefix: a dashboard of fifty
+ * pages costs one socket, and stays clear of the browser's six connections
+ * per origin. The socket reconnects with the usual backoff, and each
+ * subscription subscribes again from the position it holds; it closes when
+ * the last one leaves. A close with 1008 (no valid token, another site's
+ * page) or 4001 (the token expired) is never retried: asking again cannot
+ * help. A socket that never opens is explained by a plain GET /ws (a browser
+ * never tells why): a 404, 405 or 501 means this server or a proxy has no
+ * WebSocket, and every subscription long-polls; so does a third socket in a
+ * row that did not open though the server answers (a proxy that does not
+ * pass the upgrade).
+ */
+class SocketHub {
+  constructor() {
+    this.members = new Map();  // key ("slug:S", "prefix:P") -> the subscriptions of it in this tab
+    this.socket = null;
+    this.timer = null;    // the next try, while backing off
+    this.pinger = null;
+    this.failures = 0;
+    this.unopened = 0;    // sockets in a row that never opened though the server answered GET /ws
+    this.asking = null;   // the probe under way, cut when the last subscription leaves
+    this.openNow = () => {
+      if (this.timer === null) return;
+      clearTimeout(this.timer);
+      this.open();
+    };
+  }
+
+  /** Add a subscription: subscribe now if the socket is open, else when it opens. Return how to leave. */
+  join(feed) {
+    if (!this.members.size) window.addEventListener("online", this.openNow);
+    const members = this.members.get(feed.key) || new Set();
+    this.members.set(feed.key, members.add(feed));
+    if (this.socket?.readyState === WebSocket.OPEN) this.subscribe(feed);
+    else if (!this.socket && this.timer === null) this.open();
+    return () => this.leave(feed);
+  }
+
+  /** Remove a subscription: unsubscribe when no other of this tab follows the same; close after the last. */
+  leave(feed) {
+    const members = this.members.get(feed.key);
+    if (!members?.delete(feed)) return;
+    clearTimeout(feed.resubscribing);
+    if (members.size) return;
+    this.members.delete(feed.key);
+    this.send(feed.unsubscription());
+    if (this.members.size) return;
+    window.removeEventListener("online", this.openNow);
+    clearTimeout(this.timer);
+    this.timer = null;
+    this.asking?.abort();
+    this.drop(1000);
+  }
+
+  all() {
+    return [...this.members.values()].flatMap((members) => [...members]);
+  }
+
+  send(message) {
+    if (this.socket?.readyState === WebSocket.OPEN) this.socket.send(JSON.stringify(message));
+  }
+
+  /**
+   * Send one subscription's subscribe frame. The server keeps one subscription per page per socket, and
+   * the last frame sets it: after one without presence, one that asks for it goes again.
+   */
+  subscribe(feed) {
+    feed.subscribed = false;
+    this.send(feed.subscription());
+    if (feed.presence) return;
+    const asking = [...this.members.get(feed.key)].find((other) => other !== feed && other.presence);
+    if (asking) this.send(asking.subscription());
+  }
+
+  open() {
+    this.timer = null;
+    if (!this.members.size) return;
+    let opened = false;
+    let heardAt = Date.now();
+    let pingedAt = 0;
+    const current = this.socket = new WebSocket(`${location.protocol === "https:" ? "wss:" : "ws:"}//${location.host}${BASE}/ws`);
+
+    current.onopen = () => {
+      opened = true;
+      this.unopened = 0;
+      // Those that ask for presence last, so that no other frame of the same page takes it away.
+      for (const feed of this.all().sort((a, b) => Boolean(a.presence) - Boolean(b.presence))) {
+        feed.subscribed = false;
+        this.send(feed.subscription());
+      }
+      // The server pings too; this ping tells the page when the network went away without a close.
+      this.pinger = setInterval(() => {
+        if (pingedAt && heardAt < pingedAt && Date.now() - pingedAt > WS_PONG_WAIT_MS) {
+          this.lost(new Error("the WebSocket went silent"));
+        } else if (!pingedAt || heardAt >= pingedAt) {
+          pingedAt = Date.now();
+          this.send({type: "ping"});
+        }
+      }, WS_PING_MS);
+    };
+
+    current.onmessage = ({data}) => {
+      heardAt = Date.now();
+      this.hear(data);
+    };
+
+    current.onclose = async (event) => {
+      if (this.socket !== current) return;
+      const error = new Error(`the WebSocket closed (${event.code}${event.reason ? `: ${event.reason}` : ""})`);
+      if (event.code === 1008) error.status = 403;  // a policy violation: no valid token, or another site
+      if (event.code === 4001) {
+        error.status = 401;
+        error.reason = "expired";
+      }
+      if (!opened && event.code === 1006) {
+        this.asking = new AbortController();
+        const probe = await probeSocket(this.asking.signal);
+        if (this.socket !== current) return;  // every subscription left meanwhile
+        // An answer that is neither "not allowed" nor "later", three times in a row: the server is
+        // there but the upgrade never gets through (a proxy that does not pass it).
+        if (probe.answered) this.unopened += 1;
+        if (probe.refused || this.unopened >= WS_UNOPENED_TRIES) {
+          // The server answers, but has no WebSocket here (or a proxy does not pass it): long-poll instead.
+          const feeds = this.all();
+          for (const feed of feeds) this.leave(feed);
+          for (const feed of feeds) feed.switchTo("longpoll");
+          return;
+        }
+        Object.assign(error, probe);
+      }
+      this.lost(error);
+    };
+  }
+
+  /** Route a frame to the subscriptions it names (its prefix, or its slug). */
+  hear(data) {
+    let message;
+    try {
+      message = JSON.parse(data);
+    } catch {
+      return;
+    }
+    if (!message || typeof message !== "object") return;
+    const key = "prefix" in message ? `prefix:${message.prefix}` : "slug" in message ? `slug:${message.slug}` : null;
+    if (key === null && message.type !== "error") return;  // a pong, a beat
+    // An error that names nothing answers a subscribe frame the server could not read: those not answered yet.
+    const feeds = key === null ? this.all().filter((feed) => !feed.subscribed) : [...(this.members.get(key) || [])];
+    for (const feed of feeds) {
+      if (message.type === "subscribed") {
+        this.failures = 0;
+        feed.subscribed = true;
+        feed.live();
+      } else if (message.type === "error") {
+        if (!feed.subscribed) this.refused(feed, message);
+      } else {
+        feed.hearFrame(message);
+      }
+    }
+  }
+
+  /** A subscription was refused: stop it (no right to read this), or subscribe again after the backoff. */
+  refused(feed, body) {
+    const error = new Error(body.message || body.error || "subscription refused");
+    if (/scope|forbidden|right|token|auth/i.test(`${body.error} ${body.message}`)) error.status = 403;
+    error.retryAfterMs = body.retry_after_ms || 0;
+    const delayMs = feed.failed(error);
+    if (feed.stopped) {
+      this.leave(feed);
+      return;
+    }
+    clearTimeout(feed.resubscribing);
+    feed.resubscribing = setTimeout(() => this.subscribe(feed), delayMs);
+  }
+
+  /** Let go of the socket, and every subscription waits for the next try (or stops, when told to). */
+  lost(error) {
+    this.drop();
+    this.failures += 1;
+    const delayMs = backoffMs(this.failures, error.retryAfterMs);
+    for (const feed of this.all()) {
+      feed.subscribed = false;
+      feed.failed(error, delayMs);
+      if (feed.stopped) this.leave(feed);
+    }
+    if (this.members.size) this.timer = setTimeout(() => this.open(), delayMs);
+  }
+
+  drop(code) {
+    const current = this.socket;
+    if (!current) return;
+    this.socket = null;
+    clearInterval(this.pinger);
+    current.onopen = current.onmessage = current.onclose = null;
+    if (current.readyState !== WebSocket.CLOSED) current.close(code);
+  }
+}
 
 /**
  * Ask /events why the stream would not open (EventSource never tells).
@@ -570,8 +814,8 @@ async function probeSocket(signal) {
  * nothing for a few beats steals the lock and connects; the old leader,
  * when it wakes, finds its lock stolen and becomes a follower.
  */
-function shareAcrossTabs(slug, {since = 0, epoch = null, presence = 0, presenceForm = null, onChange,
-  onStatus = () => {}, onPresence = null, transport}) {
+function shareAcrossTabs(slug, {since = 0, epoch = null, presence = 0, presenceForm = null, onChange = () => {},
+  onStatus = () => {}, onPresence = null, transport, payload = "full"}) {
   // Tabs that ask for presence (and in which form) share a connection that asks for it too.
   const name = `changefeed:${transport}:${slug}` + (onPresence ? `:presence:${presenceForm || "list"}` : "");
   const channel = new BroadcastChannel(name);
@@ -612,12 +856,13 @@ function shareAcrossTabs(slug, {since = 0, epoch = null, presence = 0, presenceF
 
   /** Hold the connection for every tab until released, or until another tab steals the lock. */
   function lead(release) {
-    const stop = connect(slug, {
+    const options = {
       since: position.version,
       epoch: position.epoch,
       presence: held.version,
       presenceForm,
       transport,
+      payload,
       onChange(body) {
         deliver(body);
         channel.postMessage({type: "change", change: body});
@@ -631,7 +876,8 @@ function shareAcrossTabs(slug, {since = 0, epoch = null, presence = 0, presenceF
         onStatus({...status, shared: true, leader: true});
         channel.postMessage({type: "status", status});
       },
-    });
+    };
+    const stop = connect(pageFeed(slug, options), options);
     const beat = () => channel.postMessage({type: "beat"});
     const beats = setInterval(beat, BEAT_MS);
     beat();
@@ -693,8 +939,8 @@ function shareAcrossTabs(slug, {since = 0, epoch = null, presence = 0, presenceF
 }
 
 class RequestError extends Error {
-  constructor(response) {
-    super(`GET /changes answered ${response.status}`);
+  constructor(response, path) {
+    super(`GET ${path} answered ${response.status}`);
     this.status = response.status;
     const seconds = Number(response.headers.get("Retry-After"));
     this.retryAfterMs = Number.isFinite(seconds) ? seconds * 1000 : 0;
