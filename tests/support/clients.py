@@ -96,8 +96,12 @@ class EventStream:
     def __init__(self, url: str, headers: dict[str, str] | None = None) -> None:
         parts = urlsplit(url)
         self.connection = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=30)
-        self.connection.request("GET", f"{parts.path}?{parts.query}", headers=headers or {})
-        self.response = self.connection.getresponse()
+        try:
+            self.connection.request("GET", f"{parts.path}?{parts.query}", headers=headers or {})
+            self.response = self.connection.getresponse()
+        except BaseException:
+            self.connection.close()  # a server gone mid-request leaves no socket behind for the collector
+            raise
         self.events: queue.Queue[dict[str, Any]] = queue.Queue()
         self.ended = threading.Event()
         threading.Thread(target=self._read, daemon=True).start()
@@ -132,9 +136,13 @@ class EventStream:
                 return item
 
     def close(self) -> None:
-        if self.connection.sock is not None:
-            self.connection.sock.shutdown(socket.SHUT_RDWR)
-        self.connection.close()
+        try:
+            if self.connection.sock is not None:
+                self.connection.sock.shutdown(socket.SHUT_RDWR)  # wakes the reader thread at once
+        except OSError:
+            pass  # the server is gone already: nothing to wake
+        finally:
+            self.connection.close()
 
 
 class Closed(Exception):
