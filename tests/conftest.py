@@ -16,6 +16,7 @@ from playwright.sync_api import Browser, BrowserContext
 from werkzeug.test import TestResponse
 
 from app import create_app
+from changefeed.stores.notify import Fanout
 from changefeed.stores.postgres import PostgresStore
 from changefeed.stores.sqlite import SQLiteStore
 from support.browsers import chromium
@@ -74,6 +75,14 @@ def make_store(database: Database) -> Iterator[Callable[..., SQLiteStore | Postg
     yield make_store
     for store in stores:
         store.close()
+
+
+@pytest.fixture
+def notifier() -> Iterator[Fanout]:
+    """The engine-independent half of every notifier, told of saves by the test (refresh), as a look-out does."""
+    notifier = Fanout()
+    yield notifier
+    notifier.close()
 
 
 @pytest.fixture

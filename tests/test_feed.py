@@ -388,3 +388,137 @@ def test_a_socket_token_limited_to_a_prefix_may_follow_only_that_prefix(make_ser
     assert ws.next()["type"] == "subscribed"
     assert ws.next()["slug"] == "docs-1"
     ws.nothing_for(0.3)
+
+
+# payload=version (notification-only: which version of which page, the page itself from /changes) and
+# the feed of a list of pages.
+
+
+def test_the_feed_names_versions_by_default_and_carries_content_with_payload_full(make_server):
+    server = make_server(workers=1)
+    post(server, "docs-1", "<p>one</p>")
+
+    def changes(query: str) -> list[dict]:
+        answer = requests.get(f"{server.url}/feed?since=0&{query}", timeout=10)
+        assert answer.status_code == 200, answer.text
+        return answer.json()["changes"]
+
+    assert [set(entry) for entry in changes("")] == [{"slug", "version", "updated_at"}]
+    assert changes("payload=version") == changes("")
+    full = changes("payload=full")
+    assert full[0]["html"] == "<p>one</p>" and full[0]["data"] is None
+    assert full == changes("include=content") == changes("payload=full&include=content")
+
+
+def test_a_feed_stream_with_payload_version_names_each_page_and_version_without_its_content(make_server,
+                                                                                        open_stream):
+    server = make_server(workers=1)
+    post(server, "docs-1", "<p>one</p>")
+    post(server, "b", "<p>b</p>")
+    stream = open_stream(f"{server.url}/events?prefix=docs-&payload=version")
+    listed = open_stream(f"{server.url}/events?slug=docs-1&slug=b&payload=version")
+    full = open_stream(f"{server.url}/events?prefix=docs-")
+    seen, (first,) = changes_of(stream, 1)
+    assert seen == [("docs-1", 1)] and set(first["data"]) == {"slug", "version", "updated_at", "epoch"}
+    assert first["id"].startswith(first["data"]["epoch"] + ".")  # a cursor to resume from
+    seen, events = changes_of(listed, 2)
+    assert seen == [("docs-1", 1), ("b", 1)] and not any("html" in event["data"] for event in events)
+    assert changes_of(full, 1)[1][0]["data"]["html"] == "<p>one</p>"  # payload=full, the default
+    post(server, "docs-2", "<p>two</p>")
+    assert changes_of(stream, 1)[1][0]["data"].keys() == {"slug", "version", "updated_at", "epoch"}
+    resumed = open_stream(f"{server.url}/events?prefix=docs-&payload=version", headers={"Last-Event-ID": first["id"]})
+    seen, events = changes_of(resumed, 1)
+    assert seen == [("docs-2", 1)] and "html" not in events[0]["data"]
+
+
+def test_a_socket_following_a_prefix_with_payload_version_gets_frames_without_html_or_data(make_server, connect,
+                                                                                          epoch):
+    server = make_server(workers=1)
+    post(server, "docs-1", "<p>one</p>")
+    ws = connect(server)
+    ws.send(type="subscribe", prefix="docs-", payload="version")
+    assert ws.next()["type"] == "subscribed"
+    first = ws.next()
+    assert first == {"type": "change", "prefix": "docs-", "slug": "docs-1", "version": 1,
+                     "updated_at": first["updated_at"], "epoch": epoch, "cursor": first["cursor"]}
+    post(server, "docs-2", "<p>two</p>")
+    second = ws.next()
+    assert (second["slug"], second["version"], "html" in second, "data" in second) == ("docs-2", 1, False, False)
+    again = connect(server)  # the cursor resumes right after the page; the default payload is full
+    again.send(type="subscribe", prefix="docs-", since=first["cursor"])
+    assert again.next()["type"] == "subscribed"
+    assert again.next()["html"] == "<p>two</p>"
+    ws.send(type="subscribe", prefix="docs-", payload="html")
+    refused = ws.next()
+    assert (refused["type"], list(refused["fields"])) == ("error", ["payload"]), refused
+    assert refused["fields"]["payload"][0].startswith("Must be full or version")
+    ws.send(type="ping", id=1)
+    assert ws.next() == {"type": "pong", "id": 1}
+
+
+def test_a_bad_payload_or_slug_list_is_refused_naming_the_field_and_the_server_goes_on(make_server):
+    server = make_server(workers=1)
+    post(server, "a")
+    many = "&".join(f"slug=p{n}" for n in range(101))
+    for path, field, words in [
+        ("/feed?since=0&payload=html", "payload", "Must be full or version"),
+        ("/feed?since=0&payload=version&include=content", "payload", "pick one"),
+        ("/feed?since=0&prefix=a&slug=a", "slug", "one or the other"),
+        (f"/feed?since=0&{many}", "slug", "at most 100"),
+        ("/feed?since=0&slug=a&slug=../x", "slug", "Slug 2 of the list: Must be"),
+        ("/events?slug=a&slug=../x", "slug", "Slug 2 of the list: Must be"),
+        ("/events?slug=a&payload=FULL", "payload", "Must be full or version"),
+        ("/events?prefix=a&payload=", "payload", "Must be full or version"),
+        ("/events?slug=a&slug=b&payload=both", "payload", "Must be full or version"),
+        ("/events?prefix=a&slug=a&slug=b", "slug", "one or the other"),
+    ]:
+        answer = requests.get(f"{server.url}{path}", timeout=10)
+        body = answer.json()
+        assert (answer.status_code, body["error"], list(body["fields"])) == (422, "invalid request", [field]), path
+        assert words in body["fields"][field][0], (path, body)
+    listed = requests.get(f"{server.url}/feed?since=0&slug=a&payload=full", timeout=10)
+    assert listed.status_code == 200 and listed.json()["changes"][0]["html"] == "x"
+
+
+def test_the_feed_of_a_slug_list_lists_only_those_pages_and_its_long_poll_wakes_only_for_them(make_server):
+    server = make_server(workers=2)
+    for slug in ("a", "b", "ab", "c"):
+        post(server, slug)
+    body = requests.get(f"{server.url}/feed?since=0&slug=a&slug=C", timeout=10).json()
+    assert [entry["slug"] for entry in body["changes"]] == ["a", "c"]
+    answers = []
+
+    def wait() -> None:
+        answer = requests.get(f"{server.url}/feed", params={"since": body["next"], "slug": ["a", "c"], "wait": 20},
+                              timeout=30)
+        answers.append(answer.json())
+
+    waiting = threading.Thread(target=wait)
+    waiting.start()
+    time.sleep(0.5)
+    post(server, "ab")  # starts like `a` (its subscription wakes for it), yet another page
+    post(server, "b")
+    time.sleep(0.5)
+    assert not answers
+    saved_at = time.monotonic()
+    post(server, "c", "<p>again</p>")
+    waiting.join(timeout=30)
+    (answer,) = answers
+    assert [(entry["slug"], entry["version"]) for entry in answer["changes"]] == [("c", 2)]
+    assert time.monotonic() - saved_at < 3  # generous: the usual delay is a few ms
+
+
+def test_a_feed_token_may_list_only_slugs_it_may_read(make_server):
+    server = make_server(workers=1, env={"CHANGEFEED_JWT_SECRET": SECRET, "CHANGEFEED_AUTH_READS": "1"})
+    writer = {"Authorization": f"Bearer {token(write=('*',))}"}
+    for slug in ("docs-1", "docs-2", "private"):
+        post(server, slug, **writer)
+    reader = {"Authorization": f"Bearer {token(read=('docs-*',))}"}
+
+    def feed(query: str) -> requests.Response:
+        return requests.get(f"{server.url}/feed?since=0&{query}", headers=reader, timeout=10)
+
+    assert [entry["slug"] for entry in feed("slug=docs-2&slug=docs-1").json()["changes"]] == ["docs-1", "docs-2"]
+    for outside in ("slug=docs-1&slug=private", "slug=private", "slug=docs-1&slug=private&wait=1"):
+        refused = feed(outside)
+        assert (refused.status_code, refused.json()["error"]) == (403, "insufficient scope"), outside

@@ -9,7 +9,6 @@ from contextlib import ExitStack
 import pytest
 
 from changefeed.core.presence import Beat
-from changefeed.stores.notify import Fanout
 from changefeed.transports.follow import Follow
 
 
@@ -18,13 +17,6 @@ def store(make_store):
     store = make_store()
     store.configure_presence(ttl_s=15.0, min_interval_s=0.0, max_per_page=200, list_max=50)  # beat at will
     return store
-
-
-@pytest.fixture
-def notifier():
-    notifier = Fanout()
-    yield notifier
-    notifier.close()
 
 
 @pytest.fixture

@@ -41,6 +41,6 @@ def test_every_answer_conforms_to_the_openapi_document_under_fuzzing(make_server
         cwd=tmp_path)  # its example database (.schemathesis/) stays out of the repository
     report = result.stdout[-6000:] + result.stderr[-2000:]
     assert result.returncode == 0, f"seed {seed} (CHANGEFEED_FUZZ_SEED replays it):\n{report}"
-    assert "generated" in result.stdout and "22 selected" in result.stdout, report  # 11 operations, 11 OPTIONS
+    assert "generated" in result.stdout and "24 selected" in result.stdout, report  # 12 operations, 12 OPTIONS
     assert requests.get(f"{server.url}/readyz", timeout=5).status_code == 200  # still answering
     assert "Traceback" not in server.log()

@@ -2,7 +2,7 @@
 
 from openapi_spec_validator import validate
 
-from changefeed.core.schemas import ChangesQuerySchema, EventsQuerySchema
+from changefeed.core.schemas import ChangesQuerySchema, EventsQuerySchema, FeedQuerySchema
 
 
 def test_the_document_is_valid_openapi_3_1_and_served(client):
@@ -27,7 +27,8 @@ def test_every_route_is_documented_with_every_method(app, client):
 
 def test_query_parameters_are_exactly_the_fields_the_schemas_accept(client):
     paths = client.get("/openapi.json").get_json()["paths"]
-    for path, schema in [("/changes", ChangesQuerySchema()), ("/events", EventsQuerySchema())]:
+    for path, schema in [("/changes", ChangesQuerySchema()), ("/events", EventsQuerySchema()),
+                         ("/feed", FeedQuerySchema())]:
         documented = {p["name"] for p in paths[path]["get"]["parameters"] if p["in"] == "query"}
         assert documented == {field.data_key or name for name, field in schema.fields.items()}, path
 

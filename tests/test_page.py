@@ -38,7 +38,7 @@ def test_scripts_are_plain_modules_served_as_javascript(client):
             assert response.mimetype in ("text/javascript", "application/javascript")
     with client.get("/static/changefeed.js") as response:
         source = response.get_data(as_text=True)
-    assert "export function subscribe(slug, options = {})" in source
+    assert "export function subscribe(target, options = {})" in source
     for option in ("since", "onChange", "onStatus", "transport"):
         assert option in source
 
@@ -47,3 +47,23 @@ def test_slug_is_escaped_into_the_page(client):
     # Only valid slugs reach the template; anything else is a JSON 422.
     response = client.get("/?slug=%3Cscript%3E")
     assert response.status_code == 422 and response.is_json
+
+
+def test_dashboard_serves_the_prefix_with_the_page_headers(client):
+    response = client.get("/dashboard?prefix=team-&transport=sse")
+    assert response.status_code == 200
+    html = response.get_data(as_text=True)
+    assert 'data-prefix="team-"' in html and 'data-transport="sse"' in html and "dashboard.js" in html
+    assert "frame-ancestors 'none'" in response.headers["Content-Security-Policy"]
+
+
+def test_dashboard_follows_every_page_over_ws_when_asked_nothing(client):
+    html = client.get("/dashboard").get_data(as_text=True)
+    assert 'data-prefix=""' in html and 'data-transport="ws"' in html
+
+
+def test_dashboard_refuses_a_bad_prefix_or_transport_naming_the_field(client):
+    for query, field in (("prefix=bad%20prefix", "prefix"), ("transport=pigeon", "transport")):
+        response = client.get(f"/dashboard?{query}")
+        assert response.status_code == 422 and response.is_json, query
+        assert field in response.get_json()["fields"], response.get_json()

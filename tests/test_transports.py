@@ -107,6 +107,30 @@ def test_event_stream_resumes_from_last_event_id(server, open_stream, epoch):
     assert current.next()["id"] == f"{epoch}:4"
 
 
+def test_event_stream_with_payload_version_sends_each_version_without_html_or_data(server, open_stream, epoch):
+    """For large pages and many readers: the event says which version exists; the page comes from /changes."""
+    http_save(server, html="<p>v1</p>", data={"n": 1})
+    stream = open_stream(f"{server.url}/events?slug=live&since=0&payload=version")
+    full = open_stream(f"{server.url}/events?slug=live&since=0")
+    stream.next()  # retry
+    event = stream.next()
+    assert (event["id"], event["data"]) == (f"{epoch}:1", {
+        "changed": True, "version": 1, "updated_at": event["data"]["updated_at"], "epoch": epoch})
+    full.next()
+    assert full.next()["data"]["html"] == "<p>v1</p>"  # payload=full, the default
+    http_save(server, html="<p>v2</p>")
+    assert stream.next()["data"].keys() == {"changed", "version", "updated_at", "epoch"}
+    assert requests.post(f"{server.url}/delete", json={"slug": "live"}, timeout=10).status_code == 200
+    deleted = stream.next()
+    assert (deleted["id"], deleted["data"]["deleted"], "html" in deleted["data"]) == (f"{epoch}:3", True, False)
+    resumed = open_stream(f"{server.url}/events?slug=live&payload=version", headers={"Last-Event-ID": f"{epoch}:1"})
+    resumed.next()
+    event = resumed.next()
+    assert (event["id"], "html" in event["data"], "data" in event["data"]) == (f"{epoch}:3", False, False)
+    refused = requests.get(f"{server.url}/events?slug=live&payload=html", timeout=10)
+    assert refused.status_code == 422 and list(refused.json()["fields"]) == ["payload"]
+
+
 def test_bad_last_event_id_is_a_clear_error(server):
     response = requests.get(f"{server.url}/events?slug=live", headers={"Last-Event-ID": "abc"}, timeout=10)
     assert response.status_code == 422

@@ -72,6 +72,29 @@ def test_subscribing_from_another_epoch_sends_the_whole_state_even_when_empty(se
     assert ws.next() == {"type": "change", "slug": "nothing", "changed": False, "version": 0, "epoch": epoch}
 
 
+def test_subscribing_with_payload_version_sends_change_frames_without_html_or_data(server, connect, epoch):
+    """For large pages and many readers: the frame says which version exists; the page comes from /changes."""
+    http_save(server, slug="home", html="<p>v1</p>", data={"n": 1})
+    ws = connect(server)
+    ws.subscribe("home", since=0, payload="version")
+    frame = ws.next()
+    assert frame == {"type": "change", "slug": "home", "changed": True, "version": 1,
+                     "updated_at": frame["updated_at"], "epoch": epoch}
+    full = connect(server)
+    full.subscribe("home", since=0)
+    assert full.next() == change_frame(server, "home")  # payload=full, the default
+    http_save(server, slug="home", html="<p>v2</p>")
+    assert ws.next().keys() == {"type", "slug", "changed", "version", "updated_at", "epoch"}
+    assert requests.post(f"{server.url}/delete", json={"slug": "home"}, timeout=10).status_code == 200
+    deleted = ws.next()
+    assert (deleted["version"], deleted["deleted"], "html" in deleted) == (3, True, False)
+    ws.send(type="subscribe", slug="home", payload="html")
+    refused = ws.next()
+    assert (refused["type"], list(refused["fields"]), refused["slug"]) == ("error", ["payload"], "home"), refused
+    assert refused["fields"]["payload"][0].startswith("Must be full or version")
+    ws.ping()
+
+
 def test_subscribing_again_replaces_the_position(server, connect):
     http_save(server, slug="home", html="v1"), http_save(server, slug="home", html="v2")
     ws = connect(server)

@@ -76,6 +76,13 @@ class Change:
         return (f'{{"changed":true,"version":{self.version},"html":{json.dumps(self.html, allow_nan=False)},'
                 f'"data":{self.data},{gone}"updated_at":"{self.updated_at}","epoch":"{self.epoch}"}}')
 
+    @cached_property
+    def notice(self) -> str:
+        """The JSON text of a changed answer without `html` and `data` (payload=version: schemas.Payload says why)."""
+        gone = '"deleted":true,' if self.deleted else ""
+        return (f'{{"changed":true,"version":{self.version},{gone}'
+                f'"updated_at":"{self.updated_at}","epoch":"{self.epoch}"}}')
+
     @property
     def unchanged(self) -> str:
         """The JSON text of an unchanged answer: only the version there is."""
@@ -88,7 +95,15 @@ class Change:
         Its data is the changed answer, or the unchanged one for a page that a
         new database (epoch) does not hold: the client then starts over at 0.
         """
-        data = self.unchanged if self.html is None else self.answer
+        return self._event(full=True)
+
+    @cached_property
+    def notice_event(self) -> bytes:
+        """This version as the event of a payload=version stream: `notice` for `answer`, the same id."""
+        return self._event(full=False)
+
+    def _event(self, full: bool) -> bytes:
+        data = self.unchanged if self.html is None else self.answer if full else self.notice
         return f"id: {self.epoch}:{self.version}\nevent: change\ndata: {data}\n\n".encode()
 
 

@@ -8,9 +8,19 @@ import json
 import math
 import re
 from collections.abc import Mapping, Sequence
-from typing import NoReturn, TypedDict
+from typing import Any, NoReturn, TypedDict
 
-from marshmallow import EXCLUDE, Schema, ValidationError, fields, missing, post_load, pre_load, validate
+from marshmallow import (
+    EXCLUDE,
+    Schema,
+    ValidationError,
+    fields,
+    missing,
+    post_load,
+    pre_load,
+    validate,
+    validates_schema,
+)
 from marshmallow.types import UnknownOption
 
 from changefeed.core import feed
@@ -28,6 +38,7 @@ IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}\Z")  # printable ASCII, no spa
 CLIENT_ID = re.compile(r"[A-Za-z0-9_-]{8,64}\Z")
 MAX_NAME = 40
 PRESENCE_FORMS = ("list", "count")
+PAYLOADS = ("full", "version")
 MAX_DATA_DEPTH = 64  # levels of arrays and objects in `data`: far more than a page needs, far below a stack's
 # A lone (unpaired) surrogate: JSON's "\ud800" decodes to one, but it is not Unicode text, and
 # encoding it as UTF-8 (to store, log or send it) fails.
@@ -93,6 +104,23 @@ class Prefix(Text):
         if not PREFIX.match(text):
             raise ValidationError("Must be the start of a slug: at most 120 ASCII letters, digits and hyphens.")
         return text.lower()
+
+
+class Payload(Text):
+    """What a change carries: `full` (html and data too) or `version` (which version exists, without them).
+
+    For large pages and many readers: a `version` event is a few dozen bytes,
+    and the client fetches the page itself through GET /changes (`since` the
+    version it holds), which nginx's micro-cache answers once a second for
+    all of them (public reads): 10,000 readers of a 1 MiB page then cost one
+    upstream answer, not 10 GB of events. The one definition of the
+    parameter, for every transport.
+    """
+
+    def __init__(self, *, load_default: str | None = "full") -> None:
+        super().__init__(load_default=load_default, validate=validate.OneOf(PAYLOADS, error=(
+            "Must be full or version: full sends each change with its html and data, version only which "
+            "version exists (then fetch the page from GET /changes).")))
 
 
 class Count(fields.Field[int]):
@@ -319,7 +347,7 @@ class ChangesQuerySchema(Schema):
 
 
 class EventsQuerySchema(Schema):
-    """The query of GET /events: ?slug=S&since=N; unknown parameters are ignored."""
+    """The query of GET /events: ?slug=S&since=N[&payload=version]; unknown parameters are ignored."""
 
     class Meta:
         unknown = EXCLUDE
@@ -330,6 +358,7 @@ class EventsQuerySchema(Schema):
         EPOCH, error="Must be the epoch of an earlier answer (letters, digits, - and _)."))
     presence = PresenceQuery.presence
     presence_form = PresenceQuery.presence_form
+    payload = Payload()
 
 
 class Cursor(fields.Field[tuple[str | None, tuple[int, str]]]):
@@ -347,39 +376,85 @@ class Cursor(fields.Field[tuple[str | None, tuple[int, str]]]):
             raise self.make_error("invalid") from None
 
 
+class SlugList(fields.List):
+    """?slug=a&slug=b...: the pages a feed follows (GET /feed, /events), at most MAX_STREAM_SLUGS.
+
+    A bad slug is reported as every field's errors are, a list of reasons
+    (marshmallow's own would be an object keyed by the slug's index), each
+    naming the slug by its place: never echoed, it may not even encode.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(Slug(), load_default=None, validate=validate.Length(
+            max=MAX_STREAM_SLUGS, error=f"Must name at most {MAX_STREAM_SLUGS} pages; follow a prefix for more."))
+
+    def _deserialize(self, value: object, attr: str | None, data: Mapping[str, object] | None,
+                     **kwargs: object) -> list[Any | None]:
+        try:
+            return super()._deserialize(value, attr, data, **kwargs)
+        except ValidationError as exc:
+            if not isinstance(exc.messages, dict):
+                raise
+            raise ValidationError([f"Slug {index + 1} of the list: {reason}"
+                                   for index, reasons in sorted(exc.messages.items()) for reason in reasons]) from None
+
+
 class FeedQuerySchema(Schema):
-    """The query of GET /feed: ?since=C&prefix=P&limit=N&wait=W&include=content; unknown parameters are ignored."""
+    """The query of GET /feed: ?since=C&prefix=P (or &slug=a&slug=b...)&limit=N&wait=W&payload=version|full.
+
+    `include=content` is the older spelling of `payload=full`; unknown parameters are ignored.
+    """
 
     class Meta:
         unknown = EXCLUDE
 
     since = Cursor(load_default=(None, feed.START))
-    prefix = Prefix(load_default="")
+    prefix = Prefix(load_default=None)
+    slug = SlugList()
     limit = Count(load_default=FEED_LIMIT, validate=validate.Range(
         min=1, max=MAX_FEED_LIMIT, error=f"Must be a whole number from 1 to {MAX_FEED_LIMIT}."))
     wait = Count(load_default=0)
     include = Text(load_default=None, validate=validate.OneOf(
         ("content",), error="Must be content (each page's html and data with it), or left out."))
+    payload = Payload(load_default=None)  # left out: `version`, unless include=content
 
     def __init__(self, max_wait_s: int = MAX_WAIT_S) -> None:
         super().__init__()
         self.fields["wait"].validators = [validate.Range(
             max=max_wait_s, error=f"Must be a whole number of seconds from 0 to {max_wait_s}.")]
 
+    @validates_schema
+    def one_way_each(self, query: Mapping[str, object], **kwargs: object) -> None:
+        """Refuse two answers to one question: which pages (prefix or slugs), and whether with content."""
+        _pages_named_once(query)
+        if query["payload"] == "version" and query["include"] == "content":
+            raise ValidationError({"payload": [
+                "Contradicts include=content: pick one (payload=full is include=content)."]})
+
 
 class FeedEventsQuerySchema(Schema):
-    """The query of GET /events following many pages: ?prefix=P or ?slug=a&slug=b..., and ?since=C (a cursor)."""
+    """The query of GET /events following many pages: ?prefix=P or ?slug=a&slug=b..., ?since=C (a cursor), ?payload=."""
 
     class Meta:
         unknown = EXCLUDE
 
-    slug = fields.List(Slug(), load_default=None, validate=validate.Length(
-        max=MAX_STREAM_SLUGS, error=f"Must name at most {MAX_STREAM_SLUGS} pages; follow a prefix for more."))
+    slug = SlugList()
     prefix = Prefix(load_default=None)
     since = Cursor(load_default=(None, feed.START))
     last_event_id = Cursor(data_key="Last-Event-ID", load_default=None)
     presence = Text(load_default=None, validate=lambda _: _refuse(
         "Presence follows one page: open a stream of that slug alone (or use /ws) to see who is on it."))
+    payload = Payload()
+
+    @validates_schema
+    def pages_named_once(self, query: Mapping[str, object], **kwargs: object) -> None:
+        _pages_named_once(query)
+
+
+def _pages_named_once(query: Mapping[str, object]) -> None:
+    """A feed follows a prefix or a list of slugs, never both: say which to drop."""
+    if query["slug"] is not None and query["prefix"] is not None:
+        raise ValidationError({"slug": ["Name the pages by `slug` or by `prefix`: use one or the other."]})
 
 
 class LastEvent(TypedDict):
@@ -431,6 +506,11 @@ class IdempotencyKeySchema(Schema):
         return headers
 
 
+def _transport(default: str) -> Text:
+    """A demo page's ?transport=: how its script follows the pages (static/changefeed.js)."""
+    return Text(load_default=default, validate=validate.OneOf(TRANSPORTS, error=f"Must be one of {', '.join(TRANSPORTS)}."))
+
+
 class PageQuerySchema(Schema):
     """The query of the demo page: ?slug=S (`demo` when absent) and ?transport=."""
 
@@ -438,8 +518,17 @@ class PageQuerySchema(Schema):
         unknown = EXCLUDE
 
     slug = Slug(load_default="demo")
-    transport = Text(load_default="poll", validate=validate.OneOf(
-        TRANSPORTS, error=f"Must be one of {', '.join(TRANSPORTS)}."))
+    transport = _transport("poll")
+
+
+class DashboardQuerySchema(Schema):
+    """The query of the dashboard: ?prefix=P (every page when absent) and ?transport= (`ws` when absent)."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+    prefix = Prefix(load_default="")
+    transport = _transport("ws")  # presence comes on the one socket too
 
 
 def _refuse(message: str) -> NoReturn:

@@ -18,7 +18,7 @@ found valid, as before the blueprints. With access control off, a read (the
 hot poll path) costs the guard a method comparison and an attribute read.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from flask import current_app, g, request
@@ -94,3 +94,20 @@ def require(right: str, slug: str) -> Rights | None:
         return None
     found = rights()
     return found.require(right, slug) if found is not None else None
+
+
+def feed_readable(rights: Rights, prefix: str, slugs: Sequence[str] | None) -> Callable[[str], bool] | None:
+    """Check a feed's pages against a token (GET /feed, /events): what to leave out of it, or None.
+
+    Each slug of a list must be readable and a prefix must lie within the
+    token's rights (403 otherwise); only the empty prefix, every page, is
+    filtered instead, down to the pages the token may read.
+    """
+    if slugs is not None:
+        for slug in slugs:
+            rights.require("read", slug)
+    elif prefix:
+        rights.require_prefix("read", prefix)
+    else:
+        return lambda slug: rights.may("read", slug)
+    return None

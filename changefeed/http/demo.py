@@ -1,4 +1,4 @@
-"""GET /: the two-pane demo (an editor and a viewer of one slug), with its scripts and styles.
+"""GET /: the two-pane demo (an editor and a viewer of one slug); GET /dashboard: the pages under a prefix.
 
 The template and the static files live in this package (http/templates,
 http/static). The scripts find the API beside their own URL, so under a
@@ -16,7 +16,8 @@ from .services import services
 HERE = Path(__file__).resolve().parent
 STATIC = HERE / "static"
 TEMPLATES = HERE / "templates"
-TEMPLATE = "changefeed.html"  # a name no host app's own template is likely to have
+TEMPLATE = "changefeed.html"  # names no host app's own templates are likely to have
+DASHBOARD_TEMPLATE = "changefeed-dashboard.html"
 
 # The page itself runs only its own scripts; saved html lives in a sandboxed
 # srcdoc iframe, which inherits this policy and may show images and styles.
@@ -40,6 +41,15 @@ def page() -> tuple[str, list[tuple[str, str]]]:
     query = services().schemas.page.load(request.args)
     html = render_template(TEMPLATE, slug=query["slug"], transport=query["transport"], transports=TRANSPORTS,
                            static=static_url)
+    return html, PAGE_HEADERS
+
+
+@blueprint.get("/dashboard")
+def dashboard() -> tuple[str, list[tuple[str, str]]]:
+    """Serve the dashboard: a live list of the pages under a prefix, on one connection."""
+    query = services().schemas.dashboard.load(request.args)
+    html = render_template(DASHBOARD_TEMPLATE, prefix=query["prefix"], transport=query["transport"],
+                           transports=TRANSPORTS, static=static_url)
     return html, PAGE_HEADERS
 
 

@@ -39,7 +39,7 @@ def events() -> Response:
     stream = event_stream(feed.store, feed.notifier, query["slug"], since, epoch,
                           feed.config["CHANGEFEED_SSE_RETRY_MS"], lasts_s,
                           request.environ.get("changefeed.on_disconnect"), query["presence"],
-                          query["presence_form"] == "count")
+                          query["presence_form"] == "count", query["payload"] == "full")
     # The stream yields bytes ready to send: no need for werkzeug to re-encode each one.
     return Response(Held(stream, release), mimetype="text/event-stream", headers=EVENTS_HEADERS,
                     direct_passthrough=True)
@@ -55,7 +55,7 @@ def feed_events() -> Response:
     found = services()
     args = request.args
     query = found.schemas.feed_events.load({
-        **{key: args[key] for key in ("prefix", "since", "presence") if key in args},
+        **{key: args[key] for key in ("prefix", "since", "presence", "payload") if key in args},
         **({"slug": args.getlist("slug")} if "slug" in args else {}),
         **({"Last-Event-ID": request.headers["Last-Event-ID"]} if "Last-Event-ID" in request.headers else {})})
     slugs, prefix = query["slug"], query["prefix"] or ""
@@ -63,17 +63,13 @@ def feed_events() -> Response:
     readable, lasts_s = None, None
     rights = access.rights() if found.verifier.reads else None
     if rights is not None:  # a stream never outlives its token: it ends at expiry, the client reconnects
-        for slug in slugs or ():
-            rights.require("read", slug)
-        if slugs is None and prefix:
-            rights.require_prefix("read", prefix)
-        elif slugs is None:
-            readable = lambda slug: rights.may("read", slug)  # noqa: E731 - one line, one use
+        readable = access.feed_readable(rights, prefix, slugs)
         lasts_s = rights.seconds_left()
     if found.notifier.closed:
         raise ShuttingDown()
     release = found.waits.enter(request.environ)
-    reader = FeedReader(found.store, found.notifier, prefix, slugs, STREAM_LIMIT, content=True, readable=readable)
+    reader = FeedReader(found.store, found.notifier, prefix, slugs, STREAM_LIMIT, content=query["payload"] == "full",
+                        readable=readable, shared=True)
     stream = feed_stream(reader, after, epoch, found.config["CHANGEFEED_SSE_RETRY_MS"], lasts_s,
                          request.environ.get("changefeed.on_disconnect"))
     return Response(Held(stream, release), mimetype="text/event-stream", headers=EVENTS_HEADERS,

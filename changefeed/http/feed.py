@@ -23,23 +23,30 @@ blueprint = Blueprint("feed", __name__)
 @blueprint.get("/feed")
 @access.reads
 def feed() -> Response:
-    """Answer {changes: [{slug, version, updated_at[, html, data | deleted]}], next, epoch} after the cursor `since`."""
+    """Answer {changes: [{slug, version, updated_at[, html, data | deleted]}], next, epoch} after the cursor `since`.
+
+    Of every page under `prefix`, or of the pages of a `slug` list (as
+    /events?slug=a&slug=b). Notification-only by default (payload=version):
+    a reader fetches the pages it wants through the cacheable /changes;
+    payload=full (or include=content) carries each page's html and data.
+    """
     found = services()
-    query = found.schemas.feed.load(request.args)
+    args = request.args
+    query = found.schemas.feed.load({**args.to_dict(), **({"slug": args.getlist("slug")} if "slug" in args else {})})
     epoch, after = query["since"]
-    prefix, wait, content = query["prefix"], query["wait"], query["include"] == "content"
+    prefix, slugs, wait = query["prefix"] or "", query["slug"], query["wait"]
+    content = query["payload"] == "full" or query["include"] == "content"
     readable = None
     rights = access.rights() if found.verifier.reads else None
     if rights is not None:  # a token sees only the pages it may read; a long-poll never outlives it
-        if prefix:
-            rights.require_prefix("read", prefix)
-        else:
-            readable = lambda slug: rights.may("read", slug)  # noqa: E731 - one line, one use
+        readable = access.feed_readable(rights, prefix, slugs)
         wait = max(0, min(wait, int(rights.seconds_left())))
     if wait and found.notifier.closed:
         raise ShuttingDown()
-    reader = FeedReader(found.store, found.notifier, prefix, limit=query["limit"], content=content,
-                        readable=readable)
+    # A long-poll shares its reads with the process's other waiting readers; a plain read reads for itself,
+    # so that it never misses a save its client just made (transports/feed.py: SharedReads).
+    reader = FeedReader(found.store, found.notifier, prefix, slugs, limit=query["limit"], content=content,
+                        readable=readable, shared=bool(wait))
     if wait:
         with found.waits.holding(request.environ), metrics.OPEN_LONG_POLLS.track_inprogress():
             page = read_feed(reader, after, epoch, wait, request.environ.get("changefeed.on_disconnect"))

@@ -22,6 +22,8 @@ from changefeed.core.schemas import (
     IDEMPOTENCY_KEY,
     MAX_FEED_LIMIT,
     MAX_INTEGER,
+    MAX_STREAM_SLUGS,
+    PAYLOADS,
     PREFIX,
     PRESENCE_FORMS,
     SLUG,
@@ -108,8 +110,9 @@ class FeedEntrySchema(Schema):
     slug = fields.String(required=True)
     version = fields.Integer(required=True, metadata={"minimum": 1})
     updated_at = fields.String(required=True, metadata={"format": "date-time"})
-    html = fields.String(metadata={"description": "with include=content"})
-    data = fields.Raw(allow_none=True, metadata={"description": "with include=content: the JSON value saved"})
+    html = fields.String(metadata={"description": "with payload=full (or include=content)"})
+    data = fields.Raw(allow_none=True, metadata={
+        "description": "with payload=full (or include=content): the JSON value saved"})
     deleted = fields.Boolean(metadata={"enum": [True], "description": "the page was deleted since the cursor"})
 
 
@@ -194,6 +197,9 @@ def build(app: Flask) -> dict[str, Any]:
                  "description": "the presence version held (0: nobody): who is on the page comes along when it differs"},
                 {"in": "query", "name": "presence_form", "schema": {"enum": list(PRESENCE_FORMS)},
                  "description": "`count`: how many, without names"}]
+    payload = {"in": "query", "name": "payload", "schema": {"enum": list(PAYLOADS), "default": "full"},
+               "description": "`version`: each change says which version exists, without html and data; "
+                              "fetch the page from /changes (cacheable) with `since` the version held"}
 
     spec.path("/save", operations={"post": {
         "summary": "Store a new version of a page (its version goes up by exactly 1)",
@@ -243,19 +249,24 @@ def build(app: Flask) -> dict[str, Any]:
             **_errors("400", "401", "403", "422", "429", "503")},
     }})
     spec.path("/feed", operations={"get": {
-        "summary": "Every page saved after the cursor `since`, by prefix, each once at its newest version",
+        "summary": "Every page saved after the cursor `since`, by prefix or slug list, each once at its newest version",
         "security": optional_auth,
         "parameters": [
             {"in": "query", "name": "since", "schema": {"type": "string", "pattern": f"^(0|{CURSOR.pattern})$"},
              "description": "0 (from the beginning) or the `next` of an earlier answer"},
             {"in": "query", "name": "prefix", "schema": {"type": "string", "pattern": f"^{PREFIX.pattern[:-2]}$"},
              "description": "only pages whose slug starts with it"},
+            {"in": "query", "name": "slug", "style": "form", "explode": True,
+             "schema": {"type": "array", "items": slug["schema"], "maxItems": MAX_STREAM_SLUGS},
+             "description": "only these pages (slug=a&slug=b); not with `prefix`"},
             {"in": "query", "name": "limit", "schema": {"type": "integer", "minimum": 1, "maximum": MAX_FEED_LIMIT,
                                                         "default": FEED_LIMIT}},
             {"in": "query", "name": "wait", "schema": {
                 "type": "integer", "minimum": 0, "maximum": app.config["CHANGEFEED_MAX_WAIT_S"]}},
             {"in": "query", "name": "include", "schema": {"enum": ["content"]},
-             "description": "each page's html and data too"}],
+             "description": "each page's html and data too (as payload=full)"},
+            {**payload, "schema": {"enum": list(PAYLOADS), "default": "version"},
+             "description": "`full`: each page's html and data too (not with include=content)"}],
         "responses": {
             "200": {"description": "the pages saved after `since`",
                     "content": {"application/json": {"schema": "Feed"}},
@@ -270,10 +281,12 @@ def build(app: Flask) -> dict[str, Any]:
         "security": optional_auth,
         "parameters": [slug, {"in": "query", "name": "since", "schema": count}, epoch,
                        {"in": "header", "name": "Last-Event-ID", "schema": {"type": "string"},
-                        "description": "<epoch>:<version> of the last event received (or a version)"}, *presence],
+                        "description": "<epoch>:<version> of the last event received (or a version)"}, *presence,
+                       payload],
         "responses": {
-            "200": {"description": "`id: <epoch>:<version>`, `event: change`, `data:` a /changes answer; "
-                                   "with ?presence, `event: presence`, `data:` a presence list",
+            "200": {"description": "`id: <epoch>:<version>`, `event: change`, `data:` a /changes answer "
+                                   "(payload=version: without html and data); with ?presence, "
+                                   "`event: presence`, `data:` a presence list",
                     "content": {"text/event-stream": {"schema": {"type": "string"}}}},
             **_errors("400", "401", "403", "422", "429", "503")},
     }})
@@ -324,6 +337,13 @@ def build(app: Flask) -> dict[str, Any]:
     spec.path("/", operations={"get": {
         "summary": "The demo page: an editor and a viewer of one slug",
         "parameters": [{**slug, "required": False},
+                       {"in": "query", "name": "transport", "schema": {"enum": list(TRANSPORTS)}}],
+        "responses": {"200": {"description": "html", "content": {"text/html": {"schema": {"type": "string"}}}},
+                      **_errors("400", "422")}}})
+    spec.path("/dashboard", operations={"get": {
+        "summary": "The dashboard: every page under a prefix, live on one connection",
+        "parameters": [{"in": "query", "name": "prefix",
+                        "schema": {"type": "string", "pattern": f"^{PREFIX.pattern[:-2]}$"}},
                        {"in": "query", "name": "transport", "schema": {"enum": list(TRANSPORTS)}}],
         "responses": {"200": {"description": "html", "content": {"text/html": {"schema": {"type": "string"}}}},
                       **_errors("400", "422")}}})

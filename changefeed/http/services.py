@@ -16,6 +16,7 @@ from flask import Flask, current_app
 from changefeed.core.clients import parse_networks
 from changefeed.core.schemas import (
     ChangesQuerySchema,
+    DashboardQuerySchema,
     DeleteSchema,
     EventsQuerySchema,
     FeedEventsQuerySchema,
@@ -67,6 +68,7 @@ class Schemas:
     idempotency_key: IdempotencyKeySchema
     presence: PresenceSchema
     page: PageQuerySchema
+    dashboard: DashboardQuerySchema
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "Schemas":
@@ -77,7 +79,8 @@ class Schemas:
                    events=EventsQuerySchema(), feed=FeedQuerySchema(max_wait_s=config["CHANGEFEED_MAX_WAIT_S"]),
                    feed_events=FeedEventsQuerySchema(),
                    last_event_id=LastEventIdSchema(),
-                   idempotency_key=IdempotencyKeySchema(), presence=PresenceSchema(), page=PageQuerySchema())
+                   idempotency_key=IdempotencyKeySchema(), presence=PresenceSchema(), page=PageQuerySchema(),
+                   dashboard=DashboardQuerySchema())
 
 
 @dataclass(frozen=True)

@@ -75,6 +75,10 @@ class Notifier(Protocol):
     def heartbeat_s(self) -> float:
         """How often every subscription is woken even without a change (streams send a heartbeat)."""
 
+    @property
+    def saves_seen(self) -> int:
+        """How many times this process woke the feeds' subscriptions: a feed read is current while it holds."""
+
     def subscribe(self, slug: str,
                   subscription: Subscription | None = None) -> AbstractContextManager[Subscription]:
         """Hold a Subscription to `slug` for a `with` block; subscribe first, then read the store."""

@@ -91,6 +91,7 @@ class Fanout:
         self._prefixes: dict[str, set[Subscription]] = {}  # the feeds': prefix ("" all) -> set of Subscription
         self.heartbeat_s = heartbeat_s
         self.closed = False
+        self.saves_seen = 0  # wake-ups of the feeds' subscriptions so far: a feed read is current while it holds
 
     def subscribe(self, slug: str, subscription: Subscription | None = None) -> AbstractContextManager[Subscription]:
         """Hold a Subscription to `slug` (a new one, or the one given) for the duration of a `with` block.
@@ -140,6 +141,7 @@ class Fanout:
 
     def _saw_save(self, slug: str) -> None:
         """Wake the feeds' subscriptions whose prefix `slug` starts with."""
+        self.saves_seen += 1  # before any wakes: its read must not take an answer read before this save
         for prefix, subscriptions in list(self._prefixes.items()):
             if slug.startswith(prefix):
                 for subscription in list(subscriptions):
@@ -229,6 +231,7 @@ class Fanout:
 
     def feeds_look_again(self) -> None:
         """Have every feed reader read again: after a gap in listening, saves may have gone unannounced."""
+        self.saves_seen += 1
         for subscribers in list(self._prefixes.values()):
             for subscription in list(subscribers):
                 subscription.saw_save()

@@ -16,6 +16,7 @@ so a wake-up may find nothing yet: the reader then looks again after 10 ms,
 import dataclasses
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -39,6 +40,74 @@ def next_retry(retry: float | None) -> float | None:
         return FIRST_RETRY_S
     return None if retry >= LAST_RETRY_S else min(retry * 2, LAST_RETRY_S)
 STREAM_LIMIT = 100  # entries per read of a stream (it reads on at once while reads come full)
+SHARED_READ_S = 0.005  # how long one read serves the readers at the same place: under FIRST_RETRY_S
+MAX_SHARED_READS = 1000  # places remembered at once, past which the stale ones are forgotten
+
+
+@dataclasses.dataclass
+class _Read:
+    """One read of the feed at one place: under way (`done` unset), or its answer and when it came."""
+
+    seen: int
+    done: threading.Event = dataclasses.field(default_factory=threading.Event)
+    page: FeedPage | None = None
+    at: float = 0.0
+
+
+class SharedReads:
+    """One read of the feed for every waiting reader of this process at the same place.
+
+    A save under a prefix wakes every reader that follows it, and each would
+    read the feed from the same cursor: 1,000 streams, 1,000 identical
+    queries. The first one reads; the others, arriving while it reads or
+    just after, take its answer. An answer serves only while the notifier
+    has woken no feed since it was asked for (`saves_seen`), so a reader
+    woken by a later save reads again, and for at most SHARED_READ_S, less
+    than the 10 ms after which a reader looks again for a save announced but
+    not listed yet, so that second look always reads the database. Only
+    readers that wait use it (streams, sockets, long-polls): a reader that
+    took an answer from just before a save is woken by that save, where a
+    plain poll would go away without it.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._reads: dict[tuple[object, ...], _Read] = {}
+
+    def feed(self, reader: "FeedReader", position: Position) -> FeedPage:
+        key = (id(reader.store), reader.prefix, None if reader.slugs is None else tuple(reader.slugs),
+               reader.limit, reader.content, position)
+        seen = reader.notifier.saves_seen
+        with self._lock:
+            read = self._reads.get(key)
+            if read is not None and read.seen == seen and (
+                    not read.done.is_set() or time.monotonic() - read.at < SHARED_READ_S):
+                mine = False
+            else:
+                mine, read = True, _Read(seen)
+                if len(self._reads) >= MAX_SHARED_READS:
+                    self._forget_stale()
+                self._reads[key] = read
+        if not mine:
+            read.done.wait()
+            if read.page is not None:
+                return read.page
+        try:  # mine, or the one under way failed: read it here
+            page = reader.store.feed(position, reader.prefix, reader.limit, reader.content, reader.slugs)
+            if mine:
+                read.page, read.at = page, time.monotonic()
+        finally:
+            if mine:
+                read.done.set()  # with its answer, or without one when the read failed
+        return page
+
+    def _forget_stale(self) -> None:
+        now = time.monotonic()
+        for key in [key for key, read in self._reads.items() if read.done.is_set() and now - read.at >= SHARED_READ_S]:
+            del self._reads[key]
+
+
+SHARED_READS = SharedReads()
 
 
 @dataclasses.dataclass
@@ -57,11 +126,15 @@ class FeedReader:
     content: bool = False
     readable: Callable[[str], bool] | None = None
     subscription: Subscription | None = None
+    shared: bool = False  # reads at one place share one read with the process's other waiting readers (SharedReads)
     _retry: float | None = None  # while a save announced is not listed yet: when to look again
 
     def read(self, position: Position) -> tuple[FeedPage, bool]:
         """One read after `position`, the entries the reader may not see left out; and whether it came full."""
-        page = self.store.feed(position, self.prefix, self.limit, self.content, self.slugs)
+        if self.shared:
+            page = SHARED_READS.feed(self, position)
+        else:
+            page = self.store.feed(position, self.prefix, self.limit, self.content, self.slugs)
         full = len(page.entries) == self.limit
         if self.readable is not None:
             readable = self.readable
@@ -143,9 +216,9 @@ def entry_event(entry: FeedEntry, epoch: str, content: bool) -> bytes:
     return f'id: {cursor}\nevent: change\ndata: {fields[:-1]},"epoch":"{epoch}"}}\n\n'.encode()
 
 
-def entry_frame(entry: FeedEntry, epoch: str, prefix: str) -> str:
+def entry_frame(entry: FeedEntry, epoch: str, prefix: str, content: bool) -> str:
     """One page of a socket's feed as a `change` frame, with the `cursor` that resumes right after it."""
-    fields = entry.fields(True)
+    fields = entry.fields(content)
     return (f'{{"type":"change","prefix":"{prefix}",' + fields[1:-1]
             + f',"epoch":"{epoch}","cursor":"{cursors.encode(epoch, entry.position)}"}}')
 

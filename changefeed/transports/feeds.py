@@ -87,11 +87,15 @@ def _news(present: Presence | None, held: int | None) -> bool:
 
 def event_stream(store: Store, notifier: Notifier, slug: str, since: int, epoch: str | None, retry_ms: int,
                  lasts_s: float | None = None, on_disconnect: OnDisconnect | None = None,
-                 presence: int | None = None, count_only: bool = False) -> Generator[bytes, None, None]:
+                 presence: int | None = None, count_only: bool = False,
+                 content: bool = True) -> Generator[bytes, None, None]:
     """Yield the text/event-stream of `slug`: each newer version as one `change` event.
 
-    With `presence` (the presence version the client holds), each other
-    presence list as a `presence` event too (`count_only`: without names).
+    Without `content` (payload=version) each event says which version
+    exists, without html and data: the client fetches the page from
+    /changes, through the cache (schemas.Payload). With `presence` (the
+    presence version the client holds), each other presence list as a
+    `presence` event too (`count_only`: without names).
 
     The notifier wakes every subscription once per heartbeat interval; a wake
     with nothing new re-reads the store, and sends a heartbeat comment when
@@ -110,7 +114,7 @@ def event_stream(store: Store, notifier: Notifier, slug: str, since: int, epoch:
             change, present = follow.take(follow.read()), follow.take_presence(follow.read_presence())
             while not notifier.closed and (ends_at is None or time.monotonic() < ends_at):
                 if change is not None:
-                    yield change.event
+                    yield change.event if content else change.notice_event
                 if present is not None:
                     yield present.count_event if count_only else present.event
                 subscription.wait(None if ends_at is None else max(0.0, ends_at - time.monotonic()))

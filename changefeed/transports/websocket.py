@@ -2,7 +2,7 @@
 
 Messages are JSON text; the protocol (docs/api.md):
 
-    client: subscribe {slug, since, epoch?, presence?, presence_form?} or {prefix, since?},
+    client: subscribe {slug, since, epoch?, presence?, presence_form?, payload?} or {prefix, since?, payload?},
             unsubscribe {slug} or {prefix},
             presence {slug, client_id, name?, state} (a heartbeat, as POST /presence), ping {id?}
     server: subscribed, change, presence, beat, unsubscribed, pong, error, reset (a prefix's new database)
@@ -65,6 +65,7 @@ from changefeed.core.schemas import (
     SLUG,
     Count,
     Cursor,
+    Payload,
     Prefix,
     PresenceQuery,
     PresenceSchema,
@@ -105,7 +106,7 @@ JSON_TYPES = {list: "an array", str: "a string", int: "a number", float: "a numb
 
 
 class SubscribeSchema(Schema):
-    """{"type": "subscribe", "slug", "since"?, "epoch"?, "presence"?, "presence_form"?}."""
+    """{"type": "subscribe", "slug", "since"?, "epoch"?, "presence"?, "presence_form"?, "payload"?}."""
 
     class Meta:
         unknown = EXCLUDE  # its `type`
@@ -116,16 +117,18 @@ class SubscribeSchema(Schema):
         EPOCH, error="Must be the epoch of an earlier answer (letters, digits, - and _)."))
     presence = PresenceQuery.presence
     presence_form = PresenceQuery.presence_form
+    payload = Payload()
 
 
 class FeedSubscribeSchema(Schema):
-    """{"type": "subscribe", "prefix", "since"?}: every page whose slug starts with `prefix`, after the cursor."""
+    """{"type": "subscribe", "prefix", "since"?, "payload"?}: every page under `prefix`, after the cursor."""
 
     class Meta:
         unknown = EXCLUDE
 
     prefix = Prefix(required=True)
     since = Cursor(load_default=(None, START))
+    payload = Payload()
 
 
 class UnsubscribeSchema(Schema):
@@ -260,9 +263,12 @@ class Wire:
 
 
 class Page(Follow):
-    """One page a socket follows: the client's position on it, and the notifier's hold on its subscription."""
+    """One page a socket follows: the client's position on it, and the notifier's hold on its subscription.
 
-    __slots__ = ("held", "count_only")
+    Without `content` (payload=version) its change frames leave out html and data (schemas.Payload).
+    """
+
+    __slots__ = ("held", "count_only", "content")
     subscription: Subscription  # always given
 
     def __init__(self, store: Store, slug: str, item: dict[str, Any], subscription: Subscription,
@@ -270,6 +276,7 @@ class Page(Follow):
         super().__init__(store, slug, item["since"], item["epoch"], item["presence"], subscription)
         self.held = held  # entered: left when the page is unfollowed or the socket ends
         self.count_only = item["presence_form"] == "count"  # presence frames without names
+        self.content = item["payload"] == "full"
 
 
 class Feed:
@@ -304,7 +311,8 @@ class Feed:
                 self.epoch, self.position = page.epoch, START
                 continue
             self.epoch, self.position = page.epoch, page.next
-            frames += [entry_frame(entry, page.epoch, self.reader.prefix) for entry in page.entries]
+            frames += [entry_frame(entry, page.epoch, self.reader.prefix, self.reader.content)
+                       for entry in page.entries]
             if not full:
                 break
         if frames or not (announced or self.retry):  # found, or nothing was announced: wait for the next save
@@ -560,17 +568,19 @@ class Socket:
             return
         rights = self.rights
         readable = (lambda slug: rights.may("read", slug)) if rights is not None and not prefix else None
+        content = item["payload"] == "full"
         try:
             if feed is None:
-                reader = FeedReader(self.store, self.notifier, prefix, limit=STREAM_LIMIT, content=True,
-                                    readable=readable)
+                reader = FeedReader(self.store, self.notifier, prefix, limit=STREAM_LIMIT, content=content,
+                                    readable=readable, shared=True)
                 reader.subscription = Subscription(self.woken)
                 held: AbstractContextManager[Subscription] = self.notifier.subscribe_prefix(prefix,
                                                                                              reader.subscription)
                 held.__enter__()
                 feed = Feed(reader, item["since"], held)
-            else:
+            else:  # the new subscription's place and payload replace the old ones
                 feed.epoch, feed.position = item["since"]
+                feed.reader.content = content
             self.feeds[prefix] = feed
             frames = feed.frames()
         except Unavailable as exc:
@@ -629,7 +639,7 @@ class Socket:
 
     def send_change(self, page: Page, change: Change) -> None:
         # The cached JSON text of the answer, with the frame's type and slug in front: no re-serializing.
-        text = change.answer if change.changed else change.unchanged
+        text = (change.answer if page.content else change.notice) if change.changed else change.unchanged
         self.send(f'{{"type":"change","slug":"{page.slug}",' + text[1:])
 
     def send_presence(self, page: Page, present: presence_module.Presence) -> None:

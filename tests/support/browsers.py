@@ -50,7 +50,7 @@ def chromium() -> Iterator[Browser]:
 class Tab:
     """One browser tab on the demo page, with the moves a person makes."""
 
-    def __init__(self, context, url, slug, transport="poll", fragment="", state="live", name=None):
+    def __init__(self, context, url, slug, transport="poll", fragment="", state="live", name=None, path=None):
         self.page = context.new_page()
         self.console_errors, self.page_errors, self.requests, self.sockets = [], [], [], []
         self.page.on("console", lambda m: m.type == "error" and self.console_errors.append(m.text))
@@ -60,7 +60,7 @@ class Tab:
         if name is not None:  # the name this tab shows others (the page keeps it in localStorage)
             self.page.add_init_script(  # in the page, not in its sandboxed iframe (no storage there)
                 f"if (window === window.top) localStorage.setItem('changefeed-name', {json.dumps(name)})")
-        self.page.goto(f"{url}/?slug={slug}&transport={transport}{fragment}")
+        self.page.goto(url + (path or f"/?slug={slug}&transport={transport}{fragment}"))
         self.expect_state(state)
 
     def edit(self, html, data=None):

@@ -46,7 +46,7 @@
  *
  * The push transports (longpoll, sse, ws) are shared between the tabs of one
  * browser: one leader tab, elected with the Web Locks API, holds the
- * connection for a slug and relays what it hears (changes, presence lists,
+ * connection for a slug (or a prefix) and relays what it hears (changes, presence lists,
  * its state) to the others over a BroadcastChannel; when it closes, or goes
  * silent (a frozen tab keeps its lock), another tab takes over. Ten tabs cost
  * the server one connection and stay clear of the browser's six connections
@@ -122,14 +122,14 @@ export function subscribe(target, options = {}) {
   const {transport = "poll", payload = "full"} = options;
   if (!TRANSPORTS.includes(transport)) throw new Error(`unknown transport ${transport}: use ${TRANSPORTS.join(", ")}`);
   if (!PAYLOADS.includes(payload)) throw new Error(`unknown payload ${payload}: use ${PAYLOADS.join(" or ")}`);
-  if (typeof target !== "string") {
-    if (typeof target?.prefix !== "string") throw new Error('subscribe() follows a slug, or {prefix: "..."}');
-    return connect(prefixFeed(target.prefix, options), options);
-  }
+  const prefix = typeof target === "string" ? null : target?.prefix;
+  if (prefix !== null && typeof prefix !== "string") throw new Error('subscribe() follows a slug, or {prefix: "..."}');
   // Polling stays per tab: a hidden tab stops polling, so a hidden leader would starve the others.
   const shareable = transport !== "poll" && "locks" in navigator && "BroadcastChannel" in window;
-  return shareable && options.shared !== false ? shareAcrossTabs(target, options)
-    : connect(pageFeed(target, options), options);
+  if (shareable && options.shared !== false) {
+    return shareAcrossTabs(prefix === null ? pageRelay(target, options) : prefixRelay(prefix, options), options);
+  }
+  return connect(prefix === null ? pageFeed(target, options) : prefixFeed(prefix, options), options);
 }
 
 /** The presence a subscriber holds: the version of the last list seen (0: none), and which form it asks for. */
@@ -807,78 +807,45 @@ async function probeSocket(signal) {
 }
 
 /**
- * One connection for all the tabs of this browser on `slug`: a leader holds it, the others listen.
+ * One connection for all the tabs of this browser on what `relay` follows: a leader holds it, the others listen.
  *
  * The leader beats on the channel every second. A tab frozen by the browser
  * keeps its Web Lock but goes silent, so a visible follower that hears
  * nothing for a few beats steals the lock and connects; the old leader,
- * when it wakes, finds its lock stolen and becomes a follower.
+ * when it wakes, finds its lock stolen and becomes a follower. A tab that
+ * joins says hello, and the leader replays what it holds (relay.replay()).
  */
-function shareAcrossTabs(slug, {since = 0, epoch = null, presence = 0, presenceForm = null, onChange = () => {},
-  onStatus = () => {}, onPresence = null, transport, payload = "full"}) {
-  // Tabs that ask for presence (and in which form) share a connection that asks for it too.
-  const name = `changefeed:${transport}:${slug}` + (onPresence ? `:presence:${presenceForm || "list"}` : "");
-  const channel = new BroadcastChannel(name);
-  const position = new Position(since, epoch);
-  const held = new PresenceHeld(presence, presenceForm);
-  let latest = null;       // the newest change this tab has seen, for tabs that join later
-  let latestPresence = null;  // the newest presence list, likewise
+function shareAcrossTabs(relay, {onStatus = () => {}, transport}) {
+  const channel = new BroadcastChannel(relay.name);
   let lastStatus = null;   // what the leader last said of its connection
   let leader = null;       // while this tab leads: {stop, release}
   let queued = null;       // the AbortController of this tab's place in the queue for the lock
   let heardAt = Date.now();
   let closed = false;
 
-  function deliver(body) {
-    if (!position.take(body)) return;
-    latest = body;
-    onChange(body);
-  }
-
-  function present(list) {
-    if (!onPresence || !held.take(list)) return;
-    latestPresence = list;
-    onPresence(list);
-  }
-
   channel.onmessage = ({data}) => {
     if (data.type === "hello") {
-      if (leader && latest) channel.postMessage({type: "change", change: latest});
-      if (leader && latestPresence) channel.postMessage({type: "presence", presence: latestPresence});
-      if (leader && lastStatus) channel.postMessage({type: "status", status: lastStatus});
+      if (!leader) return;
+      for (const message of relay.replay()) channel.postMessage(message);
+      if (lastStatus) channel.postMessage({type: "status", status: lastStatus});
       return;
     }
     heardAt = Date.now();  // a beat, a change or a status: a leader is alive
-    if (data.type === "change") deliver(data.change);
-    else if (data.type === "presence") present(data.presence);
-    else if (data.type === "status" && !leader) onStatus({...data.status, shared: true, leader: false});
+    if (data.type === "status") {
+      if (!leader) onStatus({...data.status, shared: true, leader: false});
+    } else {
+      relay.hear(data);
+    }
   };
 
   /** Hold the connection for every tab until released, or until another tab steals the lock. */
   function lead(release) {
-    const options = {
-      since: position.version,
-      epoch: position.epoch,
-      presence: held.version,
-      presenceForm,
-      transport,
-      payload,
-      onChange(body) {
-        deliver(body);
-        channel.postMessage({type: "change", change: body});
-      },
-      onPresence: onPresence && ((list) => {
-        present(list);
-        channel.postMessage({type: "presence", presence: list});
-      }),
-      onStatus(status) {
-        lastStatus = status;
-        onStatus({...status, shared: true, leader: true});
-        channel.postMessage({type: "status", status});
-      },
-    };
-    const stop = connect(pageFeed(slug, options), options);
-    const beat = () => channel.postMessage({type: "beat"});
+    const stop = relay.connect((message) => channel.postMessage(message), (status) => {
+      lastStatus = status;
+      onStatus({...status, shared: true, leader: true});
+      channel.postMessage({type: "status", status});
+    });
+    const beat = () => channel.postMessage({type: "beat", ...relay.beat()});
     const beats = setInterval(beat, BEAT_MS);
     beat();
     return {release, stop() { clearInterval(beats); stop(); }};
@@ -897,7 +864,7 @@ function shareAcrossTabs(slug, {since = 0, epoch = null, presence = 0, presenceF
     let mine = null;
     queued = steal ? null : new AbortController();
     const options = steal ? {steal: true} : {signal: queued.signal};
-    navigator.locks.request(name, options, () => new Promise((release) => {
+    navigator.locks.request(relay.name, options, () => new Promise((release) => {
       queued = null;
       if (closed) return release();
       leader = mine = lead(release);
@@ -935,6 +902,105 @@ function shareAcrossTabs(slug, {since = 0, epoch = null, presence = 0, presenceF
     if (queued) queued.abort();
     stepDown();
     channel.close();
+  };
+}
+
+/** What the tabs sharing one page's connection hold and tell each other: its newest version and presence list. */
+function pageRelay(slug, {since = 0, epoch = null, presence = 0, presenceForm = null, onChange = null,
+  onPresence = null, transport, payload = "full"}) {
+  const position = new Position(since, epoch);
+  const held = new PresenceHeld(presence, presenceForm);
+  let latest = null;          // the newest change this tab has seen, for tabs that join later
+  let latestPresence = null;  // the newest presence list, likewise
+
+  function deliver(body) {
+    if (!position.take(body)) return;
+    latest = body;
+    if (onChange) onChange(body);
+  }
+
+  function present(list) {
+    if (!onPresence || !held.take(list)) return;
+    latestPresence = list;
+    onPresence(list);
+  }
+
+  return {
+    // Tabs that ask for presence (and in which form) share a connection that asks for it too; tabs that
+    // follow presence alone (no onChange), one of their own, which fetches no page.
+    name: `changefeed:${transport}:${slug}` + (onPresence ? `:presence:${presenceForm || "list"}` : "")
+      + (onChange ? "" : ":presence-only"),
+    replay: () => [latest && {type: "change", change: latest},
+      latestPresence && {type: "presence", presence: latestPresence}].filter(Boolean),
+    hear(data) {
+      if (data.type === "change") deliver(data.change);
+      else if (data.type === "presence") present(data.presence);
+    },
+    beat: () => ({}),
+    connect(post, onStatus) {
+      const options = {
+        since: position.version, epoch: position.epoch, presence: held.version, presenceForm, transport, payload,
+        onStatus,
+        // Without an onChange, a notification-only subscription fetches no page (it follows presence).
+        onChange: onChange && ((body) => {
+          deliver(body);
+          post({type: "change", change: body});
+        }),
+        onPresence: onPresence && ((list) => {
+          present(list);
+          post({type: "presence", presence: list});
+        }),
+      };
+      return connect(pageFeed(slug, options), options);
+    },
+  };
+}
+
+/**
+ * What the tabs sharing one prefix's connection hold and tell each other: the newest entry of each page
+ * (replayed to a tab that joins), and the leader's cursor (where a follower that takes over goes on from).
+ */
+function prefixRelay(prefix, {since = "0", onChange = () => {}, onReset = () => {}, transport, payload = "full"}) {
+  let cursor = String(since || "0");
+  const latest = new Map();  // slug -> the newest entry passed on
+
+  function take(entry) {
+    if ((latest.get(entry.slug)?.version ?? -1) >= entry.version) return;
+    latest.set(entry.slug, entry);
+    onChange(entry);
+  }
+
+  function reset(epoch) {
+    latest.clear();
+    cursor = "0";
+    onReset({epoch});
+  }
+
+  return {
+    name: `changefeed:${transport}:prefix:${payload}:${prefix}`,
+    replay: () => [...latest.values()].map((entry) => ({type: "change", change: entry})),
+    hear(data) {
+      if (data.type === "change") take(data.change);
+      else if (data.type === "reset") reset(data.epoch);
+      if (data.cursor) cursor = data.cursor;
+    },
+    beat: () => ({cursor}),
+    connect(post, onStatus) {
+      const options = {
+        since: cursor, transport, payload, onStatus,
+        onChange(entry) {
+          take(entry);
+          cursor = feed.cursor;
+          post({type: "change", change: entry, cursor});
+        },
+        onReset({epoch}) {
+          reset(epoch);
+          post({type: "reset", epoch});
+        },
+      };
+      const feed = prefixFeed(prefix, options);
+      return connect(feed, options);
+    },
   };
 }
 
