@@ -114,3 +114,35 @@ def test_two_dashboards_in_one_browser_share_one_connection_and_a_new_leader_tak
     save(server, "team-2", "<p>third</p>")
     expect_row(second, "team-2", 3)
     assert second.page_errors == []
+
+
+FOLLOW_PAGES = """async ([slugs, transport]) => {
+  const {subscribe} = await import("/static/changefeed.js");
+  window.__seen = {};
+  for (const slug of slugs) {
+    subscribe(slug, {transport, shared: false, onChange: ({version, html}) => { window.__seen[slug] = [version, html]; }});
+  }
+}"""
+
+
+@pytest.mark.parametrize("transport", ["sse", "ws"])
+def test_a_tab_following_seven_pages_one_by_one_opens_one_connection(context, server, transport):
+    for slug in PAGES:
+        save(server, slug, f"<p>{slug} one</p>")
+    tab = open_dashboard(context, server, "nothing-here-", "poll")  # a page that serves the script
+    mark = tab.mark()
+    tab.page.evaluate(FOLLOW_PAGES, [PAGES, transport])
+    seen = lambda: tab.page.evaluate("window.__seen")  # noqa: E731
+    expect_seen = lambda expected: tab.page.wait_for_function(  # noqa: E731
+        "expected => JSON.stringify(window.__seen) === JSON.stringify(expected)", arg=expected, timeout=8000)
+    expect_seen({slug: [1, f"<p>{slug} one</p>"] for slug in PAGES})
+    save(server, "team-4", "<p>team-4 two</p>")
+    expect_seen({**{slug: [1, f"<p>{slug} one</p>"] for slug in PAGES}, "team-4": [2, "<p>team-4 two</p>"]})
+    assert set(seen()) == set(PAGES)
+    if transport == "ws":
+        assert len(tab.sockets) == 1, tab.sockets
+    else:
+        streams = tab.requests_to("/events", after=mark)
+        assert len(streams) == 1 and streams[0].count("slug=") == len(PAGES), streams
+    assert tab.requests_to("/changes", after=mark) == []
+    assert tab.page_errors == []

@@ -19,8 +19,9 @@
  *   present(), in presence.js.
  * - transport: "poll" (GET /changes every 2 s, the default), "longpoll"
  *   (GET /changes?wait=, answered the moment a save lands), "sse"
- *   (an EventSource on /events; falls back to long-poll when the server
- *   refuses streams, but not for a 503 or 429 with Retry-After: "later") or
+ *   (an EventSource on /events, one for all the tab's pages without presence;
+ *   falls back to long-poll when the server refuses streams, but not for a
+ *   503 or 429 with Retry-After: "later") or
  *   "ws" (the tab's one WebSocket on /ws, whatever it follows; falls back to
  *   long-poll when /ws does not exist, as behind a proxy that does not pass
  *   upgrades).
@@ -186,6 +187,7 @@ function connect(specific, {onStatus = () => {}, transport = "poll"}) {
   let stop = null;
   feed.switchTo = (other) => {
     if (feed.stopped) return;
+    if (stop) stop();  // the transport given up (it stopped itself already: this only lets go of a hub)
     feed.transport = other;
     onStatus({state: "connecting", transport: other});
     stop = OPENERS[other](feed);
@@ -213,6 +215,7 @@ function pageFeed(slug, {since = 0, epoch = null, presence = 0, presenceForm = n
   const notified = payload === "version";
   return {
     slug,
+    payload,
     key: `slug:${slug}`,
     position: new Position(since, epoch),
     presence: onPresence ? new PresenceHeld(presence, presenceForm) : null,  // null: presence not asked for
@@ -484,8 +487,18 @@ const OPENERS = {
     };
   },
 
-  /** An EventSource on /events; this module, not the browser, decides when to reconnect. */
+  /**
+   * Server-Sent Events: the tab's pages (without presence) share one stream (StreamHub); a prefix, or a
+   * page with presence (which follows one page), has a stream of its own.
+   */
   sse(feed) {
+    if (!feed.slug || feed.presence) return OPENERS.stream(feed);
+    streamHubs[feed.payload] ??= new StreamHub(feed.payload);
+    return streamHubs[feed.payload].join(feed);
+  },
+
+  /** An EventSource on /events; this module, not the browser, decides when to reconnect. */
+  stream(feed) {
     let source = null;
     let timer = null;
     let stopped = false;
@@ -548,6 +561,131 @@ const OPENERS = {
 };
 
 let socketHub = null;  // the tab's WebSocket, opened by the first subscription over "ws"
+const streamHubs = {};  // payload -> the tab's one event stream of its pages over "sse"
+
+/**
+ * The tab's pages over "sse" on one stream: GET /events?slug=a&slug=b... (the feed form).
+ *
+ * A lone page keeps the page's own stream (its since and epoch, as ever);
+ * from two on, one stream names them all, and each event names its page.
+ * The set changes in bursts (a dashboard subscribes to all its pages at
+ * once), so a change waits for the end of the burst, then opens the stream
+ * again from the beginning of the feed: each page's newest version once,
+ * which each page's position takes or leaves. A lost stream reconnects from
+ * the cursor of the last event (its id), with the usual backoff; a stream
+ * the server refuses makes every page long-poll, as for a lone page.
+ */
+class StreamHub {
+  constructor(payload) {
+    this.payload = payload;
+    this.members = new Map();  // slug -> the subscriptions of it in this tab
+    this.lone = null;          // while one page: {feed, stop} of its own stream
+    this.source = null;
+    this.cursor = "0";         // where the stream of the whole set resumes
+    this.timer = null;         // the next open: after a burst of changes, or after a backoff
+    this.failures = 0;
+    this.asking = null;
+  }
+
+  join(feed) {
+    const members = this.members.get(feed.slug) || new Set();
+    this.members.set(feed.slug, members.add(feed));
+    this.changed();
+    return () => this.leave(feed);
+  }
+
+  leave(feed) {
+    if (this.remove(feed)) this.changed();
+  }
+
+  remove(feed) {
+    if (!this.members.get(feed.slug)?.delete(feed)) return false;
+    if (!this.members.get(feed.slug).size) this.members.delete(feed.slug);
+    return true;
+  }
+
+  all() {
+    return [...this.members.values()].flatMap((members) => [...members]);
+  }
+
+  /** The set changed: open again once the burst is over (a lone page at once). */
+  changed() {
+    clearTimeout(this.timer);
+    this.timer = setTimeout(() => this.arrange(), 0);
+  }
+
+  arrange() {
+    this.timer = null;
+    const feeds = this.all();
+    if (this.lone && (feeds.length !== 1 || feeds[0] !== this.lone.feed)) {
+      this.lone.stop();
+      this.lone = null;
+    }
+    this.close();
+    if (feeds.length === 1 && !this.lone) this.lone = {feed: feeds[0], stop: OPENERS.stream(feeds[0])};
+    if (feeds.length > 1) {
+      this.cursor = "0";
+      this.open();
+    }
+  }
+
+  close() {
+    this.asking?.abort();
+    if (this.source) this.source.close();
+    this.source = null;
+  }
+
+  open() {
+    this.timer = null;
+    this.close();
+    const slugs = [...this.members.keys()];
+    if (slugs.length < 2) return;
+    const url = `${BASE}/events?${slugs.map((slug) => `slug=${encodeURIComponent(slug)}`).join("&")}`
+      + `&since=${encodeURIComponent(this.cursor)}${this.payload === "version" ? "&payload=version" : ""}`;
+    let opened = false;
+    const source = this.source = new EventSource(url);
+    source.onopen = () => {
+      opened = true;
+      this.failures = 0;
+      for (const feed of this.all()) feed.live();
+    };
+    source.addEventListener("change", (event) => {
+      const {slug, deleted, ...entry} = JSON.parse(event.data);
+      this.cursor = event.lastEventId || this.cursor;
+      // An entry of the feed, as the page's own stream says it: a tombstone has an empty page.
+      const change = {changed: true, ...entry, ...(deleted ? {deleted: true} : {})};
+      if (deleted && this.payload !== "version") Object.assign(change, {html: "", data: null});
+      for (const feed of this.members.get(slug) || []) feed.deliver(change);
+    });
+    source.addEventListener("reset", () => {
+      this.cursor = "0";  // another database: its whole state follows, each page's position takes it
+    });
+    source.onerror = async () => {
+      source.close();
+      if (this.source !== source) return;
+      this.asking = new AbortController();
+      const probe = opened ? {} : await probeStream(url, this.asking.signal);
+      if (this.source !== source) return;  // the set changed meanwhile: a new stream is on its way
+      this.source = null;
+      const feeds = this.all();
+      if (probe.refused) {  // the server is up but the stream cannot be opened: long-poll instead
+        for (const feed of feeds) feed.switchTo("longpoll");  // each leaves this hub first
+        return;
+      }
+      const error = new Error(probe.error || "event stream lost");
+      error.retryAfterMs = probe.retryAfterMs;
+      error.status = probe.status;
+      this.failures += 1;
+      const delayMs = backoffMs(this.failures, error.retryAfterMs);
+      for (const feed of feeds) {
+        feed.failed(error, delayMs);
+        if (feed.stopped) this.remove(feed);
+      }
+      // Two pages or more: the same stream again; one left: its own stream.
+      if (this.members.size) this.timer = setTimeout(() => (this.members.size > 1 ? this.open() : this.arrange()), delayMs);
+    };
+  }
+}
 
 /**
  * The tab's one WebSocket on /ws, shared by every subscription of the tab over "ws".
