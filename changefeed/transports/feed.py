@@ -40,7 +40,7 @@ def next_retry(retry: float | None) -> float | None:
         return FIRST_RETRY_S
     return None if retry >= LAST_RETRY_S else min(retry * 2, LAST_RETRY_S)
 STREAM_LIMIT = 100  # entries per read of a stream (it reads on at once while reads come full)
-SHARED_READ_S = 0.005  # how long one read serves the readers at the same place: under FIRST_RETRY_S
+SHARED_READ_S = 1.0  # how long one read serves the readers at the same place (a look for a save: never)
 MAX_SHARED_READS = 1000  # places remembered at once, past which the stale ones are forgotten
 
 
@@ -62,12 +62,13 @@ class SharedReads:
     queries. The first one reads; the others, arriving while it reads or
     just after, take its answer. An answer serves only while the notifier
     has woken no feed since it was asked for (`saves_seen`), so a reader
-    woken by a later save reads again, and for at most SHARED_READ_S, less
-    than the 10 ms after which a reader looks again for a save announced but
-    not listed yet, so that second look always reads the database. Only
-    readers that wait use it (streams, sockets, long-polls): a reader that
-    took an answer from just before a save is woken by that save, where a
-    plain poll would go away without it.
+    woken by a later save reads again, and for at most SHARED_READ_S, so a
+    heartbeat's read (the net under a wake-up missed) is at most that stale.
+    A reader looking again for a save announced but not listed yet (on
+    PostgreSQL) reads the database itself: the shared answer is the one that
+    did not list it. Only readers that wait use it (streams, sockets,
+    long-polls): a reader that took an answer from just before a save is
+    woken by that save, where a plain poll would go away without it.
     """
 
     def __init__(self) -> None:
@@ -129,9 +130,12 @@ class FeedReader:
     shared: bool = False  # reads at one place share one read with the process's other waiting readers (SharedReads)
     _retry: float | None = None  # while a save announced is not listed yet: when to look again
 
-    def read(self, position: Position) -> tuple[FeedPage, bool]:
-        """One read after `position`, the entries the reader may not see left out; and whether it came full."""
-        if self.shared:
+    def read(self, position: Position, fresh: bool = False) -> tuple[FeedPage, bool]:
+        """One read after `position`, the entries the reader may not see left out; and whether it came full.
+
+        `fresh`, or while it looks again for a save announced (`retrying`), it reads the database itself.
+        """
+        if self.shared and not (fresh or self.retrying):
             page = SHARED_READS.feed(self, position)
         else:
             page = self.store.feed(position, self.prefix, self.limit, self.content, self.slugs)

@@ -305,7 +305,7 @@ class Feed:
         announced, self.subscription.saved = self.subscription.saved, False
         frames = []
         while True:
-            page, full = self.reader.read(self.position)
+            page, full = self.reader.read(self.position, fresh=self.retry is not None)
             if (self.epoch is not None and page.epoch != self.epoch) or page.ahead:
                 frames.append(_frame("reset", prefix=self.reader.prefix, epoch=page.epoch))
                 self.epoch, self.position = page.epoch, START
