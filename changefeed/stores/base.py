@@ -67,6 +67,9 @@ class PageStore:
     """
 
     Error: type[Exception] = Exception
+    # Whether the feed may list a save later than its commit (PostgreSQL's horizon): readers woken by a save
+    # then look again until they see it. SQLite lists each save as it commits.
+    feed_lags_commits = False
     EPOCH = "SELECT value FROM epoch"
     FORGET_KEYS = "DELETE FROM idempotency_keys WHERE created_at <= ?"
     OLDEST_KEY = "SELECT min(created_at) FROM idempotency_keys"

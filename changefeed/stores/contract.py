@@ -34,6 +34,10 @@ class Store(Protocol):
     def epoch(self) -> str | None:
         """The database's identity as last read (None until it could be read): a new one means start over."""
 
+    @property
+    def feed_lags_commits(self) -> bool:
+        """Whether `feed` may list a save after its commit was announced (readers then look again for it)."""
+
     def save(self, slug: str, html: str, data: str, base_version: int | None = None,
              key: str | None = None) -> Saved:
         """Store a new version of `slug`, or raise Conflict, KeyReused, StorageFull, NotStored or OutcomeUnknown."""

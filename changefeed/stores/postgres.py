@@ -98,11 +98,16 @@ Apply = Callable[[Any, Sequence[Item]], list[Outcome]]
 class PostgresStore(PageStore):
     """Pages in a PostgreSQL database shared by every process of every host.
 
+    Its feed lists a save once every older transaction has ended (the
+    horizon: FEED below), so it may lag the save's commit (`feed_lags_commits`).
+
     Row locks keep concurrent saves of one page in order: the upsert of a
     page waits for the transaction holding its row, then adds one to what
     that one wrote, so no version is lost or given twice. The save steps
     check a base version inside the write itself (base.PageStore._apply).
     """
+
+    feed_lags_commits = True
 
     Error = psycopg.Error
     (EPOCH, FORGET_KEYS, OLDEST_KEY, FIND_KEY, KEEP_KEY, VERSION, STORAGE, FIND_ENTRY, COUNT_ENTRIES, PUT_ENTRY,

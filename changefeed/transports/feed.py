@@ -168,8 +168,9 @@ class FeedReader:
         """
         subscription = self.subscription
         assert subscription is not None, "wait() inside following()"
-        if subscription.saved:
-            subscription.saved, self._retry = False, FIRST_RETRY_S
+        if subscription.saved:  # on PostgreSQL that save may not be listed yet: look again soon (SQLite: listed)
+            subscription.saved = False
+            self._retry = FIRST_RETRY_S if self.store.feed_lags_commits else self._retry
         if self._retry is None:
             return subscription.wait(timeout)
         pause = self._retry if timeout is None else min(self._retry, timeout)

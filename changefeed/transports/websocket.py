@@ -303,6 +303,7 @@ class Feed:
     def frames(self) -> list[str]:
         """Read what is new under the prefix since the client's place, as frames; move the place past it."""
         announced, self.subscription.saved = self.subscription.saved, False
+        announced = announced and self.reader.store.feed_lags_commits  # SQLite lists a save as it commits
         frames = []
         while True:
             page, full = self.reader.read(self.position, fresh=self.retry is not None)
