@@ -188,8 +188,9 @@ def propagation_variants(cfg):
     serves on 2 cores; the smaller run shows the mechanism at a load it carries.
     """
     n = cfg["subscribers"]
-    return [("sse", "sse", n), ("sse_prefix", "sse_prefix", n), ("ws", "ws", n), ("longpoll", "longpoll", n),
-            ("poll", "poll", n), ("longpoll100", "longpoll", max(n // 10, 1))]
+    variants = [("sse", "sse", n), ("sse_prefix", "sse_prefix", n), ("ws", "ws", n), ("longpoll", "longpoll", n),
+                ("poll", "poll", n), ("longpoll100", "longpoll", max(n // 10, 1))]
+    return [variant for variant in variants if not cfg.get("variants") or variant[0] in cfg["variants"]]
 
 
 def propagation(cfg, tmp, log):
@@ -671,9 +672,11 @@ def main():
                         help="a few seconds with tiny numbers, to keep the harness working")
     parser.add_argument("--only", nargs="*", choices=SCENARIOS, help="run only these scenarios")
     parser.add_argument("--results", type=Path, default=RESULTS, help="where to write the JSON and the chart")
+    parser.add_argument("--variants", nargs="+", metavar="NAME",
+                        help="propagation: only these transports (sse sse_prefix ws longpoll poll longpoll100)")
     args = parser.parse_args()
     results = args.results
-    cfg = QUICK if args.quick else FULL
+    cfg = dict(QUICK if args.quick else FULL, variants=args.variants)
     if not wrk.available():
         sys.exit(wrk.INSTALL_HINT)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
