@@ -391,9 +391,14 @@ def test_a_disk_forced_read_only_refuses_saves_and_recovers_after_fsck_and_remou
     assert_not_saved(post_save(server, "home", "<p>lost</p>", {"n": 2}))  # closes the last open connection
     run("umount", "-l", str(ext4_disk.path))
     assert_not_saved(post_save(server, "home", "<p>lost</p>", {"n": 3}), "missing", "restore")
-    missing = http("GET", f"{server.url}/changes?slug=home&since=0")  # nothing open to read from
-    assert missing.status_code == 503 and missing.json()["error"] == "unavailable", missing.text
-    assert "missing" in missing.json()["message"]
+    missing = http("GET", f"{server.url}/changes?slug=home&since=0")
+    if missing.status_code == 200:
+        # A second pooled connection was open (two requests overlapped earlier): reads go on from it, by design
+        # (SQLiteStore.changes), and can only show the page as it was.
+        assert (missing.json()["version"], missing.json()["html"]) == (1, "<p>before</p>"), missing.text
+    else:  # nothing open to read from
+        assert missing.status_code == 503 and missing.json()["error"] == "unavailable", missing.text
+        assert "missing" in missing.json()["message"]
     assert ext4_disk.fsck("-f", "-y") in (0, 1)  # 1: errors were found and fixed
     ext4_disk.attach_and_mount()
 
