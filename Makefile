@@ -19,7 +19,7 @@ $(VENV)/.run-deps: requirements.txt | $(BIN)/python
 	$(BIN)/python -m pip install --disable-pip-version-check -q -r requirements.txt
 	touch $@
 
-$(VENV)/.test-deps: requirements.txt requirements-dev.txt requirements-bench.txt | $(BIN)/python
+$(VENV)/.test-deps: requirements.txt requirements-dev.txt requirements-bench.txt client/pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --disable-pip-version-check -q -r requirements-dev.txt
 	touch $@
 
