@@ -10,6 +10,7 @@ import time
 import pytest
 
 from changefeed.core.feed import START
+from changefeed.stores import schema
 from changefeed.transports import feed as feed_module
 from changefeed.transports.feed import FeedReader, SharedReads, read_feed
 
@@ -92,3 +93,17 @@ def test_a_reader_looking_again_for_a_save_announced_reads_the_database_itself(s
     store.save("team-b", "<p>b</p>", "null")  # committed, its announcement not handled yet
     assert slugs(reader.read(START)[0]) == ["team-a"]  # shared: as if read a moment before the save
     assert slugs(reader.read(START, fresh=True)[0]) == ["team-a", "team-b"]
+
+
+def test_a_shared_answer_from_before_a_restore_never_sends_a_reader_back_to_the_old_database(
+        store, notifier, database, monkeypatch):
+    """A restore is no save: the shared answer outlives it, and must not undo a reader's start-over."""
+    monkeypatch.setattr(feed_module, "SHARED_READ_S", 60.0)
+    monkeypatch.setattr(feed_module, "SHARED_READS", SharedReads())
+    old = FeedReader(store, notifier, "team-", shared=True).read(START)[0].epoch
+    if database.engine == "sqlite":
+        new = schema.new_epoch(database.path)
+    else:
+        new = schema.new_epoch_postgres(database.url)
+    page, _ = FeedReader(store, notifier, "team-", shared=True).read(START, epoch=new)
+    assert (page.epoch, slugs(page)) == (new, ["team-a"]) and new != old

@@ -130,13 +130,19 @@ class FeedReader:
     shared: bool = False  # reads at one place share one read with the process's other waiting readers (SharedReads)
     _retry: float | None = None  # while a save announced is not listed yet: when to look again
 
-    def read(self, position: Position, fresh: bool = False) -> tuple[FeedPage, bool]:
+    def read(self, position: Position, fresh: bool = False, epoch: str | None = None) -> tuple[FeedPage, bool]:
         """One read after `position`, the entries the reader may not see left out; and whether it came full.
 
         `fresh`, or while it looks again for a save announced (`retrying`), it reads the database itself.
+        So it does when a shared answer would start the reader over (another
+        epoch than the reader's `epoch`, or a cursor past its end): a restore
+        is no save, and an answer shared from just before it would otherwise
+        send a reader back to the database it replaced.
         """
         if self.shared and not (fresh or self.retrying):
             page = SHARED_READS.feed(self, position)
+            if page.ahead or (epoch is not None and page.epoch != epoch):
+                page = self.store.feed(position, self.prefix, self.limit, self.content, self.slugs)
         else:
             page = self.store.feed(position, self.prefix, self.limit, self.content, self.slugs)
         full = len(page.entries) == self.limit
@@ -193,24 +199,24 @@ def read_feed(reader: FeedReader, after: Position, epoch: str | None, wait_s: fl
     The page's `next` is where to read on, even when every entry was one the
     reader may not see.
     """
-    page, full = reader.read(after)
+    page, full = reader.read(after, epoch=epoch)
     if page.entries or (epoch is not None and page.epoch != epoch) or page.ahead:
         return page
     deadline = time.monotonic() + wait_s
     while full and not page.entries and (wait_s <= 0 or time.monotonic() < deadline):
-        page, full = reader.read(page.next)  # a whole read the reader may not see: read on
+        page, full = reader.read(page.next, epoch=page.epoch)  # a whole read the reader may not see: read on
         if wait_s <= 0:
             return page
     if page.entries or wait_s <= 0:
         return page
     epoch = page.epoch
     with reader.following(on_disconnect) as subscription:
-        page, full = reader.read(page.next)  # again: a save may have landed before we subscribed
+        page, full = reader.read(page.next, epoch=epoch)  # again: a save may have landed before we subscribed
         while not page.entries and page.epoch == epoch and not reader.notifier.closed and not subscription.gone:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or (not full and not reader.wait(remaining)):
                 break
-            page, full = reader.read(page.next)
+            page, full = reader.read(page.next, epoch=epoch)
     return page
 
 
@@ -251,7 +257,7 @@ def feed_stream(reader: FeedReader, after: Position, epoch: str | None, retry_ms
     try:
         with reader.following(on_disconnect) as subscription, metrics.OPEN_STREAMS.track_inprogress():
             while not reader.notifier.closed and (ends_at is None or time.monotonic() < ends_at):
-                page, full = reader.read(position)
+                page, full = reader.read(position, epoch=epoch)
                 if (epoch is not None and page.epoch != epoch) or page.ahead:
                     yield reset_event(page.epoch)
                     epoch, position = page.epoch, START

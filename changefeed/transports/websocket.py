@@ -306,7 +306,7 @@ class Feed:
         announced = announced and self.reader.store.feed_lags_commits  # SQLite lists a save as it commits
         frames = []
         while True:
-            page, full = self.reader.read(self.position, fresh=self.retry is not None)
+            page, full = self.reader.read(self.position, fresh=self.retry is not None, epoch=self.epoch)
             if (self.epoch is not None and page.epoch != self.epoch) or page.ahead:
                 frames.append(_frame("reset", prefix=self.reader.prefix, epoch=page.epoch))
                 self.epoch, self.position = page.epoch, START
