@@ -18,6 +18,7 @@ from typing import Any
 import anyio
 import pytest
 import requests
+from httpx_sse import ServerSentEvent
 
 from changefeed_client import (
     AsyncClient,
@@ -337,7 +338,7 @@ def test_a_watch_the_token_may_not_read_raises_auth_error_instead_of_retrying(ma
 
 def test_reconnects_wait_the_services_retry_jittered_and_double_on_each_failure_up_to_the_cap():
     reconnect = Reconnect(cap=1.0)
-    reconnect.saw_retry(200)  # the stream's `retry: 200`
+    reconnect.saw(ServerSentEvent(retry=200))  # the stream's first event: `retry: 200`
     first, second, third, fourth = (reconnect.failed() for _ in range(4))
     assert 0.1 <= first <= 0.2 and 0.2 <= second <= 0.4 and 0.4 <= third <= 0.8 and 0.5 <= fourth <= 1.0
 

@@ -1,6 +1,6 @@
 """The manual (README.md and docs/) says what the service does: its examples run, its settings page is generated.
 
-How a page's shell examples are found, marked and compared: tests/support/docs.py.
+How a page's shell and Python examples are found, marked, run and compared: tests/support/docs.py.
 """
 
 import re
@@ -12,10 +12,11 @@ import pytest
 from changefeed.core import settings
 from support import ROOT
 from support.databases import Database
-from support.docs import run, same_answer, shell_blocks
+from support.docs import free, python_blocks, run, run_script, same_answer, shell_blocks
 from support.servers import Server
 
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+CLIENT = ROOT / "docs" / "client.md"  # the page whose Python examples are programs to run
 CONFIGURATION = ROOT / "docs" / "configuration.md"
 REGENERATE = "python -m changefeed.core.settings > docs/configuration.md"
 
@@ -46,9 +47,23 @@ def test_shell_examples_answer_as_shown(page: Path, make_server: Callable[..., S
             assert same_answer(printed, shown), f"{block}: {command}\nprinted: {printed}\npage shows: {shown}"
 
 
+def test_the_python_client_examples_run_in_order_and_print_what_the_page_shows(
+        make_server: Callable[..., Server], tmp_path: Path) -> None:
+    """Each Python block of docs/client.md, a program of its own, against one fresh server, in the page's order."""
+    server = make_server()
+    scripts = [script for script in python_blocks(CLIENT) if not script.not_run]
+    assert len(scripts) >= 5, "docs/client.md lost its examples"
+    folder = tmp_path / "examples"  # the scripts' working folder: what one writes (a cursor) the next may read
+    folder.mkdir()
+    for script in scripts:
+        printed = run_script(script, server.url, folder, timeout=60)
+        if script.prints is not None:
+            assert free(printed) == free(script.prints), f"{script}\nprinted:\n{printed}\npage shows:\n{script.prints}"
+
+
 @pytest.mark.parametrize("page", PAGES, ids=[page.name for page in PAGES])
 def test_a_block_that_does_not_run_says_why(page: Path) -> None:
-    for block in shell_blocks(page):
+    for block in [*shell_blocks(page), *(python_blocks(page) if page == CLIENT else [])]:
         assert block.not_run is None or len(block.not_run) > 10, f"{block}: say why it is not run"
     code = re.findall(r"^```(\w*)$", page.read_text(), re.M)
     assert "" not in code[::2], f"{page.name}: every code block names its language (sh, text, js, ...)"

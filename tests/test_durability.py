@@ -14,6 +14,8 @@ import pytest
 import requests
 import urllib3
 
+from changefeed_client import ChangefeedError, Client, Unavailable
+
 pytestmark = pytest.mark.engines
 
 
@@ -78,7 +80,9 @@ def test_kill_9_in_the_middle_of_saves_keeps_every_acknowledged_one(make_server)
 
 CRASH_SLUGS = [f"crash-{n}" for n in range(4)]
 CRASH_WRITERS = 6
-CRASH_ROUNDS = 16  # the last one always kills the whole server, and the saves stop there
+CRASH_CLIENT_WRITERS = 2  # writers through the Python client (client/), numbered after the post-crash saves
+CRASH_ROUNDS = 16
+KEY_ROW_BYTES = 200  # what the storage triggers count for an idempotency key, beyond its text and slug  # the last one always kills the whole server, and the saves stop there
 SAVE_TIMEOUT = (2, 10)  # connect, read (s): a read timeout while the server is up is reported
 
 
@@ -121,6 +125,14 @@ class CrashLog:
             self.epochs.add(body["epoch"])
 
 
+def next_save(rng, writer, seq):
+    """A writer's next save: a random slug, the body naming the save, and the log entry of its attempt."""
+    slug = rng.choice(CRASH_SLUGS)
+    html, data = crash_save_body(slug, writer, seq)
+    return slug, html, data, {"slug": slug, "writer": writer, "seq": seq, "started": time.monotonic(),
+                              "version": None, "detail": None}
+
+
 def crash_writer(url, writer, seed, log, stop):
     """Save to random slugs until `stop`; log each attempt with its outcome."""
     rng = random.Random(f"{seed}-writer-{writer}")
@@ -128,10 +140,7 @@ def crash_writer(url, writer, seed, log, stop):
     seq = 0
     while not stop.is_set():
         seq += 1
-        slug = rng.choice(CRASH_SLUGS)
-        html, data = crash_save_body(slug, writer, seq)
-        attempt = {"slug": slug, "writer": writer, "seq": seq, "started": time.monotonic(),
-                   "version": None, "detail": None}
+        slug, html, data, attempt = next_save(rng, writer, seq)
         try:
             response = session.post(f"{url}/save", json={"slug": slug, "html": html, "data": data},
                                     timeout=SAVE_TIMEOUT)
@@ -162,6 +171,32 @@ def crash_writer(url, writer, seed, log, stop):
     session.close()
 
 
+def client_writer(url, writer, seed, log, stop):
+    """Save to random slugs through the Python client until `stop`: its retries must never store a save twice.
+
+    Each save is retried with one Idempotency-Key across the crashes, so it
+    ends acknowledged (once) or, past `retry_for`, in doubt ("unknown").
+    """
+    rng = random.Random(f"{seed}-client-writer-{writer}")
+    seq = 0
+    with Client(url, retry_for=8) as client:
+        while not stop.is_set():
+            seq += 1
+            slug, html, data, attempt = next_save(rng, writer, seq)
+            try:
+                saved = client.save(slug, html, data)
+            except Unavailable as exc:
+                attempt.update(outcome="unknown", detail=repr(exc)[:300])
+            except ChangefeedError as exc:
+                attempt.update(outcome="http", version=exc.status, detail=repr(exc)[:300])
+            else:
+                log.epochs.add(saved.epoch)
+                attempt.update(outcome="acked", version=saved.version)
+            attempt["ended"] = time.monotonic()
+            log.attempts.append(attempt)
+            time.sleep(rng.uniform(0, 0.004))
+
+
 class CrashFollower:
     """One subscriber of one slug: an SSE stream (resuming with Last-Event-ID or since=) or a long-poll."""
 
@@ -171,6 +206,7 @@ class CrashFollower:
         self.last_event_id = None
         self.seen = []  # (version, key, at) in the order received
         self.connects = 0
+        self.client = None  # the Python client of a "client" follower, once it runs
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.run, name=f"{kind}-{slug}", daemon=True)
 
@@ -194,6 +230,8 @@ class CrashFollower:
         self.version = max(self.version, version)
 
     def run(self):
+        if self.kind == "client":
+            return self.watch_with_the_client()
         while not self.stop.is_set():
             try:
                 if self.kind == "longpoll":
@@ -218,6 +256,20 @@ class CrashFollower:
                                              f"{response.text[:300]}")
                     return
                 self.receive(response.json())
+
+    def watch_with_the_client(self):
+        """The Python client's watch: its own reconnects, backoff and Last-Event-ID, nothing done here."""
+        with Client(self.url, reconnect_cap=2) as client:  # the check below gives a subscriber 15 s
+            self.client = client
+            try:
+                for page in client.watch(self.slug):
+                    self.receive({"changed": True, "version": page.version, "html": page.html, "data": page.data,
+                                  "epoch": page.epoch})
+                    if self.stop.is_set():
+                        return
+            except Exception as exc:  # noqa: BLE001
+                if not self.stop.is_set():  # closed under it at the end: not a problem
+                    self.log.problems.append(f"{self!r}: {exc!r}")
 
     def follow_stream(self):
         self.connects += 1
@@ -261,12 +313,16 @@ def stored_rows(database):
     """{slug: (version, html, data)} of the crash loop's pages, and what is wrong with the database as a whole.
 
     The storage counters, kept by triggers in each save's transaction, must
-    match the pages stored; a SQLite file must also pass its integrity check.
+    match the pages and the idempotency keys stored (a key counts as its
+    text and slug and KEY_ROW_BYTES more, as the triggers of schema.sql
+    say); a SQLite file must also pass its integrity check.
     """
     every = database.query("SELECT slug, version, html, data FROM page_versions")
     rows = {slug: (version, html, json.loads(data)) for slug, version, html, data in every
             if slug.startswith("crash-")}
-    counted = (len(every), sum(len(html.encode()) + len(data.encode()) for _, _, html, data in every))
+    keys = database.query("SELECT key, slug FROM idempotency_keys")  # the client writers' keys count too
+    counted = (len(every), sum(len(html.encode()) + len(data.encode()) for _, _, html, data in every)
+               + sum(KEY_ROW_BYTES + len(key.encode()) + len(slug.encode()) for key, slug in keys))
     problems = []
     storage = database.query("SELECT pages, bytes FROM storage")
     if storage != [counted]:
@@ -288,12 +344,14 @@ def test_kill_9_of_workers_and_server_looped_loses_nothing_and_subscribers_catch
     log = CrashLog()
 
     followers = [CrashFollower(server.url, slug, kind, log, open_stream)
-                 for slug in CRASH_SLUGS for kind in ("sse-last-event-id", "sse-since", "longpoll")]
+                 for slug in CRASH_SLUGS for kind in ("sse-last-event-id", "sse-since", "longpoll", "client")]
     for follower in followers:
         follower.thread.start()
     stop_writers = threading.Event()
     writers = [threading.Thread(target=crash_writer, args=(server.url, n, seed, log, stop_writers), daemon=True)
                for n in range(CRASH_WRITERS)]
+    writers += [threading.Thread(target=client_writer, args=(server.url, n, seed, log, stop_writers), daemon=True)
+                for n in range(CRASH_WRITERS + 1, CRASH_WRITERS + 1 + CRASH_CLIENT_WRITERS)]
     for writer in writers:
         writer.start()
 
@@ -391,6 +449,8 @@ def test_kill_9_of_workers_and_server_looped_loses_nothing_and_subscribers_catch
     behind += [f for f in followers if f.version != final[f.slug]["version"]]
     for follower in followers:
         follower.stop.set()
+        if follower.client is not None:
+            follower.client.close()  # ends its watch, which waits for the next event
 
     # One last crash, then the database itself: consistent, and holding exactly what /changes said.
     server.kill()

@@ -5,9 +5,12 @@ hide a runtime dependency that requirements.txt forgets (gunicorn's gevent
 workers import `packaging`, which only the test tools pulled in). So these
 tests build a second virtualenv from requirements.txt and nothing else, and
 run the service from it. It is cached by the hash of requirements.txt, so
-only a change of that file pays for a new install. The last test installs
+only a change of that file pays for a new install. A later test installs
 the package itself with `pip install .` into a fresh virtualenv and runs the
-example host app (examples/host.py) from a folder outside the repository.
+example host app (examples/host.py) from a folder outside the repository;
+the last ones install the Python client alone (`pip install ./client`) into
+another, and run the first example of its manual (docs/client.md) from
+outside the repository against the service.
 """
 
 import hashlib
@@ -17,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -24,6 +28,7 @@ import requests
 
 from changefeed.stores.schema import migrate
 from support import ROOT
+from support.docs import python_blocks, run_script
 from support.servers import free_port
 
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "changefeed" / "clean-venvs"
@@ -53,8 +58,9 @@ def clean_env(bin_dir, **extra):
             **extra}
 
 
-def serve_and_check(command, env, url, log_path):
-    """Start `command`, then save and receive the save as a Server-Sent Event; stop it."""
+@contextmanager
+def serving(command, env, url, log_path):
+    """Run the server `command` from the repository until the block ends; enter once `url` answers."""
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                                    start_new_session=True)
@@ -68,6 +74,15 @@ def serve_and_check(command, env, url, log_path):
             except requests.RequestException:
                 assert time.monotonic() < deadline, f"no answer in 30 s:\n{Path(log_path).read_text()[-3000:]}"
                 time.sleep(0.1)
+        yield
+    finally:
+        os.killpg(process.pid, 15)
+        process.wait(timeout=30)
+
+
+def serve_and_check(command, env, url, log_path):
+    """Start `command`, then save and receive the save as a Server-Sent Event; stop it."""
+    with serving(command, env, url, log_path):
         with requests.get(f"{url}/events?slug=fresh&since=0", stream=True, timeout=10) as stream:
             assert stream.status_code == 200
             saved = requests.post(f"{url}/save", json={"slug": "fresh", "html": "<p>from a clean install</p>"},
@@ -76,9 +91,6 @@ def serve_and_check(command, env, url, log_path):
             lines = stream.iter_lines(decode_unicode=True)
             data = next(line for line in lines if line.startswith("data: "))
             assert '"html":"<p>from a clean install</p>"' in data
-    finally:
-        os.killpg(process.pid, 15)
-        process.wait(timeout=30)
 
 
 def test_the_production_command_runs_from_requirements_txt_alone(clean_venv, tmp_path):
@@ -156,3 +168,55 @@ def test_pip_install_then_the_example_host_app_works_from_outside_the_repository
     finally:
         os.killpg(process.pid, 15)
         process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def client_venv(tmp_path_factory):
+    """A fresh virtualenv where `pip install ./client` (as docs/client.md says) installed the client alone; its bin."""
+    venv = tmp_path_factory.mktemp("client") / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    result = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                             "./client"], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, f"pip install ./client failed:\n{result.stderr[-3000:]}"
+    return venv / "bin"
+
+
+def test_pip_install_client_then_the_first_example_of_its_manual_runs_from_outside_the_repository(
+        client_venv, clean_venv, tmp_path):
+    """The manual's first example (save, then watch), copied away from the repository, against gunicorn."""
+    outside = tmp_path / "program"
+    outside.mkdir()
+    env = clean_env(client_venv)
+    where = subprocess.run([str(client_venv / "python"), "-c",
+                            "import changefeed_client; print(changefeed_client.__file__)"],
+                           cwd=outside, env=env, capture_output=True, text=True, check=True).stdout
+    assert str(client_venv.parent) in where and str(ROOT) not in where, where
+    db = str(tmp_path / "changefeed.sqlite3")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server_env = clean_env(clean_venv, CHANGEFEED_DB=db, CHANGEFEED_BIND=f"127.0.0.1:{port}", CHANGEFEED_WORKERS="2")
+    subprocess.run([str(clean_venv / "python"), "migrate.py"], cwd=ROOT, env=server_env, check=True,
+                   capture_output=True)
+    first = python_blocks(ROOT / "docs" / "client.md")[0]
+    assert "feed.save(" in first.source and "feed.watch(" in first.source, "the first example should save and watch"
+    with serving([str(clean_venv / "gunicorn"), "-c", "gunicorn.conf.py", "app:create_app()"], server_env, url,
+                 tmp_path / "gunicorn.log"):
+        printed = run_script(first, url, outside, timeout=60, python=str(client_venv / "python"), env=env)
+        stored = requests.get(f"{url}/changes?slug=home&since=0", timeout=10).json()
+    assert printed == "saved version 1\n1 <h1>Hello</h1> {'title': 'Hello'}\n"
+    assert printed == first.prints  # what the manual shows under it
+    assert (stored["version"], stored["html"], stored["data"]) == (1, "<h1>Hello</h1>", {"title": "Hello"})
+
+
+def test_the_installed_client_has_its_command_line_and_not_the_server(client_venv, tmp_path):
+    """`pip install ./client` brings the command line, and neither Flask nor the service: the client needs no server."""
+    env = clean_env(client_venv)
+    for command in ([str(client_venv / "python"), "-m", "changefeed_client", "--help"],
+                    [str(client_venv / "changefeed-client"), "--help"]):
+        shown = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+        assert shown.returncode == 0, shown.stderr
+        assert all(word in shown.stdout for word in ("save", "watch", "feed", "--url", "--token")), shown.stdout
+    for module in ("flask", "changefeed", "gunicorn"):
+        imported = subprocess.run([str(client_venv / "python"), "-c", f"import {module}"], cwd=tmp_path, env=env,
+                                  capture_output=True, text=True, timeout=60)
+        assert imported.returncode == 1 and f"No module named '{module}'" in imported.stderr, (module, imported.stderr)

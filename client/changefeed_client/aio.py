@@ -1,4 +1,4 @@
-"""`AsyncClient`: the same calls as `Client`, for asyncio (or trio) programs."""
+"""`AsyncClient`: the same calls as `Client`, for asyncio programs."""
 
 import secrets
 from collections.abc import AsyncIterator, Sequence
@@ -76,7 +76,11 @@ class AsyncClient:
     async def beat(self, slug: str, name: str, state: str = "viewing") -> Beat:
         """See `Client.beat`."""
         body = calls.beat_body(slug, self.client_id, name, state)
-        return calls.beat_of(await self.http.post("/presence", json=body))
+        try:
+            response = await self.http.post("/presence", json=body)
+        except httpx.TransportError as error:  # not retried: the next beat is the retry
+            raise calls.no_answer(f"beat {slug}", error) from error
+        return calls.beat_of(response)
 
     async def _follow(self, watch: PageWatch | FeedWatch) -> AsyncIterator[Any]:
         reconnect = Reconnect(self.reconnect_cap)
@@ -89,7 +93,7 @@ class AsyncClient:
                     delay = reconnect.answered(source.response)
                     if delay is None:
                         async for event in source.aiter_sse():
-                            reconnect.saw_retry(event.retry)
+                            reconnect.saw(event)
                             item = watch.take(event)
                             if item is not None:
                                 yield item

@@ -6,7 +6,7 @@ from typing import Any
 
 import httpx
 
-from .errors import error_for
+from .errors import Unavailable, error_for
 from .models import Beat, Page, Saved
 from .retries import json_of, retry_after
 from .watches import FeedWatch, PageWatch
@@ -48,6 +48,10 @@ def beat_body(slug: str, client_id: str, name: str, state: str) -> dict[str, Any
     return {"slug": slug, "client_id": client_id, "name": name, "state": state}
 
 
+def no_answer(what: str, cause: httpx.TransportError) -> Unavailable:
+    return Unavailable(f"{what}: no answer from the service ({type(cause).__name__}: {cause})")
+
+
 def beat_of(response: httpx.Response) -> Beat:
     if response.status_code != 200:
         raise error_for(response.status_code, json_of(response), retry_after(response))
@@ -60,7 +64,7 @@ def watch_for(slug: str | None, slugs: Sequence[str] | None, prefix: str | None,
     if sum(x is not None for x in (slug, slugs, prefix)) != 1:
         raise ValueError("watch one of: a slug, slugs=[...], or prefix=...")
     if slug is not None:
-        return PageWatch(slug, since or 0, epoch)
+        return PageWatch(slug, int(since or 0), epoch)
     return FeedWatch(prefix, slugs, None if since in (None, 0, "0") else str(since), payload="full")
 
 

@@ -11,9 +11,11 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from .errors import ChangefeedError, InvalidRequest
+from .models import Reset
 from .sync import Client
 
 
@@ -34,15 +36,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def save(client: Client, args: argparse.Namespace) -> int:
-    html = sys.stdin.read() if args.file == "-" else open(args.file, encoding="utf-8").read()
-    data = json.loads(args.data) if args.data is not None else None
+    try:
+        html = sys.stdin.read() if args.file == "-" else Path(args.file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise SystemExit(f"changefeed: cannot read {args.file}: {error}")
+    try:
+        data = json.loads(args.data) if args.data is not None else None
+    except json.JSONDecodeError as error:
+        raise SystemExit(f"changefeed: --data is not JSON: {error}")
     print_line(client.save(args.slug, html, data, args.base_version))
     return 0
 
 
 def watch(client: Client, args: argparse.Namespace) -> int:
-    if args.slug is None and args.prefix is None:
-        raise SystemExit("changefeed: watch needs a SLUG or --prefix P")
+    if (args.slug is None) == (args.prefix is None):
+        raise SystemExit("changefeed: watch takes a SLUG or --prefix P (one of them)")
     pages = client.watch(args.slug) if args.prefix is None else client.watch(prefix=args.prefix)
     for page in pages:
         print_line(page)
@@ -56,8 +64,12 @@ def feed(client: Client, args: argparse.Namespace) -> int:
 
 
 def print_line(value: Any) -> None:
-    """One JSON object on a line of its own, written at once (a pipe would otherwise hold it)."""
-    print(json.dumps(dataclasses.asdict(value), ensure_ascii=False), flush=True)
+    """One JSON object on a line of its own, written at once (a pipe would otherwise hold it).
+
+    A feed's reset is `{"reset": true, "epoch": ...}`: drop what you hold.
+    """
+    line = {"reset": True, **dataclasses.asdict(value)} if isinstance(value, Reset) else dataclasses.asdict(value)
+    print(json.dumps(line, ensure_ascii=False), flush=True)
 
 
 def parser() -> argparse.ArgumentParser:

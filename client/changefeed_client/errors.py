@@ -50,7 +50,7 @@ class TooManyRequests(ChangefeedError):
 
 
 class Unavailable(ChangefeedError):
-    """The service did not answer, or answered 502, 503 or 504, for as long as the call was allowed to retry.
+    """The service did not answer, or answered 408, 502, 503 or 504, for as long as the call was allowed to retry.
 
     For a save this means it may or may not be stored: save again with the
     same `idempotency_key` to learn which, and never store it twice.

@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 import httpx
+from httpx_sse import ServerSentEvent
 
 from .errors import RETRIED_STATUSES, ChangefeedError, Unavailable, error_for
 
@@ -93,16 +94,16 @@ class Reconnect:
     def answered(self, response: httpx.Response) -> float | None:
         """None when the stream is open; else the delay before trying again, or the error when retrying is useless."""
         if response.status_code == 200:
-            self.failures = 0
-            return None
+            return None  # the count starts again at its first event: a 200 that is no stream is a failure too
         if response.status_code not in RETRIED_STATUSES:
             raise error_for(response.status_code, json_of(response), retry_after(response))
         return max(retry_after(response) or 0.0, self._delay())
 
-    def saw_retry(self, milliseconds: int | None) -> None:
-        """Take the service's `retry:` suggestion."""
-        if milliseconds is not None and milliseconds >= 0:
-            self.retry = milliseconds / 1000
+    def saw(self, event: ServerSentEvent) -> None:
+        """An event came: the stream works (the failures in a row are over); take its `retry:` suggestion."""
+        self.failures = 0
+        if event.retry is not None and event.retry >= 0:
+            self.retry = event.retry / 1000
 
     def ended(self) -> float:
         """The delay after a stream the service closed (a deploy, a restart)."""

@@ -105,7 +105,11 @@ class Client:
     def beat(self, slug: str, name: str, state: str = "viewing") -> Beat:
         """Say that this client is on the page (`viewing`, `editing`, or `gone`); beat again within `ttl_ms`."""
         body = calls.beat_body(slug, self.client_id, name, state)
-        return calls.beat_of(self.http.post("/presence", json=body))
+        try:
+            response = self.http.post("/presence", json=body)
+        except httpx.TransportError as error:  # not retried: the next beat is the retry
+            raise calls.no_answer(f"beat {slug}", error) from error
+        return calls.beat_of(response)
 
     def _follow(self, watch: PageWatch | FeedWatch) -> Iterator[Any]:
         reconnect = Reconnect(self.reconnect_cap)
@@ -118,7 +122,7 @@ class Client:
                     delay = reconnect.answered(source.response)
                     if delay is None:
                         for event in source.iter_sse():
-                            reconnect.saw_retry(event.retry)
+                            reconnect.saw(event)
                             item = watch.take(event)
                             if item is not None:
                                 yield item
