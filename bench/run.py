@@ -55,6 +55,10 @@ TARGETS = {
     "longpoll_nginx_p99_ms": ("long-poll through nginx's micro-cache, 1,000 subscribers: propagation p99, ms", "<", 50),
     "longpoll_nginx_service_polls_per_save": ("long-poll through nginx: requests reaching the service per save "
                                               "(about one per worker, not one per subscriber)", "<=", 2),
+    "longpoll_varnish_p99_ms": ("long-poll through Varnish (deploy/varnish.vcl), 1,000 subscribers: propagation "
+                                "p99, ms", "<", 50),
+    "longpoll_varnish_service_polls_per_save": ("long-poll through Varnish: requests reaching the service per save",
+                                                "<=", 2),
     "hosts_sse_p99_ms": ("SSE across two instances over PostgreSQL: propagation p99, ms", "<", 100),
     "hosts_longpoll_p99_ms": ("long-poll across two instances over PostgreSQL, 100 subscribers: p99, ms", "<", 100),
     "capacity_p99_ms": ("10,000 streams: one save reaches all, p99 ms", "<", 1000),
@@ -261,22 +265,37 @@ def propagation_nginx(cfg, tmp, log):
     one request to the service; the requests it still gets per save is the
     figure to watch, with the delay nginx's cache lock adds (README.md).
     """
+    return _propagation_through(cfg, tmp, log, "nginx", lambda service: servers.nginx_deploy([service]),
+                                "apt-get install nginx")
+
+
+def propagation_varnish(cfg, tmp, log):
+    """Long-poll through Varnish with deploy/varnish.vcl: 1,000 subscribers of one slug, 10 saves/s.
+
+    Varnish's waiting list hands the one fetched answer to every waiting
+    request as it arrives: one request to the service per save, no timer.
+    """
+    return _propagation_through(cfg, tmp, log, "varnish", servers.varnish_deploy, "apt-get install varnish")
+
+
+def _propagation_through(cfg, tmp, log, name, make_front, install):
     db = servers.migrated_db(tmp)
     runs, delays = [], {}
     with servers.gunicorn("app:create_app()", db, log) as service:
-        front = servers.nginx_deploy([service])
+        front = make_front(service)
         if front is None:
-            print("  nginx is not installed (apt-get install nginx): no run through nginx this time")
+            print(f"  {name} is not installed ({install}): no run through {name} this time")
             return runs, {}, delays
         with front:
             for n in range(cfg["runs"]):
-                result, run_delays = asyncio.run(_propagate(service, "longpoll", f"prop-nginx-{n}",
+                result, run_delays = asyncio.run(_propagate(service, "longpoll", f"prop-{name}-{n}",
                                                             cfg["subscribers"], cfg, front))
                 runs.append(result)
-                delays.setdefault(f"long-poll through nginx ({cfg['subscribers']:,} subscribers)", []).extend(run_delays)
+                delays.setdefault(f"long-poll through {name} ({cfg['subscribers']:,} subscribers)",
+                                  []).extend(run_delays)
     keys = ("p50_ms", "p99_ms", "max_ms", "missed", "failed", "idle_rps", "load_rps", "load_server_cpu_pct",
             "front_cpu_pct", "loadgen_cpu_pct", "service_polls_per_save")
-    return runs, {f"longpoll_nginx_{key}": median(r[key] for r in runs) for key in keys}, delays
+    return runs, {f"longpoll_{name}_{key}": median(r[key] for r in runs) for key in keys}, delays
 
 
 def hosts(cfg, tmp, log):
@@ -556,14 +575,15 @@ def print_table(summary):
                  ("", "server requests/s idle / load", (f"{t}_idle_rps", f"{t}_load_rps")),
                  ("", "load generator CPU %", f"{t}_loadgen_cpu_pct"),
                  ("", "connections per worker", f"{t}_spread")]
-    rows += [("long-poll, nginx", "p50 / p99 / max ms", ("longpoll_nginx_p50_ms", "longpoll_nginx_p99_ms",
-                                                         "longpoll_nginx_max_ms")),
-             ("", "missed / failed subscribers", ("longpoll_nginx_missed", "longpoll_nginx_failed")),
-             ("", "requests to the service per save", "longpoll_nginx_service_polls_per_save"),
-             ("", "requests/s to nginx idle / load", ("longpoll_nginx_idle_rps", "longpoll_nginx_load_rps")),
-             ("", "CPU %: service / nginx / load generator", ("longpoll_nginx_load_server_cpu_pct",
-                                                            "longpoll_nginx_front_cpu_pct",
-                                                            "longpoll_nginx_loadgen_cpu_pct"))]
+    for front in ("nginx", "varnish"):
+        rows += [(f"long-poll, {front}", "p50 / p99 / max ms", (f"longpoll_{front}_p50_ms", f"longpoll_{front}_p99_ms",
+                                                                f"longpoll_{front}_max_ms")),
+                 ("", "missed / failed subscribers", (f"longpoll_{front}_missed", f"longpoll_{front}_failed")),
+                 ("", "requests to the service per save", f"longpoll_{front}_service_polls_per_save"),
+                 ("", f"requests/s to {front} idle / load", (f"longpoll_{front}_idle_rps", f"longpoll_{front}_load_rps")),
+                 ("", f"CPU %: service / {front} / load generator", (f"longpoll_{front}_load_server_cpu_pct",
+                                                                    f"longpoll_{front}_front_cpu_pct",
+                                                                    f"longpoll_{front}_loadgen_cpu_pct"))]
     rows += [("across hosts (PostgreSQL)", "SSE p50 / p99 / max ms", ("hosts_sse_p50_ms", "hosts_sse_p99_ms",
                                                                      "hosts_sse_max_ms")),
              ("", "long-poll (100) p50 / p99 / max ms", ("hosts_longpoll_p50_ms", "hosts_longpoll_p99_ms",
@@ -618,7 +638,7 @@ def print_table(summary):
         if len(keys) == 1 and keys[0] in TARGETS:
             target = "  ".join(verdict(keys[0], summary[keys[0]]))
         elif keys[0] in ("sse_p50_ms", "ws_p50_ms", "longpoll_p50_ms", "longpoll100_p50_ms", "longpoll_nginx_p50_ms",
-                         "hosts_sse_p50_ms", "hosts_longpoll_p50_ms"):
+                         "longpoll_varnish_p50_ms", "hosts_sse_p50_ms", "hosts_longpoll_p50_ms"):
             target = "  ".join(verdict(keys[0].replace("p50", "p99"), summary[keys[1]]))
         elif keys[0] == "capacity_p50_ms":
             target = "  ".join(verdict("capacity_p99_ms", summary[keys[1]]))
@@ -662,7 +682,7 @@ def chart(delays, path):
 
 
 SCENARIOS = {"poll": unchanged_poll, "saves": saves, "propagation": propagation,
-             "nginx": propagation_nginx, "hosts": hosts, "capacity": capacity,
+             "nginx": propagation_nginx, "varnish": propagation_varnish, "hosts": hosts, "capacity": capacity,
              "ws_capacity": ws_capacity, "many": many_slugs, "stores": stores}
 
 

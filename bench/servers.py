@@ -194,6 +194,28 @@ def nginx_static(body):
 """, root, "/changes")
 
 
+def varnish_binary():
+    return shutil.which("varnishd") or ("/usr/sbin/varnishd" if os.path.exists("/usr/sbin/varnishd") else None)
+
+
+def varnish_deploy(upstream):
+    """Varnish with deploy/varnish.vcl in front of `upstream` (a Process), on loopback. None without Varnish.
+
+    Only the backends' ports change (both point at the one upstream); the
+    cache is the file's, in memory.
+    """
+    if varnish_binary() is None:
+        return None
+    root = Path(tempfile.mkdtemp(prefix="changefeed-varnish-"))
+    vcl = (ROOT / "deploy" / "varnish.vcl").read_text()
+    vcl = vcl.replace('.port = "8000"', f'.port = "{upstream.port}"').replace('.port = "8001"', f'.port = "{upstream.port}"')
+    (root / "varnish.vcl").write_text(vcl)
+    process = Process([varnish_binary(), "-F", "-j", "none", "-a", "127.0.0.1:{port}", "-f", str(root / "varnish.vcl"),
+                       "-n", str(root / "work"), "-s", "malloc,256m", "-T", "none"], "/changes?slug=ready")
+    process.remove_after.append(root)
+    return process
+
+
 def nginx_deploy(upstreams):
     """nginx with deploy/nginx.conf in front of `upstreams` (Process), on loopback, plain HTTP. None without nginx.
 

@@ -31,15 +31,18 @@ def test_quick_bench_runs_every_scenario(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads((tmp_path / "latest.json").read_text())
     summary = report["summary"]
-    assert set(report["runs"]) == {"poll", "saves", "propagation", "nginx", "hosts", "capacity", "ws_capacity",
-                                    "many", "stores"}
+    assert set(report["runs"]) == {"poll", "saves", "propagation", "nginx", "varnish", "hosts", "capacity",
+                                    "ws_capacity", "many", "stores"}
     assert summary["unchanged_rps"] > 0 and summary["unchanged_errors"] == 0
     assert summary["saves_failed"] == 0 and summary["saves_unaccounted"] == 0 and summary["saves_exact"] is True
     for transport in ("sse", "sse_prefix", "ws", "longpoll", "poll", "longpoll100"):
         assert summary[f"{transport}_missed"] == 0 and summary[f"{transport}_failed"] == 0
-    if report["runs"]["nginx"]:  # run when nginx is installed
-        assert summary["longpoll_nginx_missed"] == 0 and summary["longpoll_nginx_failed"] == 0
-        assert summary["longpoll_nginx_service_polls_per_save"] < summary["longpoll_nginx_load_rps"]
+    for front in ("nginx", "varnish"):
+        if report["runs"][front]:  # run when it is installed
+            assert summary[f"longpoll_{front}_missed"] == 0 and summary[f"longpoll_{front}_failed"] == 0
+            assert summary[f"longpoll_{front}_service_polls_per_save"] < summary[f"longpoll_{front}_load_rps"]
+        elif os.environ.get(f"CHANGEFEED_REQUIRE_{front.upper()}") == "1":
+            pytest.fail(f"the bench ran no long-poll through {front}: it is not installed")
     if report["runs"]["hosts"]:  # run when a PostgreSQL server answers
         for transport in ("sse", "longpoll"):
             assert summary[f"hosts_{transport}_missed"] == 0 and summary[f"hosts_{transport}_failed"] == 0

@@ -166,3 +166,44 @@ http {{
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+def find_varnish() -> str:
+    """Return the path of varnishd; skip the caller (or fail, with CHANGEFEED_REQUIRE_VARNISH=1) when there is none."""
+    path = shutil.which("varnishd") or next((p for p in ("/usr/sbin/varnishd",) if os.path.exists(p)), None)
+    if path is None:
+        reason = "the Varnish tests need Varnish: apt-get install varnish"
+        if os.environ.get("CHANGEFEED_REQUIRE_VARNISH") == "1":
+            pytest.fail(f"{reason}; CHANGEFEED_REQUIRE_VARNISH=1 makes this a failure", pytrace=False)
+        pytest.skip(reason, allow_module_level=True)
+    return path
+
+
+@contextmanager
+def running_varnish(vcl: str, folder: str | Path, port: int) -> Iterator["subprocess.Popen[bytes]"]:
+    """Run varnishd in the foreground with `vcl`, listening on 127.0.0.1:`port`, until the block ends.
+
+    Its working files go under `folder`; it runs as this user (`-j none`),
+    with a small in-memory cache, and no management port.
+    """
+    path = Path(folder) / "varnish.vcl"
+    path.write_text(vcl)
+    log = open(Path(folder) / "varnish.log", "wb")
+    process = subprocess.Popen([find_varnish(), "-F", "-j", "none", "-a", f"127.0.0.1:{port}", "-f", str(path),
+                                "-n", str(Path(folder) / "varnish-work"), "-s", "malloc,64m", "-T", "none"],
+                               stdout=log, stderr=subprocess.STDOUT)
+    log.close()
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                text = (Path(folder) / "varnish.log").read_text()
+                assert process.poll() is None and time.monotonic() < deadline, f"varnishd did not start:\n{text}"
+                time.sleep(0.05)
+        yield process
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
