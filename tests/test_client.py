@@ -6,6 +6,7 @@ watches and feeds go on across `kill -9`, a restored database (a new epoch)
 and a slow consumer, and end at the newest version.
 """
 
+import asyncio
 import os
 import sqlite3
 import subprocess
@@ -13,6 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import anyio
@@ -41,9 +43,14 @@ from support.proxy import AnswerCutter
 WAIT_S = 30  # generous: a watch reconnects within seconds; this only catches one that never does
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
+def run_async(test: Callable[[], Any]) -> Any:
+    """Run an async test body on an event loop of its own, in a thread of its own.
+
+    Not on this thread: a session's Playwright (the browser tests) keeps an
+    event loop running on it, and asyncio refuses to run a second one there.
+    """
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, test()).result(timeout=WAIT_S * 2)
 
 
 def collect(items: Iterator[Any], done: Callable[[list[Any]], bool], timeout: float = WAIT_S) -> list[Any]:
@@ -385,10 +392,10 @@ def test_a_beat_lists_this_client_and_a_second_one_too_soon_raises_too_many_requ
 
 # The async client: the same calls, awaited.
 
-@pytest.mark.anyio
-async def test_async_save_retries_a_lost_answer_and_stores_once(server, database):
+def test_async_save_retries_a_lost_answer_and_stores_once(server, database):
     proxy = AnswerCutter(server.port, cuts=1)
-    try:
+
+    async def body() -> tuple[Any, ...]:
         async with AsyncClient(proxy.url) as client:
             saved = await client.save("home", "<h1>Once</h1>", data={"k": 1})
             page = await client.get("home")
@@ -396,6 +403,10 @@ async def test_async_save_retries_a_lost_answer_and_stores_once(server, database
                 await client.save("home", "x", base_version=0)
             with pytest.raises(InvalidRequest) as invalid:
                 await client.save("home", "x", data=nested(100))
+        return saved, page, conflict, invalid
+
+    try:
+        saved, page, conflict, invalid = run_async(body)
     finally:
         proxy.close()
     assert (saved.version, saved.replayed) == (1, True)
@@ -404,35 +415,42 @@ async def test_async_save_retries_a_lost_answer_and_stores_once(server, database
     assert stored_version(database, "home") == 1
 
 
-@pytest.mark.anyio
-async def test_async_watch_goes_on_across_kill_9_and_restart_and_ends_at_the_newest_version(server):
+def test_async_watch_goes_on_across_kill_9_and_restart_and_ends_at_the_newest_version(server):
     http_save(server, "home", "v1")
     got: list[Page] = []
-    async with AsyncClient(server.url) as client:
-        pages = client.watch("home")
-        with anyio.fail_after(WAIT_S):
-            got.append(await anext(pages))
-            server.kill()
-            restart = restart_later(server, after=1.0, saves=(("home", "v2"), ("home", "v3")))
-            while got[-1].version < 3:
-                got.append(await anext(pages))  # refused while the server is down, then resumed
-        restart.join()
-        await pages.aclose()
+
+    async def body() -> threading.Thread:
+        async with AsyncClient(server.url) as client:
+            pages = client.watch("home")
+            with anyio.fail_after(WAIT_S):
+                got.append(await anext(pages))
+                server.kill()
+                restart = restart_later(server, after=1.0, saves=(("home", "v2"), ("home", "v3")))
+                while got[-1].version < 3:
+                    got.append(await anext(pages))  # refused while the server is down, then resumed
+            await pages.aclose()
+        return restart
+
+    run_async(body).join()
     assert_newer_each_time(got)
     assert (got[0].version, got[-1].version, got[-1].html) == (1, 3, "v3")
 
 
-@pytest.mark.anyio
-async def test_async_feed_and_prefix_watch_follow_saves(server):
+def test_async_feed_and_prefix_watch_follow_saves(server):
     http_save(server, "docs-a", "a1")
-    async with AsyncClient(server.url) as client:
-        feed, pages = client.feed(prefix="docs-"), client.watch(prefix="docs-")
-        with anyio.fail_after(WAIT_S):
-            first_change, first_page = await anext(feed), await anext(pages)
-            http_save(server, "blog-a", "no"), http_save(server, "docs-a", "a2")
-            second_change, second_page = await anext(feed), await anext(pages)
-        await feed.aclose()
-        await pages.aclose()
+
+    async def body() -> tuple[Any, ...]:
+        async with AsyncClient(server.url) as client:
+            feed, pages = client.feed(prefix="docs-"), client.watch(prefix="docs-")
+            with anyio.fail_after(WAIT_S):
+                first_change, first_page = await anext(feed), await anext(pages)
+                http_save(server, "blog-a", "no"), http_save(server, "docs-a", "a2")
+                second_change, second_page = await anext(feed), await anext(pages)
+            await feed.aclose()
+            await pages.aclose()
+        return first_change, second_change, first_page, second_page
+
+    first_change, second_change, first_page, second_page = run_async(body)
     assert isinstance(first_change, Change) and isinstance(second_change, Change)
     assert [(c.slug, c.version) for c in (first_change, second_change)] == [("docs-a", 1), ("docs-a", 2)]
     assert second_change.cursor != first_change.cursor
