@@ -77,17 +77,34 @@ sub vcl_recv {
         }
         unset req.http.Cookie;  # the service reads no other cookie
         set req.url = std.querysort(req.url);  # since=3&slug=a and slug=a&since=3: one URL
-        if (req.url ~ "[?&]wait=" && req.url !~ "[?&]wait=0*(\.0*)?(&|$)") {
-            # A long-poll takes only an answer made after it came in: the
-            # one it waited for with the others on the waiting list, never
-            # one made before (the same tab's last answer, "unchanged", or
-            # a version it may have seen). Its slug, since and wait make
-            # the URL: one fetch per round, however many tabs wait on it.
-            set req.ttl = 0.001ms;
+        if (req.restarts == 0) {
+            set req.http.X-Changefeed-Came = std.time2real(now, 0.0);  # when it came in (vcl_hit)
         }
         return (hash);
     }
     return (pass);  # the page, the feed, the API document: not shared here
+}
+
+sub vcl_hash {
+    # The next round of an unchanged long-poll: a key of its own (vcl_hit).
+    if (req.http.X-Changefeed-Round) {
+        hash_data(req.http.X-Changefeed-Round);
+    }
+    # Then the built-in key: the URL and the host.
+}
+
+sub vcl_hit {
+    # An unchanged long-poll answer serves only the requests that came before
+    # it was made: those that waited with its fetch. A request that comes
+    # after it (a tab asking again at once, its wait over) must wait for the
+    # next save, not be told "unchanged" again and again for a second: it
+    # looks again under a key named after that answer, which every tab of
+    # this round shares, so the round is one new request to the service.
+    if (obj.http.X-Changefeed-Unchanged &&
+        std.real(req.http.X-Changefeed-Came, 0.0) > std.real(obj.http.X-Changefeed-Unchanged, 0.0)) {
+        set req.http.X-Changefeed-Round = obj.http.X-Changefeed-Unchanged;
+        return (restart);
+    }
 }
 
 sub vcl_pipe {
@@ -103,13 +120,16 @@ sub vcl_backend_response {
         set beresp.grace = 0s;
         set beresp.keep = 0s;
         unset beresp.http.X-Accel-Expires;  # nginx's
-        # The service says s-maxage=1 (a reader a second late at most), or
-        # no-cache for an unchanged long-poll answer: keep that one a second
-        # too, for the requests on its waiting list; a long-poll that comes
-        # after it was made does not take it (req.ttl above). An error is
-        # kept a second, as an answer: the service says when to ask again.
-        # (0 s would not do: Varnish never serves a 0 s object, not even to
-        # its waiting list, which would then ask the service one by one.)
+        # Every answer is kept 1 s: the service says s-maxage=1 (a reader a
+        # second late at most; a changed answer serves any tab behind it),
+        # or no-cache for an unchanged long-poll answer, which vcl_hit
+        # serves only to the requests that waited for it (it is marked with
+        # when it was made). An error is kept a second too: the service
+        # says when to ask again. Never 0 s: Varnish serves no 0 s object,
+        # not even to its waiting list, which would then ask one by one.
+        if (beresp.status == 200 && beresp.http.Cache-Control ~ "no-cache") {
+            set beresp.http.X-Changefeed-Unchanged = std.time2real(now, 0.0);
+        }
         set beresp.ttl = 1s;
         # Deliver here, past the built-in rules, which would make a no-cache
         # answer "hit-for-miss": each waiting request sent to the service alone.
@@ -118,6 +138,7 @@ sub vcl_backend_response {
 }
 
 sub vcl_deliver {
+    unset resp.http.X-Changefeed-Unchanged;
     # HIT when the answer came from another request's fetch (the waiting list included): for your tests.
     if (obj.hits > 0) {
         set resp.http.X-Cache = "HIT";
