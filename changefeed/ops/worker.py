@@ -67,9 +67,6 @@ HEADER_TIMEOUT_ANSWER = _timeout_answer(
 SMALL_ANSWER = 16_384  # a body up to this size is copied behind its headers and sent with them
 # Between two requests of one connection, each other ready connection gets its turn: a timer this short,
 # not sleep(0), whose callback gevent may run in the same turn of its loop, before it looks at any socket.
-# A connection's read buffer: a request's line and headers (a browser's, cookies included, in one
-# or two reads); a body larger than this is read past the buffer, straight into its own bytes.
-READ_BUFFER_BYTES = 2048
 TURN_S = 1e-6
 
 # A header line the email parser (http.client.parse_headers, which gevent uses) reads as exactly one
@@ -113,11 +110,6 @@ def parse_headers(rfile: IO[bytes], *args: object) -> OldMessage:
 
 class Handler(PyWSGIHandler):
     """One client connection, with the limits of the module docstring."""
-
-    def __init__(self, sock: socket.socket, address: object, server: WSGIServer) -> None:
-        # gevent's reader of the connection holds an 8 KiB buffer for as long as the connection
-        # lives: most of what an open event stream costs (22 KiB in all at 10,000 streams).
-        super().__init__(sock, address, server, sock.makefile("rb", READ_BUFFER_BYTES))
 
     def MessageClass(self, *args: object) -> OldMessage:  # noqa: N802 - gevent's name
         return parse_headers(*args)  # type: ignore[arg-type]
