@@ -115,15 +115,20 @@ def development_server(app: Flask) -> Iterator[str]:
         thread.join(timeout=10)
 
 
-def find_nginx() -> str:
-    """Return the path of nginx; skip the caller (or fail, with CHANGEFEED_REQUIRE_NGINX=1) when there is none."""
-    path = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if os.path.exists(p)), None)
+def find_program(program: str, package: str, tests: str) -> str:
+    """Return the path of `program`; skip the caller (or fail, with CHANGEFEED_REQUIRE_<PACKAGE>=1) without it."""
+    path = shutil.which(program) or next((p for p in (f"/usr/sbin/{program}",) if os.path.exists(p)), None)
     if path is None:
-        reason = "the nginx tests need nginx: apt-get install nginx"
-        if os.environ.get("CHANGEFEED_REQUIRE_NGINX") == "1":
-            pytest.fail(f"{reason}; CHANGEFEED_REQUIRE_NGINX=1 makes this a failure", pytrace=False)
+        reason = f"the {tests} tests need {tests}: apt-get install {package}"
+        variable = f"CHANGEFEED_REQUIRE_{package.upper()}"
+        if os.environ.get(variable) == "1":
+            pytest.fail(f"{reason}; {variable}=1 makes this a failure", pytrace=False)
         pytest.skip(reason, allow_module_level=True)
     return path
+
+
+def find_nginx() -> str:
+    return find_program("nginx", "nginx", "nginx")
 
 
 @contextmanager
@@ -169,14 +174,7 @@ http {{
 
 
 def find_varnish() -> str:
-    """Return the path of varnishd; skip the caller (or fail, with CHANGEFEED_REQUIRE_VARNISH=1) when there is none."""
-    path = shutil.which("varnishd") or next((p for p in ("/usr/sbin/varnishd",) if os.path.exists(p)), None)
-    if path is None:
-        reason = "the Varnish tests need Varnish: apt-get install varnish"
-        if os.environ.get("CHANGEFEED_REQUIRE_VARNISH") == "1":
-            pytest.fail(f"{reason}; CHANGEFEED_REQUIRE_VARNISH=1 makes this a failure", pytrace=False)
-        pytest.skip(reason, allow_module_level=True)
-    return path
+    return find_program("varnishd", "varnish", "Varnish")
 
 
 @contextmanager
