@@ -33,8 +33,9 @@ class Seen:
         self.version = max(self.version, version)
 
 
-def session(connections):
-    connector = aiohttp.TCPConnector(limit=0, force_close=False)
+def session(connections, source=None):
+    """An HTTP session for `connections` subscribers, from the loopback address `source` (None: the kernel's)."""
+    connector = aiohttp.TCPConnector(limit=0, force_close=False, local_addr=(source, 0) if source else None)
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=None)
     return aiohttp.ClientSession(connector=connector, timeout=timeout)
 
@@ -83,8 +84,12 @@ class _EventStream(asyncio.Protocol):
             self.ended.set_result(exc)
 
 
-async def sse(url, slug, seen, counter, prefix=False):
-    """Hold /events open, recording each version as its event arrives (`prefix`: the feed of the slug as a prefix)."""
+async def sse(url, slug, seen, counter, prefix=False, source=None):
+    """Hold /events open, recording each version as its event arrives (`prefix`: the feed of the slug as a prefix).
+
+    From the loopback address `source` when given: one address has about
+    28,000 ports toward one server port (the local port range).
+    """
     parts = urlsplit(url)
     query = f"prefix={slug}&since=0" if prefix else f"slug={slug}&since={seen.version}"
     request = (f"GET /events?{query} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
@@ -92,7 +97,8 @@ async def sse(url, slug, seen, counter, prefix=False):
     loop = asyncio.get_running_loop()
     try:
         transport, stream = await loop.create_connection(lambda: _EventStream(seen, request, feed=prefix),
-                                                         parts.hostname, parts.port)
+                                                         parts.hostname, parts.port,
+                                                         local_addr=(source, 0) if source else None)
     except OSError as exc:
         seen.failed = repr(exc)
         seen.opened.set()
@@ -170,14 +176,17 @@ async def poll(http, url, slug, seen, counter, offset):
         seen.opened.set()
 
 
-async def subscribe_all(http, url, transport, slugs, since, counter, batch=500):
-    """Start one subscriber per slug in `slugs` (repeat a slug for more); wait until all are open."""
+async def subscribe_all(http, url, transport, slugs, since, counter, batch=500, source=None):
+    """Start one subscriber per slug in `slugs` (repeat a slug for more); wait until all are open.
+
+    `source`: the loopback address SSE streams come from (a WebSocket's is its session's).
+    """
     seens, tasks = [], []
     for start in range(0, len(slugs), batch):
         for i, slug in enumerate(slugs[start:start + batch], start):
             seen = Seen(since)
             if transport in ("sse", "sse_prefix"):
-                job = sse(url, slug, seen, counter, prefix=transport == "sse_prefix")
+                job = sse(url, slug, seen, counter, prefix=transport == "sse_prefix", source=source)
             elif transport == "ws":
                 job = ws(http, url, slug, seen, counter)
             elif transport == "longpoll":
