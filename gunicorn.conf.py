@@ -23,11 +23,12 @@ bind = os.environ.get("CHANGEFEED_BIND", "127.0.0.1:8000")
 # own subscribers.
 workers = int(os.environ.get("CHANGEFEED_WORKERS", multiprocessing.cpu_count()))
 
-# gevent holds each long-poll and event stream as a cheap greenlet instead of
-# a blocked process or thread; its own WSGI server (gevent_pywsgi) also parses
-# HTTP faster than gunicorn's plain "gevent" worker (see bench/README.md).
-# Raise the open-files limit (ulimit -n) above worker_connections for that
-# many clients.
+# gevent holds each long-poll as a cheap greenlet instead of a blocked
+# process or thread, and an event stream that waits without one (ops/parking.py);
+# its own WSGI server (gevent_pywsgi) also parses HTTP faster than gunicorn's
+# plain "gevent" worker (see bench/README.md). worker_connections bounds the
+# requests served at once (greenlets), not the streams that wait; the
+# open-files limit (ulimit -n) bounds those (docs/production.md).
 # worker.Worker is gevent_pywsgi with time limits on slow and idle clients
 # (CHANGEFEED_HEADER_TIMEOUT_S, _BODY_TIMEOUT_S, _KEEPALIVE_S, _SEND_TIMEOUT_S):
 # gunicorn's own `keepalive` and `timeout` do not reach gevent's server.

@@ -1,5 +1,8 @@
 """GET /events: each new version of a page (or of every page under a prefix, or in a list) as a Server-Sent Event."""
 
+from collections.abc import Iterable
+from typing import Any
+
 from flask import Blueprint, Response, request
 
 from changefeed.core.errors import ShuttingDown
@@ -39,10 +42,12 @@ def events() -> Response:
     stream = event_stream(feed.store, feed.notifier, query["slug"], since, epoch,
                           feed.config["CHANGEFEED_SSE_RETRY_MS"], lasts_s,
                           request.environ.get("changefeed.on_disconnect"), query["presence"],
-                          query["presence_form"] == "count", query["payload"] == "full")
-    # The stream yields bytes ready to send: no need for werkzeug to re-encode each one.
-    return Response(Held(stream, release), mimetype="text/event-stream", headers=EVENTS_HEADERS,
-                    direct_passthrough=True)
+                          query["presence_form"] == "count", query["payload"] == "full",
+                          request.environ.get("changefeed.park", False))
+    # The stream yields bytes ready to send: no need for werkzeug to re-encode each one. Under gunicorn it
+    # yields its waits too (Parked), which the worker takes in place of bytes (ops/worker.py).
+    body: Iterable[Any] = Held(stream, release)
+    return Response(body, mimetype="text/event-stream", headers=EVENTS_HEADERS, direct_passthrough=True)
 
 
 def feed_events() -> Response:

@@ -289,8 +289,9 @@ class _LoggedResponse:
         for chunk in self.iterable:
             yield chunk
             # The server asks for the next chunk only once it has written this one: a
-            # write that failed (the client left) is not counted.
-            self.sent += len(chunk)
+            # write that failed (the client left) is not counted. A Parked (a stream's wait) is no bytes.
+            if isinstance(chunk, bytes):
+                self.sent += len(chunk)
 
     def close(self) -> None:
         if self.closed:

@@ -21,20 +21,27 @@ descriptor and a greenlet; enough of them take a worker's every descriptor
   at its next write (an event, or a heartbeat 15 s later): its place among
   the client's open waits is given back, and its descriptor freed.
 
+An event stream that waits for its next event holds no greenlet (`Parked`,
+stores/notify.py): its connection is kept, the greenlet that served the
+request ends, and one of a few `Runners` goes on with it when it is woken.
+A waiting greenlet costs about 8 KiB; 50,000 open streams are mostly waiting.
+
 A long-poll or stream waits as long as it likes between writes: it is exempt
 while it is what it claims to be, a client reading what it asked for. Served
 with `flask run`, none of this applies (a development server).
 """
 
 import json
+import logging
 import re
 import socket
+import time
 from collections.abc import Callable, Iterator
 from functools import partial
 from http import client
 from io import BytesIO
 from types import TracebackType
-from typing import IO, TypeVar, TypeVarTuple, Unpack
+from typing import IO, Any, TypeVar, TypeVarTuple, Unpack
 from wsgiref.types import WSGIEnvironment
 
 import gevent
@@ -43,7 +50,11 @@ from gunicorn.workers.ggevent import GeventPyWSGIWorker, PyWSGIHandler
 from werkzeug.exceptions import RequestTimeout
 
 from changefeed.core import settings
+from changefeed.core.parked import Parked
 from changefeed.ops import metrics
+from changefeed.ops.parking import NO_BODY, ParkingServer, Resume
+
+log = logging.getLogger(__name__)
 
 # Not ops/logs.py's: that imports Flask, and this module is imported in gunicorn's master (see metrics.py).
 ExcInfo = tuple[type[BaseException], BaseException, TracebackType] | tuple[None, None, None]
@@ -65,6 +76,10 @@ HEADER_TIMEOUT_ANSWER = _timeout_answer(
     "The request line and headers took too long to arrive; send the whole request at once.")
 
 SMALL_ANSWER = 16_384  # a body up to this size is copied behind its headers and sent with them
+# A connection's read buffer: a request's line and headers (a browser's, cookies included, in one or
+# two reads). A larger body is read past it, straight into its own bytes. gevent's is 8 KiB, held for
+# as long as the connection lives: most of what an open event stream cost (22 KiB in all).
+READ_BUFFER_BYTES = 2048
 # Between two requests of one connection, each other ready connection gets its turn: a timer this short,
 # not sleep(0), whose callback gevent may run in the same turn of its loop, before it looks at any socket.
 TURN_S = 1e-6
@@ -111,8 +126,95 @@ def parse_headers(rfile: IO[bytes], *args: object) -> OldMessage:
 class Handler(PyWSGIHandler):
     """One client connection, with the limits of the module docstring."""
 
+    def __init__(self, sock: socket.socket, address: object, server: WSGIServer) -> None:
+        super().__init__(sock, address, server, sock.makefile("rb", READ_BUFFER_BYTES))
+
     def MessageClass(self, *args: object) -> OldMessage:  # noqa: N802 - gevent's name
         return parse_headers(*args)  # type: ignore[arg-type]
+
+    socket: Any  # gevent's connection; None for gevent's request loop once its stream is parked
+    result: Any  # the app's answer (gevent's): an iterable of bytes, and of Parked for a stream
+    _body: Iterator[Any] | None = None  # a parked stream's body: what it yields next, once it goes on
+    _parked_socket: socket.socket | None = None  # its connection, while parked (then `socket` is None)
+
+    def run_application(self) -> None:
+        """gevent's, but a body that yields a Parked keeps its connection and goes on later (see _park)."""
+        assert self.result is None
+        ended = True
+        try:
+            self.result = self.application(self.environ, self.start_response)
+            ended = self._serve(iter(self.result))
+        finally:
+            if ended:
+                try:
+                    close = getattr(self.result, "close", None)
+                    if close is not None:
+                        close()
+                finally:
+                    self.result = None
+
+    def _serve(self, body: Iterator[Any]) -> bool:
+        """Write what `body` yields, as gevent's process_result does; False when it parked instead of ending."""
+        for data in body:
+            if isinstance(data, Parked):  # the stream's wait, handed to us
+                self._park(body, data)
+                return False
+            if data:
+                self.write(data)
+        if self.status and not self.headers_sent:
+            self.write(b"")
+        if self.response_use_chunked:
+            self._sendall(b"0\r\n\r\n")
+        return True
+
+    def _park(self, body: Iterator[Any], parked: Parked) -> None:
+        """Keep the connection without a greenlet until `parked` (woken, timeout) says to go on.
+
+        gevent's request loop then ends (close_connection), without closing
+        the socket: `socket` is None for it, and the server skips it
+        (Server.parked). The read buffer goes: the connection reads no more.
+        """
+        self._body, self.close_connection = body, True
+        self._parked_socket, self.socket = self.socket, None
+        self.server.parked.add(self._parked_socket)
+        self.environ["wsgi.input"] = NO_BODY
+        Resume(parked.woken, parked.timeout, partial(self.server.runners.put, self._resume))
+
+    def _resume(self) -> None:
+        """(On a runner) go on with the parked stream: write what it yields until it parks again or ends."""
+        self.socket, self._parked_socket = self._parked_socket, None
+        self.server.parked.discard(self.socket)
+        body, self._body = self._body, None
+        assert body is not None
+        ended = True
+        try:
+            ended = self._serve(body)
+        except OSError as exc:  # the client left, or stopped reading for the send timeout
+            if isinstance(exc, socket.timeout):
+                metrics.refused("send_timeout")
+        except Exception:
+            log.exception("an event stream failed")
+        finally:
+            if ended:
+                self._end_parked()
+
+    def _end_parked(self) -> None:
+        """The stream ended (or failed): close its body (the wait's place is given back), log, close."""
+        try:
+            close = getattr(self.result, "close", None)
+            if close is not None:
+                close()
+        except Exception:
+            log.exception("closing an event stream failed")
+        finally:
+            self.result = None
+            self.time_finish = time.time()
+            self.log_request()
+            try:  # as gevent's handle() closes a connection: the descriptor itself, then its object
+                self.socket._sock.close()
+                self.socket.close()
+            except OSError:
+                pass
 
     _deadline: gevent.Timeout | None = None  # the header timer of the request being read, if one was needed
     _served = False  # whether a request was served on this connection (then it is kept alive)
@@ -181,6 +283,7 @@ class Handler(PyWSGIHandler):
         # handler's method in it would be a reference cycle, kept (with its buffers) until
         # the garbage collector's rare full pass (gunicorn.conf.py makes those rare).
         environ["changefeed.on_disconnect"] = partial(on_disconnect, self.socket._sock)
+        environ["changefeed.park"] = True  # a stream may hand us its waits (Parked)
         return environ
 
     def start_response(self, status: str, headers: list[tuple[str, str]],
@@ -209,6 +312,8 @@ class Handler(PyWSGIHandler):
         self._sendall(b"".join(parts))
 
     def log_request(self) -> None:
+        if self._body is not None:  # parked: the request is logged when the stream ends
+            return
         # gunicorn's builds the whole access-log line (two datetimes, the request's headers) before its
         # logger looks whether an access log is on: off (the default, gunicorn.conf.py), skip all of it.
         if getattr(self.server.log, "access_log_enabled", True):
@@ -321,5 +426,5 @@ class Worker(GeventPyWSGIWorker):
                   "keepalive_s": config["CHANGEFEED_KEEPALIVE_S"],
                   "send_s": config["CHANGEFEED_SEND_TIMEOUT_S"]}
 
-        self.server_class = type("Server", (self.server_class,), {"limits": limits})
+        self.server_class = type("Server", (ParkingServer, self.server_class), {"limits": limits})
         super().run()

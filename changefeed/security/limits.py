@@ -24,6 +24,7 @@ from changefeed.core.clients import Network, client_address
 from changefeed.core.errors import ApiError
 
 Value = TypeVar("Value")
+Item = TypeVar("Item")  # what a held body yields: bytes, and for a stream its Parked waits
 
 RESERVED_FDS = 256  # descriptors kept for the database, the watcher, logs and requests that do not wait
 
@@ -100,17 +101,17 @@ class WaitGate:
             release()
 
 
-class Held:
+class Held(Generic[Item]):
     """A response body that gives its wait's place back when the server closes it, however it ends.
 
     The server calls close() on every body it was given (WSGI), also one it
     never iterated, which a generator's own `finally` would miss.
     """
 
-    def __init__(self, stream: Generator[bytes, None, None], release: Callable[[], None]) -> None:
+    def __init__(self, stream: Generator[Item, None, None], release: Callable[[], None]) -> None:
         self._stream, self._release = stream, release
 
-    def __iter__(self) -> Iterator[bytes]:
+    def __iter__(self) -> Iterator[Item]:
         return self._stream
 
     def close(self) -> None:

@@ -22,6 +22,7 @@ from contextlib import AbstractContextManager, contextmanager
 from prometheus_client import Gauge
 
 from changefeed.core.outcomes import Change
+from changefeed.core.parked import Parked
 from changefeed.core.presence import Presence
 from changefeed.ops import metrics
 from changefeed.stores.base import PageStore
@@ -68,6 +69,14 @@ class Subscription:
         woken = self._woken.wait(timeout)
         self._woken.clear()
         return woken
+
+    def park(self, timeout: float | None = None) -> Parked:
+        """What a stream yields for wait(timeout) to a server that holds it meanwhile (see Parked)."""
+        return Parked(self._woken, timeout)
+
+    def resumed(self) -> None:
+        """The server went on with the stream after a Parked: as wait() does when it returns."""
+        self._woken.clear()
 
     def wake(self) -> None:
         """End the current wait without a delivery (a heartbeat tick, or close)."""

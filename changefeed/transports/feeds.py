@@ -18,6 +18,7 @@ from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager
 
 from changefeed.core.outcomes import Change, Unavailable
+from changefeed.core.parked import Parked
 from changefeed.core.presence import Presence
 from changefeed.ops import metrics
 from changefeed.stores.contract import Notifier, Store
@@ -88,7 +89,7 @@ def _news(present: Presence | None, held: int | None) -> bool:
 def event_stream(store: Store, notifier: Notifier, slug: str, since: int, epoch: str | None, retry_ms: int,
                  lasts_s: float | None = None, on_disconnect: OnDisconnect | None = None,
                  presence: int | None = None, count_only: bool = False,
-                 content: bool = True) -> Generator[bytes, None, None]:
+                 content: bool = True, park: bool = False) -> Generator[bytes | Parked, None, None]:
     """Yield the text/event-stream of `slug`: each newer version as one `change` event.
 
     Without `content` (payload=version) each event says which version
@@ -104,6 +105,9 @@ def event_stream(store: Store, notifier: Notifier, slug: str, since: int, epoch:
     as it does for a client resuming from a version of another epoch. With
     `lasts_s` (the seconds its token has left) it ends then, and the client
     reconnects with a fresh token. It ends, too, as soon as the client goes.
+
+    With `park` (a server that offers it) each wait is yielded as a Parked,
+    and the server holds the stream without a greenlet until the wake-up.
     """
     ends_at = None if lasts_s is None else time.monotonic() + lasts_s
     yield f"retry: {retry_ms}\n\n".encode()
@@ -117,7 +121,12 @@ def event_stream(store: Store, notifier: Notifier, slug: str, since: int, epoch:
                     yield change.event if content else change.notice_event
                 if present is not None:
                     yield present.count_event if count_only else present.event
-                subscription.wait(None if ends_at is None else max(0.0, ends_at - time.monotonic()))
+                timeout = None if ends_at is None else max(0.0, ends_at - time.monotonic())
+                if park:
+                    yield subscription.park(timeout)
+                    subscription.resumed()
+                else:
+                    subscription.wait(timeout)
                 if subscription.gone:
                     return
                 change, present = follow.new_change(full=False), follow.new_presence(full=False)
