@@ -54,9 +54,11 @@ def scenarios_of(folder):
     return set(choices.group(1).split(",")) if choices else set()
 
 
-def bench(folder, only, quick, results):
+def bench(folder, only, quick, results, variants=None):
     """One run of the clone's own bench; its summary."""
     argv = [sys.executable, "bench/run.py", "--only", *only, "--results", str(results)]
+    if variants:
+        argv += ["--variants", *variants]
     done = subprocess.run(argv + (["--quick"] if quick else []), cwd=folder, capture_output=True, text=True)
     (results / "output.txt").write_text(done.stdout + done.stderr)
     if done.returncode:
@@ -98,6 +100,8 @@ def main():
     parser.add_argument("--only", nargs="+", required=True, help="the scenarios to run (both commits must have them)")
     parser.add_argument("-n", "--runs", type=int, default=3, help="bench runs of each commit (default 3)")
     parser.add_argument("--quick", action="store_true", help="pass --quick to the bench: checks the A/B itself")
+    parser.add_argument("--variants", nargs="+", metavar="NAME",
+                        help="passed to the bench: propagation runs only these transports (sse ws longpoll ...)")
     parser.add_argument("--keys", nargs="+",
                         help="the summary figures to show (default: every *_rps, *_vs_*, *_p99_ms)")
     parser.add_argument("--results", type=Path, default=REPO / "bench" / "results",
@@ -120,7 +124,7 @@ def main():
         for n, side in enumerate(order(args.runs)):
             results = out / f"{len(figures[side]) + 1}-{side}"
             results.mkdir(parents=True)
-            summary = numeric(bench(clones[side], args.only, args.quick, results))
+            summary = numeric(bench(clones[side], args.only, args.quick, results, args.variants))
             figures[side].append(summary)
             keys = args.keys or [k for k in summary if KEY_FIGURE.search(k)]
             shown = ", ".join(f"{k} {fmt(summary[k])}" for k in keys if k in summary)

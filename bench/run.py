@@ -39,7 +39,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 POLL_PATH = "/changes?slug=bench&since=1"
 
 FULL = dict(runs=3, wrk_s=10, subscribers=1000, saves_per_s=10, propagate_s=30, idle_s=5,
-            capacity=50_000, ws_capacity=2_000, capacity_per_worker=12_500,
+            capacity=50_000, ws_capacity=20_000, capacity_per_worker=12_500,
             many_slugs=10_000, many_saves_per_s=100, many_s=10)
 QUICK = dict(runs=1, wrk_s=1, subscribers=20, saves_per_s=10, propagate_s=1, idle_s=0.5,
              capacity=100, ws_capacity=50, capacity_per_worker=12_500, many_slugs=100, many_saves_per_s=20, many_s=1)
@@ -65,6 +65,7 @@ TARGETS = {
     "hosts_longpoll_p99_ms": ("long-poll across two instances over PostgreSQL, 100 subscribers: p99, ms", "<", 100),
     "capacity_p99_ms": ("50,000 streams: one save reaches all, p99 ms", "<", 1500),
     "capacity_kib_per_stream": ("server memory per open stream, KiB", "<=", 16),
+    "ws_capacity_kib_per_socket": ("server memory per open WebSocket at 20,000, KiB", "<=", 24),
     "many_slugs_cost_ratio": ("CPU per save, 10,000 vs 100 subscribed slugs", "<=", 1.5),
     "stores_sqlite_polls_rps": ("SQLite unchanged polls/s", ">=", 8000),
     "stores_sqlite_polls_vs_stock_gevent": ("SQLite unchanged polls / do-nothing Flask under stock gevent",
@@ -374,11 +375,7 @@ def capacity(cfg, tmp, log):
 
 
 def ws_capacity(cfg, tmp, log):
-    """Open WebSockets on /ws up to 2,000 (one subscription each), then one save: as `capacity`, per socket.
-
-    Fewer than the SSE streams: each socket costs the server more (greenlets of its own
-    besides the connection), and 2,000 open in seconds, so the scenario stays short.
-    """
+    """Open WebSockets on /ws up to 20,000 (one subscription each), then one save: as `capacity`, per socket."""
     runs, summary = _capacity_runs(cfg, tmp, log, "ws", cfg["ws_capacity"], "ws_capacity", "wscap")
     return runs, {"ws_capacity_sockets": cfg["ws_capacity"], **summary,
                   "ws_capacity_kib_per_socket": median(r["kib_per_stream"] for r in runs)}
