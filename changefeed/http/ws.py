@@ -5,11 +5,13 @@ A socket's access control and cross-site check happen in the protocol
 browser sees no HTTP answer to a refused upgrade.
 """
 
+from typing import Any
+
 from flask import Blueprint, Response, request
 from flask_sock import Sock
 
 from changefeed.core.errors import ApiError
-from changefeed.transports.websocket import PATH, UPGRADED, Upgraded
+from changefeed.transports.websocket import PATH, UPGRADED, Upgraded, reader_thread
 
 from .services import services
 
@@ -47,7 +49,8 @@ def websocket(ws: object) -> None:
     services().sockets.serve(ws)
 
 
-def server_options(ping_s: int, max_message_bytes: int) -> dict[str, int]:
+def server_options(ping_s: int, max_message_bytes: int) -> dict[str, Any]:
     """simple-websocket's options (app.config["SOCK_SERVER_OPTIONS"]): it pings every CHANGEFEED_WS_PING_S and
-    drops a peer whose pong to the last ping did not come; it closes 1009 on a message over the limit."""
-    return {"ping_interval": max(ping_s, 1), "max_message_size": max_message_bytes}
+    drops a peer whose pong to the last ping did not come; it closes 1009 on a message over the limit. Its
+    reader is a thread only where the server does not watch the connection (websocket.reader_thread)."""
+    return {"ping_interval": max(ping_s, 1), "max_message_size": max_message_bytes, "thread_class": reader_thread}

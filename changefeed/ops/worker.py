@@ -284,6 +284,7 @@ class Handler(PyWSGIHandler):
         # the garbage collector's rare full pass (gunicorn.conf.py makes those rare).
         environ["changefeed.on_disconnect"] = partial(on_disconnect, self.socket._sock)
         environ["changefeed.park"] = True  # a stream may hand us its waits (Parked)
+        environ["changefeed.readable"] = partial(Readable, self.socket._sock)  # a WebSocket reads for itself
         return environ
 
     def start_response(self, status: str, headers: list[tuple[str, str]],
@@ -325,6 +326,33 @@ class Handler(PyWSGIHandler):
             self.close_connection = True
             return
         super().handle_error(t, v, tb)
+
+
+class Readable:
+    """Calls `callback()` once the connection `raw` has bytes to read (or has ended), after each arm().
+
+    For a WebSocket whose worker reads the socket itself instead of a reader
+    greenlet of the library's: one libev watcher, armed while the worker
+    waits. One-shot: a watcher left on would wake the loop again and again
+    while the worker, busy writing, leaves the bytes unread.
+    """
+
+    def __init__(self, raw: socket.socket, callback: Callable[[], object]) -> None:
+        self._watcher = gevent.get_hub().loop.io(raw.fileno(), 1)
+        self._callback: Callable[[], object] | None = callback
+
+    def arm(self) -> None:
+        if not self._watcher.active:
+            self._watcher.start(self._fire)
+
+    def _fire(self) -> None:
+        self._watcher.stop()
+        if self._callback is not None:
+            self._callback()
+
+    def close(self) -> None:
+        self._watcher.close()
+        self._callback = None  # the callback refers to the socket's worker: no cycle through the watcher
 
 
 def on_disconnect(raw: socket.socket, callback: Callable[[], object]) -> Callable[[], None]:

@@ -8,24 +8,28 @@ Messages are JSON text; the protocol (docs/api.md):
     server: subscribed, change, presence, beat, unsubscribed, pong, error, reset (a prefix's new database)
 
 A prefix is followed through the database feed (transports/feed.py): each
-save under it wakes the socket, whose pump reads the feed after the client's
+save under it wakes the socket, which reads the feed after the client's
 place and sends each page found, with the cursor that resumes after it.
 
-Each socket has two workers of its own (greenlets under gunicorn's gevent
-worker, threads under `flask run`), besides the library's reader of the
-socket: the route's own reads and answers the client's messages; its pump
-writes. Every page the socket follows has a notify.Subscription sharing the
-socket's one wake-up event, so a save costs the notifier what it costs for a
-stream (set `latest`, wake) and never waits on this client. The pump then
-sends each page's newest state, once: a client slower than the saves skips
-versions and ends at the newest, as with /events. A wake-up with no news
-(the notifier's heartbeat tick) makes the pump read the store itself, so a
-missed wake-up costs at most a heartbeat interval.
+Each socket has one worker of its own, the route's (a greenlet under
+gunicorn's gevent worker, a thread under `flask run`): it answers the
+client's messages, then sends what is new. Under gunicorn it also reads the
+socket and pings the client itself, woken by the server's watch of the
+connection (ops/worker.Readable); under `flask run` the library's reader
+thread does that. Every page the socket follows has a notify.Subscription
+sharing the socket's one wake-up event (the library's, set for each message
+read), so a save costs the notifier what it costs for a stream (set
+`latest`, wake) and never waits on this client. The worker then sends each
+page's newest state, once: a client slower than the saves skips versions
+and ends at the newest, as with /events. A wake-up with no news (the
+notifier's heartbeat tick) makes it read the store itself, so a missed
+wake-up costs at most a heartbeat interval.
 
-What the pump writes goes out whole or not at all within
+What the worker writes goes out whole or not at all within
 CHANGEFEED_SEND_TIMEOUT_S: a client that stops reading is dropped (close
-1013 when a close frame can still be sent, else the connection just ends),
-and its answers to come wait in a small bounded queue meanwhile.
+1013 when a close frame can still be sent, else the connection just ends);
+meanwhile its messages wait unread, and one that sends more than BACKLOG
+of them unanswered is dropped as well.
 
 Close codes: 1008 (token missing or invalid when reads need one, or a page
 of another site: do not retry), 4001 (the token expired: reconnect with a
@@ -51,7 +55,7 @@ from urllib.parse import urlsplit
 from flask import Flask, Request, Response, request
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate
 from simple_websocket import ConnectionClosed, Server
-from wsproto.events import CloseConnection
+from wsproto.events import CloseConnection, Ping
 from wsproto.utilities import LocalProtocolError
 
 from changefeed.core import presence as presence_module
@@ -87,7 +91,7 @@ log = logging.getLogger(__name__)
 
 PATH = "/ws"
 UPGRADED = "changefeed.ws_upgraded"  # in the WSGI environ of a request that became a WebSocket
-REPLIES = 64  # answers to one client's messages waiting to be sent; past it the reader waits, then drops
+READABLE = "changefeed.readable"  # the server's watch of a connection's bytes to read (ops/worker.Readable)
 BACKLOG = 256  # messages read from the client and not yet handled; past it the client floods: dropped
 CLOSE_WAIT_S = 1.0  # how long a close frame may take to send, and the client to answer it
 
@@ -212,14 +216,16 @@ def cross_site(req: Request, allowed: Collection[str]) -> bool:
 class Wire:
     """The socket simple-websocket writes through: each frame whole, one at a time, within a time limit.
 
-    The library writes with one send(), which may write part of a frame; the
-    pump's frames and the library's pongs and pings come from two workers.
+    The library writes with one send(), which may write part of a frame; under
+    `flask run` the route's frames and the library reader's pongs and pings
+    come from two threads.
     Here each write is a sendall() under a lock, and one that times out
     leaves the stream torn: nothing more may be written on it.
     """
 
     def __init__(self, sock: socket.socket, timeout_s: float) -> None:
         self.sock, self.timeout_s = sock, timeout_s
+        self.raw: socket.socket = getattr(sock, "_sock", sock)  # gevent's socket: the non-blocking one inside
         self.torn = False
         self._lock = threading.Lock()
         # The library reads only once its selector saw data (it always pings here), so this bounds writes only.
@@ -325,22 +331,26 @@ class Feed:
 
 
 class Socket:
-    """One open WebSocket: the route's worker reads (handle), the pump writes."""
+    """One open WebSocket, served by the route's worker alone (run): the client's messages, then the pages' news."""
 
-    def __init__(self, ws: Server, wire: Wire, service: "Service", rights: Rights | None) -> None:
+    def __init__(self, ws: Server, wire: Wire, service: "Service", rights: Rights | None,
+                 readable: Callable[[Callable[[], None]], Any] | None = None) -> None:
         self.ws, self.wire, self.service, self.rights = ws, wire, service, rights
+        # Under gunicorn the worker reads the socket itself when the server's watch says there is something
+        # to read: the library starts no reader (reader_thread), and pings are sent from here too.
+        self.watch = readable(self._readable) if readable is not None else None
+        self.unread = False  # the watch saw bytes to read (or the end), not read yet
+        self.next_ping = None if readable is None else time.monotonic() + service.ping_s
         self.store, self.notifier = service.store, service.notifier
-        self.woken = threading.Event()  # shared by every Page's subscription, and by the reader's answers
-        self.space = threading.Event()  # the pump took an answer off a full queue
-        self.replies: deque[str | tuple[str, Any]] = deque()  # frames (str) and commands (tuple) for the pump, in the client's order
-        self.follows: dict[str, Page] = {}  # the pages followed, by slug; the pump's alone
-        self.feeds: dict[str, Feed] = {}  # the prefixes followed; the pump's alone
+        # The library's wake-up (a message read, the connection ended), shared by every Page's subscription.
+        self.woken = ws.event
+        self.replies: deque[str | tuple[str, Any]] = deque()  # frames (str) and commands (tuple) to carry out, in the client's order
+        self.follows: dict[str, Page] = {}  # the pages followed, by slug
+        self.feeds: dict[str, Feed] = {}  # the prefixes followed
         self.beats: dict[tuple[str, str], presence_module.Beat] = {}  # (slug, client_id) -> Beat this socket recorded: "gone" for each at the end
-        self.ended = False  # the client went, or the socket is being closed: the pump stops
+        self.ended = False  # the client went, or the socket is being closed: the worker stops
         self.closed_with: tuple[int, str] | None = None  # (code, reason) of the close frame sent, if one was
         self.ends_at = None if rights is None else time.monotonic() + rights.seconds_left()
-
-    # The reader: the route's own worker.
 
     def handle(self, message: str | bytes) -> None:
         """Answer one client message; a bad one gets an error frame, and the socket stays open."""
@@ -420,19 +430,9 @@ class Socket:
         self.queue(_frame("beat", **answer))
 
     def queue(self, item: str | tuple[str, Any]) -> None:
-        """Hand the pump a frame or command; wait while the queue is full, drop a client that keeps it full."""
-        deadline = None
-        while not self.ended:
-            self.space.clear()  # before looking: a place freed from now on wakes the wait below
-            if len(self.replies) < REPLIES:
-                break
-            # The pump cannot send: this client does not read what it asks for.
-            deadline = deadline or time.monotonic() + self.service.send_timeout_s
-            if not self.space.wait(max(0.0, deadline - time.monotonic())) and len(self.replies) >= REPLIES:
-                self.drop()
+        """A frame or command to carry out once the messages read so far are handled, in their order."""
         if not self.ended:
             self.replies.append(item)
-            self.woken.set()
 
     def drop(self) -> None:
         """End a client that does not read: a close frame if the stream is whole, then the connection."""
@@ -440,7 +440,7 @@ class Socket:
         self.close(TRY_AGAIN_LATER, SLOW_REASON)
 
     def close(self, code: int, reason: str) -> None:
-        """Stop both workers, with a close frame when the stream can still carry one (never mid-frame)."""
+        """Stop the worker and the library's reader, with a close frame when the stream can carry one (never mid-frame)."""
         self.ended = True
         self.woken.set()
         if self.closed_with is None and self.ws.connected:
@@ -451,7 +451,7 @@ class Socket:
             if frame and self.wire.send_if_idle(frame, CLOSE_WAIT_S):
                 self.closed_with = (code, reason)
         self.ws.connected = False
-        self.ws.event.set()  # the reader's receive() returns
+        self.woken.set()
 
     def leave(self) -> None:
         """The socket ended: each tab it beat for leaves the page's presence at once."""
@@ -462,32 +462,43 @@ class Socket:
                 log.info("presence of %s on %s not ended at close: %s", beat.client_id, beat.slug, exc)
         self.beats.clear()
 
-    # The pump: its own worker.
+    def run(self) -> None:
+        """Answer the client's messages, then send whatever is new on the followed pages, until the socket ends.
 
-    def pump(self) -> None:
-        """Send the answers, then whatever is new on the followed pages, until the socket ends."""
+        One worker for both, woken by one event: the library's reader sets
+        it for each message read (and when the connection ends), each
+        followed page's subscription for each save. Before, a pump of its
+        own wrote: a greenlet more per socket (about 8 KiB).
+        """
         last_full_look = time.monotonic()
         try:
             while not self.ended:
-                # Nothing followed: no subscription for notifier.close() to wake, so look now and then.
-                timeout = None if self.follows or self.feeds else 1.0
-                looks = [feed.look_at for feed in self.feeds.values() if feed.look_at is not None]
-                if looks:  # a save announced to a feed and not listed yet
-                    timeout = max(0.0, min(looks) - time.monotonic())
-                if self.ends_at is not None:
-                    timeout = min(timeout or 1e9, max(0.0, self.ends_at - time.monotonic()))
-                self.woken.wait(timeout)
-                self.woken.clear()
+                if not self.ws.input_buffer and not self.unread:
+                    if self.watch is not None:
+                        self.watch.arm()
+                    self.woken.wait(self.timeout())
+                    self.woken.clear()
+                if self.unread:
+                    self.unread = False
+                    self.read()
+                if self.next_ping is not None and time.monotonic() >= self.next_ping:
+                    self.ping()
                 if self.ended:
+                    return
+                if len(self.ws.input_buffer) > BACKLOG:  # sent faster than answered, and more coming
+                    return self.drop()
+                messages = len(self.ws.input_buffer)
+                while self.ws.input_buffer and not self.ended:
+                    self.handle(self.ws.input_buffer.pop(0))
+                if not self.ws.connected:  # the client closed, or the library dropped it (a missed ping, 1009)
                     return
                 if self.notifier.closed:
                     return self.close(SERVICE_RESTART, RESTART_REASON)
                 if self.ends_at is not None and time.monotonic() >= self.ends_at:
                     return self.close(TOKEN_EXPIRED, EXPIRED_REASON)
-                answered = bool(self.replies)
+                answered = bool(self.replies) or messages > 0
                 while self.replies and not self.ended:
                     item = self.replies.popleft()
-                    self.space.set()
                     if isinstance(item, str):
                         self.send(item)
                     else:
@@ -513,7 +524,7 @@ class Socket:
         except (ConnectionClosed, OSError):  # the client went
             pass
         except Exception:
-            log.exception("WebSocket pump failed")
+            log.exception("WebSocket failed")
             self.close(1011, "internal error")
         finally:
             self.ended = True
@@ -521,7 +532,61 @@ class Socket:
                 held.__exit__(None, None, None)
             self.follows.clear()
             self.feeds.clear()
-            self.ws.event.set()
+
+    def timeout(self) -> float | None:
+        """How long to wait for a wake-up: until the first thing due (None: nothing is)."""
+        now = time.monotonic()
+        due = [feed.look_at for feed in self.feeds.values() if feed.look_at is not None]  # announced, not listed yet
+        if not self.follows and not self.feeds:  # no subscription for notifier.close() to wake: look now and then
+            due.append(now + 1.0)
+        if self.ends_at is not None:
+            due.append(self.ends_at)
+        if self.next_ping is not None:
+            due.append(self.next_ping)
+        return max(0.0, min(due) - now) if due else None
+
+    def _readable(self) -> None:
+        """(The server's watch, from its event loop) there is something to read."""
+        self.unread = True
+        self.woken.set()
+
+    def read(self) -> None:
+        """Take what the client sent: messages into the library's buffer, its pings answered, its close seen.
+
+        What the library's reader does in its loop, once: its own _handle_events does the rest.
+        """
+        try:
+            data = self.wire.raw.recv(self.ws.receive_bytes)  # gevent's socket is non-blocking underneath
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        try:
+            if not data:
+                raise ConnectionResetError("the client closed the connection")
+            self.ws.ws.receive_data(data)
+            self.ws.connected = self.ws._handle_events()
+        except (OSError, LocalProtocolError):
+            self.ws.connected = False
+
+    def ping(self) -> None:
+        """Ping the client, or drop it (1001) when it did not answer the last ping: as the library does."""
+        if not self.ws.pong_received:
+            return self.close(GOING_AWAY, PING_TIMEOUT_REASON)
+        self.ws.pong_received = False
+        self.wire.send(self.ws.ws.send(Ping()))
+        self.next_ping = time.monotonic() + self.service.ping_s
+
+    def linger(self) -> None:
+        """After a close frame, give the client a moment to answer it before the connection ends."""
+        if self.watch is None:
+            self.ws.thread.join(CLOSE_WAIT_S)  # the library's reader ends on the answer
+            return
+        try:
+            self.wire.sock.settimeout(CLOSE_WAIT_S)
+            self.wire.sock.recv(self.ws.receive_bytes)
+        except OSError:
+            pass
 
     def send(self, text: str) -> None:
         self.ws.send(text)
@@ -657,6 +722,7 @@ class Service:
         self.allowed_origins = parse_origins(config["CHANGEFEED_CORS_ORIGINS"])
         self.max_slugs = config["CHANGEFEED_WS_MAX_SLUGS"]
         self.send_timeout_s = config["CHANGEFEED_SEND_TIMEOUT_S"]
+        self.ping_s = max(config["CHANGEFEED_WS_PING_S"], 1)
         self.subscribe_schema, self.unsubscribe_schema = SubscribeSchema(), UnsubscribeSchema()
         self.feed_subscribe_schema = FeedSubscribeSchema()
         self.ping_schema = PingSchema()
@@ -687,7 +753,7 @@ class Service:
         return None, rights
 
     def serve(self, ws: Server) -> None:
-        """The route: admit the connection, start its pump, and read the client's messages until it ends."""
+        """The route: admit the connection, and serve the socket until it ends (Socket.run)."""
         environ = request.environ
         environ[UPGRADED] = True
         wire = ws.sock = Wire(ws.sock, self.send_timeout_s)
@@ -699,31 +765,23 @@ class Service:
                 release = self.waits.enter(environ)
             except TooManyWaits as exc:
                 refusal = (TRY_AGAIN_LATER, exc.message)
-        sock = Socket(ws, wire, self, rights)
-        pump = None
+        sock = Socket(ws, wire, self, rights, environ.get(READABLE))
+        counted = False
         try:
             if refusal is not None:
                 sock.close(*refusal)
                 return
             metrics.OPEN_SOCKETS.inc()
-            pump = threading.Thread(target=sock.pump, name="changefeed-ws-pump", daemon=True)
-            pump.start()
-            while not sock.ended:
-                message = ws.receive()
-                if len(ws.input_buffer) > BACKLOG:  # sent faster than answered, and more coming
-                    sock.drop()
-                elif message is not None:
-                    sock.handle(message)
-        except ConnectionClosed:
-            pass
+            counted = True
+            sock.run()
         finally:
             sock.ended = True
-            sock.woken.set()
+            if sock.watch is not None:
+                sock.watch.close()
             if sock.closed_with is not None:  # let the client answer the close frame
-                ws.thread.join(CLOSE_WAIT_S)
-            self._hang_up(ws, environ)  # also ends a pump blocked on a send
-            if pump is not None:
-                pump.join()
+                sock.linger()
+            self._hang_up(ws, environ)
+            if counted:
                 metrics.OPEN_SOCKETS.dec()
             try:
                 sock.leave()
@@ -757,6 +815,33 @@ def _reconnectable_ping_timeout(ws: Server) -> None:
         return library_close(reason, message)
 
     ws.close = close
+
+
+class _NoReader:
+    """In place of simple-websocket's reader thread where the socket's worker reads for itself (Socket.read)."""
+
+    name = "changefeed-ws-no-reader"
+
+    def start(self) -> None:
+        pass
+
+    def join(self, timeout: float | None = None) -> None:
+        pass
+
+    def is_alive(self) -> bool:
+        return False
+
+
+def reader_thread(target: Callable[[], None]) -> "threading.Thread | _NoReader":
+    """simple-websocket's `thread_class`: its reader, unless the server watches the connection (READABLE).
+
+    Under gunicorn's gevent worker a reader greenlet (and the selector it
+    pings with) would cost about 8 KiB more per socket, waiting for bytes a
+    watcher sees for nothing; under `flask run` the thread reads, as before.
+    """
+    if READABLE in request.environ:
+        return _NoReader()
+    return threading.Thread(target=target, daemon=True)
 
 
 class Upgraded(Response):
