@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 import aiohttp
 
 LONG_POLL_WAIT_S = 25
+HANDSHAKE_S = 60
 POLL_INTERVAL_S = 2.0
 FEED_VERSION = re.compile(rb'\ndata: \{"slug":"[^"]*","version":(\d+)')  # a feed event's page version
 
@@ -119,8 +120,10 @@ async def ws(http, url, slug, seen, counter):
     server's pings. An `error` frame or a close ends it as a failed subscriber.
     """
     try:
-        async with http.ws_connect(url.replace("http", "ws", 1) + "/ws", autoping=True,
-                                   max_msg_size=0) as socket:
+        # A handshake not answered within the minute is a failure: a server out of descriptors leaves
+        # the connection in its accept queue, unanswered, and the session reads without a time limit.
+        connecting = http.ws_connect(url.replace("http", "ws", 1) + "/ws", autoping=True, max_msg_size=0)
+        async with await asyncio.wait_for(connecting, HANDSHAKE_S) as socket:
             counter["requests"] += 1
             await socket.send_str(json.dumps({"type": "subscribe", "slug": slug, "since": seen.version}))
             async for message in socket:
