@@ -285,6 +285,9 @@ class Handler(PyWSGIHandler):
         environ["changefeed.on_disconnect"] = partial(on_disconnect, self.socket._sock)
         environ["changefeed.park"] = True  # a stream may hand us its waits (Parked)
         environ["changefeed.readable"] = partial(Readable, self.socket._sock)  # a WebSocket reads for itself
+        # Where simple-websocket looks for the connection first: without it, it takes a dup() of the
+        # socket, a second descriptor per WebSocket (gunicorn's own worker names it gunicorn.sock).
+        environ["gunicorn.socket"] = self.socket
         return environ
 
     def start_response(self, status: str, headers: list[tuple[str, str]],
