@@ -84,7 +84,8 @@ class Runners:
             if not self._turns:
                 wake = gevent.event.Event()
                 self._waiting.append(wake)
-                if not wake.wait(self.IDLE_S):
+                # Still listed after the wait: no put() chose it (one may have, as its time ran out).
+                if not wake.wait(self.IDLE_S) and wake in self._waiting:
                     self._waiting.remove(wake)
                     self._idle -= 1
                     return
