@@ -21,8 +21,8 @@ descriptor and a greenlet; enough of them take a worker's every descriptor
   at its next write (an event, or a heartbeat 15 s later): its place among
   the client's open waits is given back, and its descriptor freed.
 
-An event stream that waits for its next event holds no greenlet (`Parked`,
-stores/notify.py): its connection is kept, the greenlet that served the
+An event stream that waits for its next event holds no greenlet (`Parked`:
+core/parked.py, ops/parking.py): its connection is kept, the greenlet that served the
 request ends, and one of a few `Runners` goes on with it when it is woken.
 A waiting greenlet costs about 8 KiB; 50,000 open streams are mostly waiting.
 
@@ -172,7 +172,7 @@ class Handler(PyWSGIHandler):
 
         gevent's request loop then ends (close_connection), without closing
         the socket: `socket` is None for it, and the server skips it
-        (Server.parked). The read buffer goes: the connection reads no more.
+        (ParkingServer.parked). The read buffer goes: the connection reads no more.
         """
         self._body, self.close_connection = body, True
         self._parked_socket, self.socket = self.socket, None
