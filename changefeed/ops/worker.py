@@ -146,12 +146,16 @@ class Handler(PyWSGIHandler):
             ended = self._serve(iter(self.result))
         finally:
             if ended:
-                try:
-                    close = getattr(self.result, "close", None)
-                    if close is not None:
-                        close()
-                finally:
-                    self.result = None
+                self._close_result()
+
+    def _close_result(self) -> None:
+        """Close the app's answer, as WSGI asks (a stream's gives its wait's place back), and drop it."""
+        try:
+            close = getattr(self.result, "close", None)
+            if close is not None:
+                close()
+        finally:
+            self.result = None
 
     def _serve(self, body: Iterator[Any]) -> bool:
         """Write what `body` yields, as gevent's process_result does; False when it parked instead of ending."""
@@ -201,13 +205,10 @@ class Handler(PyWSGIHandler):
     def _end_parked(self) -> None:
         """The stream ended (or failed): close its body (the wait's place is given back), log, close."""
         try:
-            close = getattr(self.result, "close", None)
-            if close is not None:
-                close()
+            self._close_result()
         except Exception:
             log.exception("closing an event stream failed")
         finally:
-            self.result = None
             self.time_finish = time.time()
             self.log_request()
             try:  # as gevent's handle() closes a connection: the descriptor itself, then its object
@@ -284,7 +285,7 @@ class Handler(PyWSGIHandler):
         # the garbage collector's rare full pass (gunicorn.conf.py makes those rare).
         environ["changefeed.on_disconnect"] = partial(on_disconnect, self.socket._sock)
         environ["changefeed.park"] = True  # a stream may hand us its waits (Parked)
-        environ["changefeed.readable"] = partial(Readable, self.socket._sock)  # a WebSocket reads for itself
+        environ["changefeed.readable"] = Readable  # a WebSocket reads its socket itself
         # Where simple-websocket looks for the connection first: without it, it takes a dup() of the
         # socket, a second descriptor per WebSocket (gunicorn's own worker names it gunicorn.sock).
         environ["gunicorn.socket"] = self.socket

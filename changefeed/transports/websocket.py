@@ -334,11 +334,11 @@ class Socket:
     """One open WebSocket, served by the route's worker alone (run): the client's messages, then the pages' news."""
 
     def __init__(self, ws: Server, wire: Wire, service: "Service", rights: Rights | None,
-                 readable: Callable[[Callable[[], None]], Any] | None = None) -> None:
+                 readable: Callable[[socket.socket, Callable[[], None]], Any] | None = None) -> None:
         self.ws, self.wire, self.service, self.rights = ws, wire, service, rights
         # Under gunicorn the worker reads the socket itself when the server's watch says there is something
         # to read: the library starts no reader (reader_thread), and pings are sent from here too.
-        self.watch = readable(self._readable) if readable is not None else None
+        self.watch = readable(wire.raw, self._readable) if readable is not None else None
         self.unread = False  # the watch saw bytes to read (or the end), not read yet
         self.next_ping = None if readable is None else time.monotonic() + service.ping_s
         self.store, self.notifier = service.store, service.notifier
