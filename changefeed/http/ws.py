@@ -1,4 +1,4 @@
-"""GET /ws: the route of the WebSocket (flask-sock); what a socket does lives in transports/websocket.py.
+"""GET /ws: the route of the WebSocket (simple-websocket's handshake); what a socket does lives in transports/websocket.py.
 
 A socket's access control and cross-site check happen in the protocol
 (websocket.Service.admit closes 1008 or 4001), not in the API guard: a
@@ -8,15 +8,13 @@ browser sees no HTTP answer to a refused upgrade.
 from typing import Any
 
 from flask import Blueprint, Response, request
-from flask_sock import Sock
 
 from changefeed.core.errors import ApiError
-from changefeed.transports.websocket import PATH, UPGRADED, Upgraded, reader_thread
+from changefeed.transports.websocket import PATH, Upgraded, reader_thread
 
 from .services import services
 
 blueprint = Blueprint("websocket", __name__)
-sock = Sock()
 
 
 @blueprint.before_request
@@ -31,22 +29,15 @@ def handshake() -> None:
     request.environ.pop("HTTP_SEC_WEBSOCKET_EXTENSIONS", None)
 
 
-@blueprint.after_request
-def upgraded(response: Response) -> Response:
-    """Once a socket was served, its access log line (ops/logs.py) says 101, not 0 (gevent) or 200 (werkzeug).
+@blueprint.route(PATH, websocket=True)
+def websocket() -> Response:
+    """A WebSocket following many pages (and their presence): the handshake, then the socket as the answer's body.
 
-    The connection is shut down by then: the server's attempt to write
-    these headers fails quietly (a broken pipe), and it reads no next request.
+    Not flask-sock's route, which serves the socket inside the view: that
+    holds a greenlet (and its Flask frames) for as long as the socket is
+    open, where the body of this answer lets the server hold it with none.
     """
-    if request.environ.get(UPGRADED):
-        return Upgraded()
-    return response
-
-
-@sock.route(PATH, bp=blueprint)
-def websocket(ws: object) -> None:
-    """A WebSocket following many pages (and their presence)."""
-    services().sockets.serve(ws)
+    return Upgraded(services().sockets.accept(request.environ))
 
 
 def server_options(ping_s: int, max_message_bytes: int) -> dict[str, Any]:

@@ -70,6 +70,11 @@ class Runners:
         self._turns: deque[Callable[[], None]] = deque()
         self._waiting: list[gevent.event.Event] = []  # idle runners' wake-ups
         self._idle = 0
+        self._running = 0  # turns under way
+
+    def busy(self) -> bool:
+        """Whether a turn is under way or waiting for a runner."""
+        return bool(self._turns) or self._running > 0
 
     def put(self, turn: Callable[[], None]) -> None:
         self._turns.append(turn)
@@ -96,10 +101,13 @@ class Runners:
             if self._turns and self._idle == 0:  # should this turn wait, the next ones still go on
                 self._idle += 1
                 gevent.spawn(self._run)
+            self._running += 1
             try:
                 turn()
             except Exception:
                 log.exception("a parked stream's turn failed")
+            finally:
+                self._running -= 1
             self._idle += 1
 
 
@@ -108,10 +116,16 @@ class ParkingServer(WSGIServer):
 
     parked: set[socket.socket]
     runners: Runners
+    instances: list["ParkingServer"]  # every server made of this class (the worker's: see Worker.run)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.parked, self.runners = set(), Runners()
+        self.instances.append(self)
+
+    def holding(self) -> bool:
+        """Whether a parked stream or socket is still open here, or being gone on with."""
+        return bool(self.parked) or self.runners.busy()
 
     def do_close(self, sock: socket.socket, *args: object) -> None:
         if sock not in self.parked:

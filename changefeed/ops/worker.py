@@ -458,5 +458,19 @@ class Worker(GeventPyWSGIWorker):
                   "keepalive_s": config["CHANGEFEED_KEEPALIVE_S"],
                   "send_s": config["CHANGEFEED_SEND_TIMEOUT_S"]}
 
-        self.server_class = type("Server", (ParkingServer, self.server_class), {"limits": limits})
+        self.server_class = type("Server", (ParkingServer, self.server_class), {"limits": limits, "instances": []})
         super().run()
+        self._let_parked_end(self.server_class.instances)
+
+    def _let_parked_end(self, servers: list[ParkingServer]) -> None:
+        """After gunicorn's graceful wait, which counts only requests with a greenlet: the parked ones too.
+
+        On SIGTERM the notifier wakes every stream and socket to end it (a
+        WebSocket with a close frame, 1012); a socket that follows nothing
+        wakes on its own within a second. Without this wait the worker
+        would exit before their turns had run.
+        """
+        ends = time.monotonic() + self.cfg.graceful_timeout
+        while any(server.holding() for server in servers) and time.monotonic() < ends:
+            self.notify()
+            gevent.sleep(0.1)

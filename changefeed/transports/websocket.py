@@ -1,4 +1,4 @@
-"""GET /ws: one WebSocket follows many pages, and who is on them (flask-sock over simple-websocket).
+"""GET /ws: one WebSocket follows many pages, and who is on them (simple-websocket).
 
 Messages are JSON text; the protocol (docs/api.md):
 
@@ -11,12 +11,15 @@ A prefix is followed through the database feed (transports/feed.py): each
 save under it wakes the socket, which reads the feed after the client's
 place and sends each page found, with the cursor that resumes after it.
 
-Each socket has one worker of its own, the route's (a greenlet under
-gunicorn's gevent worker, a thread under `flask run`): it answers the
-client's messages, then sends what is new. Under gunicorn it also reads the
-socket and pings the client itself, woken by the server's watch of the
-connection (ops/worker.Readable); under `flask run` the library's reader
-thread does that. Every page the socket follows has a notify.Subscription
+The route answers the handshake with the socket's life as the body of its
+answer (Socket.life), and whatever runs that body is the socket's one
+worker: it answers the client's messages, then sends what is new. Under
+gunicorn's gevent worker no greenlet holds a waiting socket: each wait is
+handed to the server as a Parked, as an event stream's is, and one of its
+runners goes on when the socket is woken; the worker reads the socket and
+pings the client itself, woken by the server's watch of the connection
+(ops/worker.Readable). Under `flask run` the request's thread runs it all,
+and the library's reader thread reads. Every page the socket follows has a notify.Subscription
 sharing the socket's one wake-up event (the library's, set for each message
 read), so a save costs the notifier what it costs for a stream (set
 `latest`, wake) and never waits on this client. The worker then sends each
@@ -47,7 +50,7 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Generator, Mapping
 from contextlib import AbstractContextManager
 from typing import Any
 from urllib.parse import urlsplit
@@ -62,6 +65,7 @@ from changefeed.core import presence as presence_module
 from changefeed.core.errors import ApiError
 from changefeed.core.feed import START, Position
 from changefeed.core.outcomes import Change, Unavailable
+from changefeed.core.parked import Parked
 from changefeed.core.schemas import (
     EPOCH,
     MAX_INTEGER,
@@ -79,7 +83,7 @@ from changefeed.core.schemas import (
     reject_constant,
 )
 from changefeed.ops import metrics
-from changefeed.security.limits import TooManyWaits, WaitGate
+from changefeed.security.limits import Held, TooManyWaits, WaitGate
 from changefeed.security.origins import parse_origins
 from changefeed.security.tokens import AuthError, Rights, TokenVerifier, read_token
 from changefeed.stores.contract import Notifier, Store
@@ -90,8 +94,8 @@ from changefeed.transports.follow import Follow
 log = logging.getLogger(__name__)
 
 PATH = "/ws"
-UPGRADED = "changefeed.ws_upgraded"  # in the WSGI environ of a request that became a WebSocket
 READABLE = "changefeed.readable"  # the server's watch of a connection's bytes to read (ops/worker.Readable)
+PARK = "changefeed.park"  # the server holds a socket's waits without a greenlet (ops/worker.py)
 BACKLOG = 256  # messages read from the client and not yet handled; past it the client floods: dropped
 CLOSE_WAIT_S = 1.0  # how long a close frame may take to send, and the client to answer it
 
@@ -334,11 +338,15 @@ class Socket:
     """One open WebSocket, served by the route's worker alone (run): the client's messages, then the pages' news."""
 
     def __init__(self, ws: Server, wire: Wire, service: "Service", rights: Rights | None,
-                 readable: Callable[[socket.socket, Callable[[], None]], Any] | None = None) -> None:
-        self.ws, self.wire, self.service, self.rights = ws, wire, service, rights
+                 environ: dict[str, Any]) -> None:
+        self.ws, self.wire, self.service, self.rights, self.environ = ws, wire, service, rights, environ
         # Under gunicorn the worker reads the socket itself when the server's watch says there is something
         # to read: the library starts no reader (reader_thread), and pings are sent from here too.
+        readable: Callable[[socket.socket, Callable[[], None]], Any] | None = environ.get(READABLE)
         self.watch = readable(wire.raw, self._readable) if readable is not None else None
+        self.release: Callable[[], None] | None = None  # gives the socket's place among the waits back
+        self.counted = False  # in OPEN_SOCKETS
+        self.finished = False
         self.unread = False  # the watch saw bytes to read (or the end), not read yet
         self.next_ping = None if readable is None else time.monotonic() + service.ping_s
         self.store, self.notifier = service.store, service.notifier
@@ -462,13 +470,56 @@ class Socket:
                 log.info("presence of %s on %s not ended at close: %s", beat.client_id, beat.slug, exc)
         self.beats.clear()
 
-    def run(self) -> None:
+    def life(self, refusal: tuple[int, str] | None, park: bool) -> Generator[Parked, None, None]:
+        """The socket from its admission to its end: closed at once with `refusal`, else served (run)."""
+        try:
+            if refusal is not None:
+                self.close(*refusal)
+                return
+            metrics.OPEN_SOCKETS.inc()
+            self.counted = True
+            yield from self.run(park)
+        finally:
+            self.finish()
+
+    def finish(self) -> None:
+        """Once, however the socket ended: the client's moment to answer a close, the connection, the books."""
+        if self.finished:
+            return
+        self.finished = self.ended = True
+        try:
+            if self.watch is not None:
+                self.watch.close()
+            if self.closed_with is not None:  # let the client answer the close frame
+                self.linger()
+            self.hang_up()
+            if self.counted:
+                metrics.OPEN_SOCKETS.dec()
+            self.leave()
+        finally:
+            if self.release is not None:
+                self.release()
+
+    def hang_up(self) -> None:
+        """End the TCP connection now: the library's reader stops, and the server reads no next request."""
+        for raw in (self.wire.sock, self.environ.get("gunicorn.sock")):
+            if raw is not None:
+                try:
+                    raw.shutdown(socket.SHUT_RDWR)
+                except OSError:  # already closed
+                    pass
+        self.ws.thread.join(CLOSE_WAIT_S)
+
+    def run(self, park: bool = False) -> Generator[Parked, None, None]:
         """Answer the client's messages, then send whatever is new on the followed pages, until the socket ends.
 
-        One worker for both, woken by one event: the library's reader sets
-        it for each message read (and when the connection ends), each
-        followed page's subscription for each save. Before, a pump of its
-        own wrote: a greenlet more per socket (about 8 KiB).
+        One worker for both, woken by one event: the watch of the connection
+        (or the library's reader) sets it for each message read and when the
+        connection ends, each followed page's subscription for each save.
+        With `park` (a server that offers it: ops/worker.py) each wait is
+        yielded as a Parked, and the server holds the socket meanwhile with
+        no greenlet: a waiting greenlet and its Flask frames were most of
+        what an open socket cost (about 15 KiB of 37).
         """
         last_full_look = time.monotonic()
         try:
@@ -476,7 +527,10 @@ class Socket:
                 if not self.ws.input_buffer and not self.unread:
                     if self.watch is not None:
                         self.watch.arm()
-                    self.woken.wait(self.timeout())
+                    if park:
+                        yield Parked(self.woken, self.timeout())
+                    else:
+                        self.woken.wait(self.timeout())
                     self.woken.clear()
                 if self.unread:
                     self.unread = False
@@ -752,53 +806,26 @@ class Service:
             return (TRY_AGAIN_LATER, "the token cannot be checked right now: retry later"), None
         return None, rights
 
-    def serve(self, ws: Server) -> None:
-        """The route: admit the connection, and serve the socket until it ends (Socket.run)."""
-        environ = request.environ
-        environ[UPGRADED] = True
+    def accept(self, environ: dict[str, Any]) -> Held[Parked]:
+        """The route: the handshake and admission, then the socket's life as the body of the answer (Socket.life).
+
+        The server iterates that body: under gunicorn each wait comes out of
+        it as a Parked and the route's greenlet ends; under `flask run` its
+        first step serves the whole socket. The connection is shut down before
+        the body ends, so the server's late try at the 101 headers fails quietly.
+        """
+        ws = Server(environ, **self.config["SOCK_SERVER_OPTIONS"])  # the handshake: the 101 is sent here
         wire = ws.sock = Wire(ws.sock, self.send_timeout_s)
         _reconnectable_ping_timeout(ws)
         refusal, rights = self.admit(request)
-        release = None
+        sock = Socket(ws, wire, self, rights, environ)
         if refusal is None:
             try:
-                release = self.waits.enter(environ)
+                sock.release = self.waits.enter(environ)
             except TooManyWaits as exc:
                 refusal = (TRY_AGAIN_LATER, exc.message)
-        sock = Socket(ws, wire, self, rights, environ.get(READABLE))
-        counted = False
-        try:
-            if refusal is not None:
-                sock.close(*refusal)
-                return
-            metrics.OPEN_SOCKETS.inc()
-            counted = True
-            sock.run()
-        finally:
-            sock.ended = True
-            if sock.watch is not None:
-                sock.watch.close()
-            if sock.closed_with is not None:  # let the client answer the close frame
-                sock.linger()
-            self._hang_up(ws, environ)
-            if counted:
-                metrics.OPEN_SOCKETS.dec()
-            try:
-                sock.leave()
-            finally:
-                if release is not None:
-                    release()
-
-    @staticmethod
-    def _hang_up(ws: Server, environ: dict[str, Any]) -> None:
-        """End the TCP connection now: the library's reader stops, and gevent's handler reads no next request."""
-        for raw in (ws.sock.sock, environ.get("gunicorn.sock")):
-            if raw is not None:
-                try:
-                    raw.shutdown(socket.SHUT_RDWR)
-                except OSError:  # already closed
-                    pass
-        ws.thread.join(CLOSE_WAIT_S)
+        # Held: the server closes every body it was given, also one it never ran; finish() then still runs.
+        return Held(sock.life(refusal, environ.get(PARK, False)), sock.finish)
 
 
 def _reconnectable_ping_timeout(ws: Server) -> None:
@@ -845,8 +872,15 @@ def reader_thread(target: Callable[[], None]) -> "threading.Thread | _NoReader":
 
 
 class Upgraded(Response):
-    """The answer of a WebSocket request once the socket ended: a status for the server's books only."""
+    """The answer to a WebSocket handshake: its body is the socket's life (Service.accept), its status for the books.
 
-    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+    The access log (ops/logs.py) says 101, not 0 (gevent) or 200 (werkzeug).
+    """
+
+    def __init__(self, life: Held[Parked]) -> None:
+        super().__init__()
+        self.life = life
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Held[Parked]:  # type: ignore[override]
         start_response("101 Switching Protocols", [("Connection", "close")])
-        return []
+        return self.life
