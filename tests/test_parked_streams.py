@@ -1,8 +1,9 @@
-"""An event stream that waits holds no greenlet of its worker (ops/worker.py: Parked, Runners); real gunicorn.
+"""An event stream or a WebSocket that waits holds no greenlet of its worker (ops/worker.py: Parked, Runners).
 
-What a user sees of it: a worker holds far more open streams than it has
-connection slots (greenlets), each still gets every save, and a stream whose
-reader stalls is dropped without holding up the others.
+Against real gunicorn. What a user sees of it: a worker holds far more open
+streams and sockets than it has connection slots (greenlets), each still
+gets every save and answers its client, and a stream whose reader stalls is
+dropped without holding up the others.
 """
 
 import socket
@@ -35,8 +36,8 @@ def read_until(sock, marker, received=b""):
     return received
 
 
-def open_streams(server):
-    return value(scrape(server), "changefeed_open_waits", transport="sse")
+def open_streams(server, transport="sse"):
+    return value(scrape(server), "changefeed_open_waits", transport=transport)
 
 
 def test_a_worker_holds_many_more_waiting_streams_than_it_has_connection_slots(make_server):
@@ -59,6 +60,27 @@ def test_a_worker_holds_many_more_waiting_streams_than_it_has_connection_slots(m
         for sock in socks:
             sock.close()
     wait_until(lambda: open_streams(server) == 0, timeout=GENEROUS_S, what="every closed stream to be let go")
+
+
+def test_a_worker_holds_many_more_waiting_websockets_than_it_has_connection_slots(make_server, connect):
+    # As for streams: a socket whose worker held its greenlet while it waited (flask-sock's view did)
+    # would leave the 11th handshake unanswered.
+    server = make_server(workers=1, env={"CHANGEFEED_WORKER_CONNECTIONS": "10",
+                                         "CHANGEFEED_MAX_WAITS_PER_CLIENT": "1000"})
+    http_save(server, slug="crowd", html="v1")
+    sockets = [connect(server) for _ in range(60)]
+    for client in sockets:
+        assert client.subscribe("crowd", since=1)["version"] == 1
+    assert open_streams(server, "ws") == 60
+    http_save(server, slug="crowd", html="v2")
+    for client in sockets:
+        frame = client.next()
+        assert (frame["type"], frame["version"], frame["html"]) == ("change", 2, "v2")
+    sockets[-1].ping()  # a woken socket still reads its client
+    for client in sockets:
+        client.close()
+    wait_until(lambda: open_streams(server, "ws") == 0, timeout=GENEROUS_S,
+               what="every closed socket to be let go")
 
 
 def test_a_stream_that_stops_reading_is_dropped_without_delaying_the_others(make_server, open_stream):
