@@ -45,18 +45,17 @@ that has not answered the previous ping.
 
 import json
 import logging
-import math
 import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Collection, Generator, Mapping
+from collections.abc import Callable, Collection, Generator
 from contextlib import AbstractContextManager
 from typing import Any
 from urllib.parse import urlsplit
 
 from flask import Flask, Request, Response, request
-from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate
+from marshmallow import ValidationError
 from simple_websocket import ConnectionClosed, Server
 from wsproto.events import CloseConnection, Ping
 from wsproto.utilities import LocalProtocolError
@@ -66,22 +65,7 @@ from changefeed.core.errors import ApiError
 from changefeed.core.feed import START, Position
 from changefeed.core.outcomes import Change, Unavailable
 from changefeed.core.parked import Parked
-from changefeed.core.schemas import (
-    EPOCH,
-    MAX_INTEGER,
-    MAX_NAME,
-    SLUG,
-    Count,
-    Cursor,
-    Payload,
-    Prefix,
-    PresenceQuery,
-    PresenceSchema,
-    Slug,
-    Text,
-    has_surrogate,
-    reject_constant,
-)
+from changefeed.core.schemas import MAX_NAME, SLUG, PresenceSchema, reject_constant
 from changefeed.ops import metrics
 from changefeed.security.limits import Held, TooManyWaits, WaitGate
 from changefeed.security.origins import parse_origins
@@ -90,6 +74,27 @@ from changefeed.stores.contract import Notifier, Store
 from changefeed.stores.notify import Subscription
 from changefeed.transports.feed import STREAM_LIMIT, FeedReader, entry_frame, next_retry
 from changefeed.transports.follow import Follow
+from changefeed.transports.ws_protocol import (
+    EXPIRED_REASON,
+    GOING_AWAY,
+    JSON_TYPES,
+    PING_TIMEOUT,
+    PING_TIMEOUT_REASON,
+    POLICY_VIOLATION,
+    RESTART_REASON,
+    SERVICE_RESTART,
+    SLOW_REASON,
+    TOKEN_EXPIRED,
+    TRY_AGAIN_LATER,
+    TYPES,
+    FeedSubscribeSchema,
+    PingSchema,
+    SubscribeSchema,
+    UnsubscribeSchema,
+    close_reason,
+    error_frame,
+    text_frame,
+)
 
 log = logging.getLogger(__name__)
 
@@ -98,107 +103,6 @@ READABLE = "changefeed.readable"  # the server's watch of a connection's bytes t
 PARK = "changefeed.park"  # the server holds a socket's waits without a greenlet (ops/worker.py)
 BACKLOG = 256  # messages read from the client and not yet handled; past it the client floods: dropped
 CLOSE_WAIT_S = 1.0  # how long a close frame may take to send, and the client to answer it
-
-# Close codes (RFC 6455 7.4; 4001 is ours).
-GOING_AWAY, POLICY_VIOLATION, MESSAGE_TOO_BIG, SERVICE_RESTART, TRY_AGAIN_LATER, TOKEN_EXPIRED = (
-    1001, 1008, 1009, 1012, 1013, 4001)
-PING_TIMEOUT = "Ping/Pong timeout"  # simple-websocket's words when a peer missed a ping
-PING_TIMEOUT_REASON = "no answer to the last ping: reconnect"
-EXPIRED_REASON = "token expired: reconnect with a fresh token"
-RESTART_REASON = "server restarting: reconnect"
-SLOW_REASON = "too slow: frames were not read in time"
-
-TYPES = ("subscribe", "unsubscribe", "presence", "ping")
-JSON_TYPES = {list: "an array", str: "a string", int: "a number", float: "a number",
-              bool: "true or false", type(None): "null"}
-
-
-class SubscribeSchema(Schema):
-    """{"type": "subscribe", "slug", "since"?, "epoch"?, "presence"?, "presence_form"?, "payload"?}."""
-
-    class Meta:
-        unknown = EXCLUDE  # its `type`
-
-    slug = Slug(required=True)
-    since = Count(load_default=0)
-    epoch = Text(load_default=None, allow_none=True, validate=validate.Regexp(
-        EPOCH, error="Must be the epoch of an earlier answer (letters, digits, - and _)."))
-    presence = PresenceQuery.presence
-    presence_form = PresenceQuery.presence_form
-    payload = Payload()
-
-
-class FeedSubscribeSchema(Schema):
-    """{"type": "subscribe", "prefix", "since"?, "payload"?}: every page under `prefix`, after the cursor."""
-
-    class Meta:
-        unknown = EXCLUDE
-
-    prefix = Prefix(required=True)
-    since = Cursor(load_default=(None, START))
-    payload = Payload()
-
-
-class UnsubscribeSchema(Schema):
-    """{"type": "unsubscribe", "slug"} or {"type": "unsubscribe", "prefix"}."""
-
-    class Meta:
-        unknown = EXCLUDE
-
-    slug = Slug()
-    prefix = Prefix()
-
-
-MAX_PING_ID = 100  # characters
-
-
-class PingId(fields.Field):
-    """A ping's `id`, echoed in the pong: only what is sure to go out again as JSON text.
-
-    null, a whole number up to 2**63 - 1 either way, a finite number, or a
-    string of at most MAX_PING_ID characters of valid Unicode. Anything else
-    (a lone surrogate, Infinity from 1e400, a deep or huge value) could fail
-    to encode in the pong, and so is refused here.
-    """
-
-    default_error_messages = {
-        "invalid": f"Must be null, a finite number, or a string of at most {MAX_PING_ID} characters of valid "
-                   "Unicode; the pong echoes it.",
-    }
-
-    def _deserialize(self, value: Any, attr: str | None, data: Mapping[str, Any] | None, **kwargs: Any) -> Any:
-        if isinstance(value, str) and len(value) <= MAX_PING_ID and not has_surrogate(value):
-            return value
-        if isinstance(value, int) and not isinstance(value, bool) and abs(value) <= MAX_INTEGER:
-            return value
-        if isinstance(value, float) and math.isfinite(value):
-            return value
-        raise self.make_error("invalid")
-
-
-class PingSchema(Schema):
-    """{"type": "ping", "id"?}."""
-
-    class Meta:
-        unknown = EXCLUDE
-
-    id = PingId(load_default=None, allow_none=True)
-
-
-def _reason(text: str) -> str:
-    """A close reason: at most 123 bytes of UTF-8 (RFC 6455), cut at a character."""
-    return text.encode()[:123].decode(errors="ignore")
-
-
-def _frame(kind: str, **fields: Any) -> str:
-    return json.dumps({"type": kind, **fields}, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-
-
-def error_frame(error: str, message: str, **details: Any) -> str:
-    """An `error` frame; `details` of an ApiError (limit, retry_after_ms, ...) ride along, its headers do not."""
-    details.pop("headers", None)
-    return _frame("error", error=error, message=message, **details)
-
 
 def cross_site(req: Request, allowed: Collection[str]) -> bool:
     """Whether the handshake comes from a page of another site that CHANGEFEED_CORS_ORIGINS does not list.
@@ -318,7 +222,7 @@ class Feed:
         while True:
             page, full = self.reader.read(self.position, fresh=self.retry is not None, epoch=self.epoch)
             if (self.epoch is not None and page.epoch != self.epoch) or page.ahead:
-                frames.append(_frame("reset", prefix=self.reader.prefix, epoch=page.epoch))
+                frames.append(text_frame("reset", prefix=self.reader.prefix, epoch=page.epoch))
                 self.epoch, self.position = page.epoch, START
                 continue
             self.epoch, self.position = page.epoch, page.next
@@ -420,7 +324,7 @@ class Socket:
         self.queue(("unsubscribe", item["slug"]) if "slug" in item else ("unsubscribe_prefix", item["prefix"]))
 
     def on_ping(self, body: dict[str, Any]) -> None:
-        self.queue(_frame("pong", id=self.service.ping_schema.load(body)["id"]))
+        self.queue(text_frame("pong", id=self.service.ping_schema.load(body)["id"]))
 
     def on_presence(self, body: dict[str, Any]) -> None:
         item = self.service.presence_schema.load(body)
@@ -435,7 +339,7 @@ class Socket:
             self.beats.pop(key, None)
         else:
             self.beats[key] = beat
-        self.queue(_frame("beat", **answer))
+        self.queue(text_frame("beat", **answer))
 
     def queue(self, item: str | tuple[str, Any]) -> None:
         """A frame or command to carry out once the messages read so far are handled, in their order."""
@@ -453,7 +357,7 @@ class Socket:
         self.woken.set()
         if self.closed_with is None and self.ws.connected:
             try:
-                frame = self.ws.ws.send(CloseConnection(code=code, reason=_reason(reason)))  # wsproto frames it
+                frame = self.ws.ws.send(CloseConnection(code=code, reason=close_reason(reason)))  # wsproto frames it
             except LocalProtocolError:  # the client is closing already
                 frame = None
             if frame and self.wire.send_if_idle(frame, CLOSE_WAIT_S):
@@ -708,7 +612,7 @@ class Socket:
             self.send(error_frame("unavailable", f"The database cannot be read right now ({exc}). "
                                   "Subscribe again in a moment.", prefix=prefix))
             return
-        self.send(_frame("subscribed", prefix=prefix, epoch=feed.epoch))
+        self.send(text_frame("subscribed", prefix=prefix, epoch=feed.epoch))
         for frame in frames:
             self.send(frame)
 
@@ -717,7 +621,7 @@ class Socket:
         if feed is not None:
             feed.held.__exit__(None, None, None)
         if answer:
-            self.send(_frame("unsubscribed", prefix=prefix))
+            self.send(text_frame("unsubscribed", prefix=prefix))
 
     def look_feed(self, feed: Feed) -> bool:
         """Send what is new under one prefix; return whether anything was."""
