@@ -19,10 +19,10 @@ handed to the server as a Parked, as an event stream's is, and one of its
 runners goes on when the socket is woken; the worker reads the socket and
 pings the client itself, woken by the server's watch of the connection
 (ops/worker.Readable). Under `flask run` the request's thread runs it all,
-and the library's reader thread reads. Every page the socket follows has a notify.Subscription
-sharing the socket's one wake-up event (the library's, set for each message
-read), so a save costs the notifier what it costs for a stream (set
-`latest`, wake) and never waits on this client. The worker then sends each
+and the library's reader thread reads. Every page the socket follows has a
+notify.Subscription sharing the socket's one wake-up event (the library's,
+set for each message read), so a save costs the notifier what it costs for
+a stream (set `latest`, wake) and never waits on this client. The worker then sends each
 page's newest state, once: a client slower than the saves skips versions
 and ends at the newest, as with /events. A wake-up with no news (the
 notifier's heartbeat tick) makes it read the store itself, so a missed
@@ -239,7 +239,7 @@ class Feed:
 
 
 class Socket:
-    """One open WebSocket, served by the route's worker alone (run): the client's messages, then the pages' news."""
+    """One open WebSocket, served by one worker at a time (life): the client's messages, then the pages' news."""
 
     def __init__(self, ws: Server, wire: Wire, service: "Service", rights: Rights | None,
                  environ: dict[str, Any]) -> None:
