@@ -107,9 +107,13 @@ def post_worker_init(worker):
     # Thousands of open streams are thousands of live objects: a full
     # collection walking them all stalls every stream of the worker. Freeze
     # what start-up made and collect less often (bench/README.md: SSE p99
-    # 55-61 ms -> 46-50 ms with 1,000 subscribers).
+    # 55-61 ms -> 46-50 ms with 1,000 subscribers). The middle generation is
+    # collected every 4 young collections, not 20: a burst of new streams
+    # leaves their objects there, and the one collection of up to 400,000 of
+    # them fell on the next save's fan-out (12,500 streams on one worker:
+    # p99 of that save 380 -> 290 ms; docs/performance.md).
     gc.freeze()
-    gc.set_threshold(20_000, 20, 20)
+    gc.set_threshold(20_000, 4, 20)
     if "changefeed.stores.postgres" in sys.modules:  # a preloaded app imported psycopg before gevent came in
         sys.modules["changefeed.stores.postgres"].cooperate()
 
