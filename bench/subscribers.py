@@ -51,14 +51,15 @@ class _EventStream(asyncio.Protocol):
     the source of the delay being measured.
     """
 
-    def __init__(self, seen, request, feed=False):
-        self.seen, self.request, self.buffer, self.answered = seen, request, b"", False
+    def __init__(self, seen, counter, request, feed=False):
+        self.seen, self.counter, self.request, self.buffer, self.answered = seen, counter, request, b"", False
         self.feed = feed  # a feed stream (?prefix=): ids are cursors, the version is in the data
         self.ended = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport):
         self.transport = transport
         transport.write(self.request)
+        self.counter["requests"] += 1
 
     def data_received(self, data):
         if not self.answered:
@@ -97,19 +98,26 @@ async def sse(url, slug, seen, counter, prefix=False, source=None):
     query = f"prefix={slug}&since=0" if prefix else f"slug={slug}&since={seen.version}"
     request = (f"GET /events?{query} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
                "Accept: text/event-stream\r\n\r\n").encode()
-    loop = asyncio.get_running_loop()
+    await _hold(lambda: _EventStream(seen, counter, request, feed=prefix), parts, seen, source, "stream")
+
+
+async def _hold(protocol, parts, seen, source, what):
+    """Connect a lean reader (`protocol()`, with its `ended` future) to `parts`' host; hold it until it ends.
+
+    From the loopback address `source` when given. However it ends, the
+    subscriber is marked open (its wait is over) and, unless it says why
+    already, failed with the reason.
+    """
     try:
-        transport, stream = await loop.create_connection(lambda: _EventStream(seen, request, feed=prefix),
-                                                         parts.hostname, parts.port,
-                                                         local_addr=(source, 0) if source else None)
+        transport, reader = await asyncio.get_running_loop().create_connection(
+            protocol, parts.hostname, parts.port, local_addr=(source, 0) if source else None)
     except OSError as exc:
         seen.failed = repr(exc)
         seen.opened.set()
         return
-    counter["requests"] += 1
     try:
-        exc = await stream.ended
-        seen.failed = seen.failed or f"stream closed by the server ({exc!r})"
+        exc = await reader.ended
+        seen.failed = seen.failed or f"{what} closed by the server ({exc!r})"
     finally:
         transport.close()
         seen.opened.set()
@@ -228,21 +236,7 @@ async def long_poll(url, slug, seen, counter, source=None):
     From the loopback address `source` when given, as `sse`.
     """
     parts = urlsplit(url)
-    loop = asyncio.get_running_loop()
-    try:
-        transport, poller = await loop.create_connection(lambda: _LongPoll(seen, counter, parts.netloc, slug),
-                                                         parts.hostname, parts.port,
-                                                         local_addr=(source, 0) if source else None)
-    except OSError as exc:
-        seen.failed = repr(exc)
-        seen.opened.set()
-        return
-    try:
-        exc = await poller.ended
-        seen.failed = seen.failed or f"connection closed by the server ({exc!r})"
-    finally:
-        transport.close()
-        seen.opened.set()
+    await _hold(lambda: _LongPoll(seen, counter, parts.netloc, slug), parts, seen, source, "connection")
 
 
 async def poll(http, url, slug, seen, counter, offset):
